@@ -1,0 +1,150 @@
+"""Runs file plans: for each destination file, compute its framing from the plan, then
+write every tensor's bytes at their final offset, straight from mmap views of the
+sources where a tensor is one contiguous run, else assembled in one buffer. Files are
+built under a temporary name, fsynced and renamed; the executor has no policy of its own."""
+
+from __future__ import annotations
+
+import errno
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from runner import dtypes
+from runner.errors import AutotransError, PlanError
+from runner.formats.base import Entry, FileFormat
+from runner.plan import FilePlan, ReadItem, TensorPlan
+from runner.source import RankReader, Source
+
+PARTIAL = ".partial"
+
+
+class SlicePool(Protocol):
+    """Where read items come from: local files, or other MPI ranks."""
+
+    def region(self, read: ReadItem) -> np.ndarray:
+        """The elements of `read.region` as raw bits, shaped as the region."""
+
+    def release(self) -> None:
+        """Drop pages and buffers held for the reads served so far."""
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """Reads source ranks' files through mmap; each file opened once."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self._open: dict[int, RankReader] = {}
+
+    def reader(self, rank: int) -> RankReader:
+        if rank not in self._open:
+            self._open[rank] = self.source.open(rank)
+        return self._open[rank]
+
+    def region(self, read: ReadItem) -> np.ndarray:
+        stored = self.reader(read.src_rank).array(read.src_name)
+        return stored.reshape(read.src_box.sizes)[read.region.slices(read.src_box)]
+
+    def release(self) -> None:
+        for r in self._open.values():
+            r.release()
+
+    def close(self) -> None:
+        for r in self._open.values():
+            r.close()
+        self._open.clear()
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: Path
+    size: int
+    crc32: int
+
+
+def tensor_bits(t: TensorPlan, pool: SlicePool) -> np.ndarray:
+    """The destination tensor as contiguous raw bits of its output dtype."""
+    if len(t.reads) == 1 and t.reads[0].region == t.box:
+        view = pool.region(t.reads[0])
+        if t.out_dtype == t.dtype and view.flags.c_contiguous:
+            return view  # one contiguous run: written straight from the mapped source
+    else:
+        view = np.empty(t.box.sizes, dtypes.bits_dtype(t.dtype))
+        for r in t.reads:
+            view[r.region.slices(t.box)] = pool.region(r)
+    return np.ascontiguousarray(dtypes.cast(view, t.dtype, t.out_dtype))
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def write_file(
+    fp: FilePlan, pool: SlicePool, fmt: FileFormat, path: Path, on_bytes: Callable[[int], None] = lambda n: None
+) -> WrittenFile:
+    """Write destination file `path` as planned; atomic and durable."""
+    entries = [Entry(t.name, t.out_dtype, t.stored_shape) for t in fp.tensors]
+    lay = fmt.layout(entries)
+    by_name = {t.name: t for t in fp.tensors}
+    writes: list[tuple[int, bytes | TensorPlan]] = sorted(
+        [*lay.pieces, *((lay.offsets[t.name], t) for t in fp.tensors)], key=lambda w: w[0]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL)
+    fd = -1
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        crc, pos = 0, 0
+        for offset, what in writes:
+            if offset != pos:
+                raise PlanError(f"{path}: layout leaves a gap at byte {pos}")
+            data = memoryview(what) if isinstance(what, bytes) else _tensor_bytes(by_name[what.name], pool)
+            crc = zlib.crc32(data, crc)
+            _pwrite_all(fd, data, offset)
+            pos += len(data)
+            on_bytes(len(data))
+            pool.release()
+        if pos != lay.size:
+            raise PlanError(f"{path}: wrote {pos} bytes, the layout says {lay.size}")
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return WrittenFile(path, pos, crc)
+    except OSError as e:
+        raise _disk_error(e, path) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _tensor_bytes(t: TensorPlan, pool: SlicePool) -> memoryview:
+    bits = tensor_bits(t, pool)
+    return memoryview(bits.reshape(-1)).cast("B") if bits.size else memoryview(b"")
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(e: OSError, path: Path) -> AutotransError:
+    if e.errno == errno.ENOSPC:
+        return AutotransError(f"disk full while writing {path}; free space under {path.parent} and run the job again (it resumes)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AutotransError(f"cannot write {path}: {e.strerror}; choose an output_dir you can write")
+    return AutotransError(f"cannot write {path}: {e.strerror or e}")

@@ -1,0 +1,72 @@
+"""The interfaces every file format implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A stored tensor as its file header describes it (no bytes read)."""
+
+    dtype: str  # safetensors dtype name (runner.dtypes)
+    shape: tuple[int, ...]  # the stored shape
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class CheckpointReader(Protocol):
+    """A checkpoint file opened for reading. Opening reads the header only."""
+
+    path: Path
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor in the file, by name, from the header alone."""
+
+    def array(self, name: str) -> np.ndarray:
+        """The stored tensor as raw bits (runner.dtypes.bits_dtype) in its stored shape,
+        a zero-copy view of the mapped file where the format allows."""
+
+    def release(self) -> None:
+        """Drop the pages mapped so far, so that RSS reflects only live data."""
+
+    def close(self) -> None:
+        """Unmap and close."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A tensor to be written: name, dtype name and stored shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where everything goes in an output file, computed before any byte is written.
+
+    `pieces` are framing bytes (headers, protobuf tags) at fixed offsets;
+    `offsets[name]` is where tensor `name`'s raw bytes start; `size` is the file size."""
+
+    pieces: tuple[tuple[int, bytes], ...]
+    offsets: dict[str, int]
+    size: int
+
+
+class FileFormat(Protocol):
+    suffix: str  # final extension, with the dot
+
+    def open(self, path: Path) -> CheckpointReader: ...
+
+    def layout(self, entries: list[Entry]) -> FileLayout: ...

@@ -1,0 +1,130 @@
+"""The output folder: its ownership, the progress record that makes a killed job
+resumable, and the manifest written last (SPEC 3, "Never lose data").
+
+`transformed_checkpoint/.autotrans-progress/` holds `job.json` (the job digest) from
+the job's start and one record per finished file (size, crc32, the source files it
+read). A rerun of the same job keeps every file whose record still proves it right."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any
+
+from runner.errors import ConfigError
+from runner.execute import PARTIAL, WrittenFile, fsync_dir
+
+MANIFEST = "autotrans.json"
+PROGRESS = ".autotrans-progress"
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL)
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_no_overlap(output: Path, protected: list[Path]) -> None:
+    """Refuse an output folder that contains, or lies inside, a source path."""
+    out = output.resolve()
+    for p in protected:
+        src = p.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise ConfigError(f"output_dir {output} overlaps the source {p}; choose a folder outside it")
+
+
+class OutputFolder:
+    """`output_dir/transformed_checkpoint/`, claimed for one job digest."""
+
+    def __init__(self, folder: Path, digest: str):
+        self.folder = Path(folder)
+        self.digest = digest
+        self.progress = self.folder / PROGRESS
+
+    def manifest(self) -> dict | None:
+        return read_json(self.folder / MANIFEST)
+
+    def is_complete(self) -> bool:
+        m = self.manifest()
+        return isinstance(m, dict) and m.get("job_digest") == self.digest
+
+    def claim(self) -> None:
+        """Make the folder this job's: resume our own, replace another job's, refuse
+        anything else that is not empty. Call on one process per output folder."""
+        if self.folder.exists() and any(self.folder.iterdir()):
+            ours = (self.progress / "job.json").exists() or (self.folder / MANIFEST).exists()
+            if not ours:
+                raise ConfigError(
+                    f"{self.folder} is not empty and was not written by autotrans; "
+                    "move its contents away or choose another output_dir"
+                )
+            job = read_json(self.progress / "job.json") or {}
+            if job.get("job_digest") != self.digest:
+                self._clear()
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        write_json_atomic(self.progress / "job.json", {"job_digest": self.digest})
+
+    def _clear(self) -> None:
+        """Remove a previous job's outputs (the folder is known to be ours)."""
+        for child in self.folder.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def record(self, rank: int, written: WrittenFile, sources: list[Path]) -> None:
+        write_json_atomic(self.progress / f"rank_{rank}.json", {
+            "job_digest": self.digest,
+            "file": str(written.path.relative_to(self.folder)),
+            "size": written.size,
+            "crc32": written.crc32,
+            "sources": sorted(_stamp(p) for p in sources),
+        })
+
+    def finished(self, rank: int, path: Path, sources: list[Path]) -> WrittenFile | None:
+        """The file written for `rank` by an earlier run of this job, if it is provably
+        intact: recorded by this job, same size and crc32, sources unchanged."""
+        rec = read_json(self.progress / f"rank_{rank}.json")
+        if not isinstance(rec, dict) or rec.get("job_digest") != self.digest:
+            return None
+        if rec.get("file") != str(path.relative_to(self.folder)) or not path.is_file():
+            return None
+        if path.stat().st_size != rec.get("size") or sorted(_stamp(p) for p in sources) != rec.get("sources"):
+            return None
+        if file_crc32(path) != rec.get("crc32"):
+            return None
+        return WrittenFile(path, rec["size"], rec["crc32"])
+
+    def write_manifest(self, doc: dict) -> None:
+        write_json_atomic(self.folder / MANIFEST, {**doc, "job_digest": self.digest})
+
+
+def _stamp(p: Path) -> list:
+    st = Path(p).stat()
+    return [Path(p).name, st.st_size, st.st_mtime_ns]
+
+
+def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc

@@ -1,0 +1,175 @@
+"""The planner: a pure function from two strategies (and, when known, the source
+headers) to frozen read items per destination file. It reads no tensor bytes.
+
+Each destination box is intersected with the source layout's grid arithmetically
+(runner.layout), so the cost grows with parameters x destination ranks only. Each
+source piece is read once, from one replica; the plan is validated before use."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from runner import dtypes
+from runner.errors import PlanError
+from runner.formats.base import TensorInfo
+from runner.layout import Box, Shape
+from runner.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class ReadItem:
+    """Copy `region` (global coordinates) out of the box `src_box` that source rank
+    `src_rank` stores as tensor `src_name`."""
+
+    src_rank: int
+    src_name: str
+    src_box: Box
+    region: Box
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    dtype: str  # source element type
+    out_dtype: str
+    box: Box  # the destination box, global coordinates
+    stored_shape: Shape
+    reads: tuple[ReadItem, ...]
+
+    @property
+    def write_bytes(self) -> int:
+        return self.box.numel * dtypes.itemsize(self.out_dtype)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(r.region.numel for r in self.reads) * dtypes.itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """Everything destination rank `rank`'s file holds, in file order."""
+
+    rank: int
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(t.write_bytes for t in self.tensors)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tensors)
+
+    @property
+    def src_ranks(self) -> set[int]:
+        return {r.src_rank for t in self.tensors for r in t.reads}
+
+
+Headers = Callable[[int], Mapping[str, TensorInfo]]
+
+
+def check_compatible(src: Strategy, dst: Strategy, cast_to: str | None = None) -> None:
+    """Both strategies must describe the same parameters with the same global shapes."""
+    only_src = sorted(set(src.params) - set(dst.params))
+    only_dst = sorted(set(dst.params) - set(src.params))
+    if only_src or only_dst:
+        parts = []
+        if only_src:
+            parts.append(f"only in the source: {_names(only_src)}")
+        if only_dst:
+            parts.append(f"only in the destination strategy: {_names(only_dst)}")
+        raise PlanError("source and destination name different parameters; " + "; ".join(parts))
+    for name, s in src.params.items():
+        d = dst.params[name]
+        if s.shape != d.shape:
+            raise PlanError(f"parameter {name}: source shape {list(s.shape)} != destination shape {list(d.shape)}")
+        if d.dtype not in (s.dtype, dtypes.cast_dtype(s.dtype, cast_to)):
+            raise PlanError(f"parameter {name}: source dtype {s.dtype} != destination dtype {d.dtype} (set `dtype` to cast)")
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def plan_rank(
+    src: Strategy,
+    dst: Strategy,
+    rank: int,
+    *,
+    cast_to: str | None = None,
+    extras: Mapping[str, tuple[int, TensorInfo]] | None = None,
+    headers: Headers | None = None,
+    available: Callable[[int], bool] | None = None,
+) -> FilePlan:
+    """Plan destination rank `rank`'s file.
+
+    `extras`: entries no strategy names, copied whole from (source rank, header).
+    `headers`: source rank -> its tensors' headers, to check every read against.
+    `available`: which source ranks may be read (default all); replicas are chosen
+    as the destination's own rank first, else the lowest available rank."""
+    tensors = []
+    for name in dst.params_of_rank(rank):
+        p = dst.params[name]
+        box = dst.box(name, rank)
+        reads = tuple(_reads_for(src, name, box, rank, available))
+        out = dtypes.cast_dtype(src.params[name].dtype, cast_to)
+        tensors.append(TensorPlan(name, src.params[name].dtype, out, box, p.stored(), reads))
+    for name, (src_rank, info) in sorted((extras or {}).items()):
+        whole = Box((0,) * len(info.shape), info.shape)
+        out = dtypes.cast_dtype(info.dtype, cast_to)
+        tensors.append(TensorPlan(name, info.dtype, out, whole, info.shape, (ReadItem(src_rank, name, whole, whole),)))
+    fp = FilePlan(rank, tuple(tensors))
+    validate(fp, src, headers)
+    return fp
+
+
+def _reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available) -> list[ReadItem]:
+    p = src.params[name]
+    holders = p.holders()
+    chunk = p.chunk
+    reads = []
+    for cell, region in p.cells_overlapping(box):
+        candidates = [src.rank_at(s, pos) for s in p.stages for pos in holders.get(cell, ())]
+        usable = [r for r in candidates if available is None or available(r)]
+        if not usable:
+            raise PlanError(f"parameter {name}: no readable source rank holds the piece at {list(region.offsets)} (holders: {candidates})")
+        src_rank = dst_rank if dst_rank in usable else min(usable)
+        src_box = Box(tuple(c * k for c, k in zip(cell, chunk)), chunk)
+        reads.append(ReadItem(src_rank, name, src_box, region))
+    return reads
+
+
+def validate(fp: FilePlan, src: Strategy, headers: Headers | None) -> None:
+    """Every destination element covered exactly once, every read inside the tensor the
+    source rank stores, dtypes and sizes as the headers say. Raises PlanError."""
+    for t in fp.tensors:
+        covered = 0
+        for r in t.reads:
+            if not (_inside(r.region, t.box) and _inside(r.region, r.src_box)):
+                raise PlanError(f"parameter {t.name} on rank {fp.rank}: read {r.region} falls outside its boxes")
+            covered += r.region.numel
+        if covered != t.box.numel:
+            raise PlanError(f"parameter {t.name} on rank {fp.rank}: reads cover {covered} of {t.box.numel} elements")
+        if math.prod(t.stored_shape) != t.box.numel:
+            raise PlanError(f"parameter {t.name} on rank {fp.rank}: stored shape {list(t.stored_shape)} does not hold box {list(t.box.sizes)}")
+        if headers is None:
+            continue
+        for r in t.reads:
+            info = headers(r.src_rank).get(r.src_name)
+            if info is None:
+                raise PlanError(f"parameter {r.src_name}: source rank {r.src_rank}'s checkpoint lacks it")
+            if info.dtype != t.dtype:
+                raise PlanError(f"parameter {r.src_name}: source rank {r.src_rank} stores {info.dtype}, the strategy says {t.dtype}")
+            expected = src.params[r.src_name].stored() if r.src_name in src.params else r.src_box.sizes
+            if info.numel != r.src_box.numel or info.shape not in (tuple(r.src_box.sizes), tuple(expected)):
+                raise PlanError(
+                    f"parameter {r.src_name}: source rank {r.src_rank} stores shape {list(info.shape)}, "
+                    f"but its layout gives the box {list(r.src_box.sizes)}"
+                )
+
+
+def _inside(inner: Box, outer: Box) -> bool:
+    return all(o <= i and i + s <= o + os_ for i, s, o, os_ in zip(inner.offsets, inner.sizes, outer.offsets, outer.sizes))

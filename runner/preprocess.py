@@ -1,0 +1,587 @@
+"""Dataset preprocessing (SPEC 8): jsonl text -> Megatron-Core's MMAP indexed dataset.
+
+For every JSON key, `{output_prefix}_{key}_document.bin` holds the token ids of all
+documents back to back, and `.idx` holds Megatron's index: the `MMIDIDX\\0\\0` header,
+version 1, the dtype code, the sequence and document counts, then every sequence's
+length (int32) and byte offset (int64), then the document indices (int64). Documents
+are tokenized as Megatron's `tools/preprocess_data.py` does: a string value is one
+sequence, a list of strings is one sequence per non-empty string, no special tokens are
+added, the end-of-document token (with `append_eod`) extends the last sequence, and a
+document with no tokens still counts as a document.
+
+Megatron-Core's `IndexedDatasetBuilder` is not used to write: it keeps every sequence
+length and document index in Python lists (about 50 bytes per document while adding,
+over 100 at `finalize`, measured with megatron-core 0.16), and importing it costs about
+6 s and 370 MB (torch plus megatron.core). This writer spills the index to disk as it
+goes, so memory stays flat however large the input; the tests check that its files
+equal the builder's byte for byte and read them back with Megatron's `IndexedDataset`.
+
+Work flows in blocks of about CHUNK_BYTES of whole lines: the main process reads them,
+workers tokenize them, and the main process appends the results in input order, with
+at most two blocks per worker in flight. Output bytes therefore do not depend on the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import json
+import logging
+import os
+import re
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runner.errors import AutotransError, ConfigError, FormatError
+
+log = logging.getLogger(__name__)
+
+SECTION = "preprocess_data"
+CHUNK_BYTES = 1 << 20  # input bytes per unit of work: amortises IPC, bounds memory
+_IN_FLIGHT_PER_WORKER = 2  # blocks queued per worker: keeps workers busy, memory bounded
+_REPORTED_BAD_LINES = 10  # skipped lines named one by one; the rest are only counted
+
+# Megatron-Core's index format (megatron/core/datasets/indexed_dataset.py)
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_VERSION = 1
+_INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
+_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # Megatron's DType enum values
+_SMALL_VOCAB = 65500  # Megatron's DType.optimal_dtype: uint16 below this vocab size, else int32
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _nonempty_string(value: object) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError
+
+
+def _optional_string(value: object) -> str | None:
+    return None if value is None else _nonempty_string(value)
+
+
+def _json_keys(value: object) -> tuple[str, ...]:
+    # a string is split on whitespace, as the seed's JSON_KEYS="key0 key1" environment variable
+    keys = value.split() if isinstance(value, str) else value
+    if not isinstance(keys, Sequence) or isinstance(keys, str) or not keys:
+        raise ValueError
+    if not all(isinstance(k, str) and k and "/" not in k and os.sep not in k for k in keys):
+        raise ValueError
+    if len(set(keys)) != len(keys):
+        raise ValueError
+    return tuple(keys)
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError
+
+
+def _bad_line_policy(value: object) -> str:
+    if value in ("fail", "skip"):
+        return str(value)
+    raise ValueError
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One key of the `preprocess_data` section."""
+
+    expected: str  # what the value must be, as error messages say it
+    check: Callable[[object], object]  # returns the value normalised, or raises ValueError
+    default: object = _REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+PREPROCESS_KEYS: dict[str, KeySpec] = {
+    "input": KeySpec("a jsonl file or a glob (a string)", _nonempty_string),
+    "json_keys": KeySpec("a list of distinct JSON keys without '/' (or one string of keys separated by spaces)", _json_keys, ("text",)),
+    "tokenizer": KeySpec("the path of a tokenizers tokenizer.json or a sentencepiece tokenizer.model (a string)", _nonempty_string),
+    "workers": KeySpec("an integer >= 1 (tokenizing processes)", _positive_int, 1),
+    "append_eod": KeySpec("true or false", _flag, False),
+    "eod_token": KeySpec("a token of the tokenizer (a string), or null for its end-of-sequence token", _optional_string, None),
+    "on_bad_line": KeySpec("fail or skip", _bad_line_policy, "fail"),
+    "output_prefix": KeySpec("a path prefix (a string)", _nonempty_string),
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """A validated `preprocess_data` section (see PREPROCESS_KEYS for meanings and defaults)."""
+
+    input: str
+    json_keys: tuple[str, ...]
+    tokenizer: str
+    workers: int
+    append_eod: bool
+    eod_token: str | None
+    on_bad_line: str
+    output_prefix: str
+
+
+def validate_section(raw: Mapping) -> PreprocessConfig:
+    """Check a `preprocess_data` section (a dict or an OmegaConf DictConfig) and fill in defaults.
+
+    Raises ConfigError naming `preprocess_data.<key>` for an unknown key (with the closest
+    known one), a value of the wrong type, or a missing required key."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{SECTION}: expected a mapping of keys ({', '.join(PREPROCESS_KEYS)}), got {_json_type(raw)}")
+    for key in raw:
+        if str(key) not in PREPROCESS_KEYS:
+            close = difflib.get_close_matches(str(key), PREPROCESS_KEYS, n=1)
+            hint = f"did you mean {SECTION}.{close[0]}?" if close else f"known keys: {', '.join(PREPROCESS_KEYS)}"
+            raise ConfigError(f"{SECTION}.{key}: unknown key; {hint}")
+    values = {}
+    for key, spec in PREPROCESS_KEYS.items():
+        if key not in raw:
+            if spec.required:
+                raise ConfigError(f"{SECTION}.{key}: required key is missing; expected {spec.expected}")
+            values[key] = spec.default
+            continue
+        try:
+            values[key] = spec.check(raw[key])
+        except ValueError:
+            raise ConfigError(f"{SECTION}.{key}: expected {spec.expected}, got {raw[key]!r}") from None
+    return PreprocessConfig(**values)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def _natural_key(path: Path) -> list:
+    # part_2 before part_10: split into text and numbers, compared as such
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _input_files(pattern: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        raise ConfigError(f"{SECTION}.input: {pattern} is a folder; give a jsonl file or a glob such as {pattern}/*.jsonl")
+    files = sorted((Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)), key=_natural_key)
+    if not files:
+        what = "no file matches" if any(c in pattern for c in "*?[") else "no such file:"
+        raise ConfigError(f"{SECTION}.input: {what} {pattern}")
+    return files
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Whole lines of one input file: the unit of work sent to a worker."""
+
+    file_no: int
+    first_line: int  # 1-based line number of the block's first line
+    data: bytes
+
+
+def _blocks(files: Sequence[Path]) -> Iterator[_Block]:
+    for file_no, path in enumerate(files):
+        try:
+            with open(path, "rb") as f:
+                line = 1
+                while data := f.read(CHUNK_BYTES):
+                    if not data.endswith(b"\n"):
+                        data += f.readline()  # finish the last line: no line spans two blocks
+                    yield _Block(file_no, line, data)
+                    line += data.count(b"\n")
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class _Tokenizer:
+    """A tokenizer file loaded: text -> ids without special tokens, as Megatron tokenizes."""
+
+    path: Path
+    encode: Callable[[str], list[int]]
+    vocab_size: int
+    token_id: Callable[[str], int | None]
+    eos_id: int | None  # the tokenizer's own end-of-sequence token, if it names one
+
+
+def _tokenizer_file(given: str) -> Path:
+    path = Path(given).expanduser()
+    if path.is_dir():  # an HF model folder: its tokenizer file
+        path = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), path / "tokenizer.json")
+    if not path.is_file():
+        raise ConfigError(f"{SECTION}.tokenizer: no such file: {path}")
+    return path
+
+
+def _load_tokenizer(path: Path) -> _Tokenizer:
+    return _load_hf_tokenizer(path) if path.suffix == ".json" else _load_sentencepiece(path)
+
+
+def _load_hf_tokenizer(path: Path) -> _Tokenizer:
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises plain Exception for a bad file
+        raise FormatError(f"{path}: not a readable tokenizers tokenizer.json ({_first_line(e)})") from None
+    eos = _hf_eos_token(path)
+    return _Tokenizer(
+        path=path,
+        encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        token_id=tok.token_to_id,
+        eos_id=tok.token_to_id(eos) if eos else None,
+    )
+
+
+def _hf_eos_token(path: Path) -> str | None:
+    """The `eos_token` of the tokenizer_config.json beside a tokenizer.json, as HF reads it."""
+    config_path = path.with_name("tokenizer_config.json")
+    if not config_path.is_file():
+        return None
+    try:
+        eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError) as e:
+        raise FormatError(f"{config_path}: not a readable tokenizer config ({_first_line(e)})") from None
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def _load_sentencepiece(path: Path) -> _Tokenizer:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise FormatError(f"{path}: not a readable sentencepiece model ({_first_line(e)})") from None
+
+    def token_id(token: str) -> int | None:
+        i = sp.piece_to_id(token)
+        return None if i == sp.unk_id() and token != sp.id_to_piece(i) else i
+
+    return _Tokenizer(
+        path=path,
+        encode=sp.encode_as_ids,
+        vocab_size=sp.get_piece_size(),
+        token_id=token_id,
+        eos_id=sp.eos_id() if sp.eos_id() >= 0 else None,
+    )
+
+
+def _eod_id(tok: _Tokenizer, eod_token: str | None) -> int:
+    if eod_token is not None:
+        i = tok.token_id(eod_token)
+        if i is None:
+            raise ConfigError(f"{SECTION}.eod_token: {eod_token!r} is not a token of {tok.path}")
+        return i
+    if tok.eos_id is None:
+        raise ConfigError(f"{SECTION}.append_eod: {tok.path} names no end-of-sequence token; set {SECTION}.eod_token")
+    return tok.eos_id
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The dtype of the token ids, chosen from the vocabulary size as Megatron does."""
+    return np.dtype(np.uint16 if vocab_size < _SMALL_VOCAB else np.int32)
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class _EncodeSpec:
+    """What a worker needs to tokenize blocks (small and picklable)."""
+
+    tokenizer: Path
+    json_keys: tuple[str, ...]
+    eod: int | None  # appended to every document with tokens, when set
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _KeyPart:
+    """One key's share of a block, ready to append to that key's dataset."""
+
+    tokens: np.ndarray  # token ids, in the output dtype
+    sequence_lengths: np.ndarray  # int32, one per non-empty sequence
+    sequences_per_document: np.ndarray  # int64, one per document
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A block tokenized: its documents per key, and the lines that could not be read."""
+
+    file_no: int
+    nbytes: int
+    documents: int
+    parts: tuple[_KeyPart, ...]  # in json_keys order
+    bad_lines: tuple[tuple[int, str], ...]  # (line number, reason)
+
+
+class _BadLine(Exception):
+    pass
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _sentences(line: bytes, keys: tuple[str, ...]) -> list[list[str]]:
+    """Each key's text as a list of sequences: a string is one, a list of strings is several."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise _BadLine(f"invalid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise _BadLine(f"expected a JSON object, got {_json_type(record)}")
+    texts = []
+    for key in keys:
+        if key not in record:
+            raise _BadLine(f"no key {key!r}")
+        value = record[key]
+        sentences = [value] if isinstance(value, str) else value
+        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+            raise _BadLine(f"key {key!r} holds {_json_type(value)}; expected a string or a list of strings")
+        texts.append(sentences)
+    return texts
+
+
+def _encode_documents(documents: list[list[str]], encode: Callable[[str], list[int]], eod: int | None, dtype: str) -> _KeyPart:
+    tokens: list[int] = []
+    lengths: list[int] = []
+    per_document = np.empty(len(documents), np.int64)
+    for d, sentences in enumerate(documents):
+        first = len(lengths)
+        for sentence in sentences:
+            ids = encode(sentence)
+            if ids:
+                tokens.extend(ids)
+                lengths.append(len(ids))
+        if eod is not None and len(lengths) > first:
+            tokens.append(eod)
+            lengths[-1] += 1
+        per_document[d] = len(lengths) - first
+    return _KeyPart(np.array(tokens, dtype), np.array(lengths, np.int32), per_document)
+
+
+def _encode_block(spec: _EncodeSpec, encode: Callable[[str], list[int]], block: _Block) -> _Encoded:
+    records: list[list[list[str]]] = []
+    bad: list[tuple[int, str]] = []
+    for i, line in enumerate(block.data.split(b"\n")):
+        if not line.strip():
+            continue  # blank lines (a trailing newline, separators) are not documents
+        try:
+            records.append(_sentences(line, spec.json_keys))
+        except _BadLine as e:
+            bad.append((block.first_line + i, str(e)))
+    parts = tuple(_encode_documents([r[k] for r in records], encode, spec.eod, spec.dtype) for k in range(len(spec.json_keys)))
+    return _Encoded(block.file_no, len(block.data), len(records), parts, tuple(bad))
+
+
+_worker_tokenizer: _Tokenizer | None = None  # loaded by a worker process on its first block
+
+
+def _encode_in_worker(spec: _EncodeSpec, block: _Block) -> _Encoded:
+    # loaded here rather than in a Pool initializer, whose failures make the pool respawn forever
+    global _worker_tokenizer
+    if _worker_tokenizer is None:
+        _worker_tokenizer = _load_tokenizer(spec.tokenizer)
+    return _encode_block(spec, _worker_tokenizer.encode, block)
+
+
+def _encoded_blocks(spec: _EncodeSpec, tok: _Tokenizer, blocks: Iterator[_Block], workers: int) -> Iterator[_Encoded]:
+    """Tokenized blocks in input order, whatever the number of workers."""
+    if workers == 1:
+        for block in blocks:
+            yield _encode_block(spec, tok.encode, block)
+        return
+    import multiprocessing
+
+    # spawn: workers start clean, inheriting no threads (tqdm's, the tokenizers') or locks
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending: deque = deque()
+        for block in blocks:
+            pending.append(pool.apply_async(_encode_in_worker, (spec, block)))
+            if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _DatasetWriter:
+    """Writes `{prefix}.bin` and `{prefix}.idx` as blocks arrive, under temporary names.
+
+    Sequence lengths go straight into the index file after a header placeholder, document
+    indices into a side file; `finish` appends the sequence pointers (computed from the
+    lengths read back in chunks) and the document indices, then writes the header."""
+
+    _CHUNK = 1 << 20  # sequences per chunk when computing pointers
+
+    def __init__(self, prefix: str, dtype: np.dtype):
+        self.bin_path, self.idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
+        self.dtype = dtype
+        self.sequences = self.documents = self.tokens = 0
+        self._temps = [p.with_name(p.name + s) for p, s in ((self.bin_path, ".tmp"), (self.idx_path, ".tmp"), (self.idx_path, ".docs.tmp"))]
+        self._files = []
+        for path in self._temps:
+            self._files.append(open(path, "w+b"))
+        self._bin, self._idx, self._docs = self._files
+        self._idx.write(bytes(_INDEX_HEADER.size))
+        self._docs.write(np.zeros(1, np.int64).tobytes())  # the document indices start at 0
+
+    def append(self, part: _KeyPart) -> None:
+        self._bin.write(part.tokens.data)
+        self._idx.write(part.sequence_lengths.data)
+        self._docs.write((self.sequences + np.cumsum(part.sequences_per_document)).data)
+        self.tokens += len(part.tokens)
+        self.sequences += len(part.sequence_lengths)
+        self.documents += len(part.sequences_per_document)
+
+    def finish(self) -> list[Path]:
+        """Complete the index, make both files durable, and give them their final names."""
+        self._idx.flush()
+        self._append_pointers()
+        self._docs.seek(0)
+        while chunk := self._docs.read(8 * self._CHUNK):
+            self._idx.write(chunk)
+        self._idx.seek(0)
+        code = _DTYPE_CODES[self.dtype]
+        self._idx.write(_INDEX_HEADER.pack(_INDEX_MAGIC, _INDEX_VERSION, code, self.sequences, self.documents + 1))
+        for f in (self._bin, self._idx):
+            f.flush()
+            os.fsync(f.fileno())
+        self._close()
+        os.replace(self._temps[0], self.bin_path)  # .bin first: a final .idx means both are complete
+        os.replace(self._temps[1], self.idx_path)
+        self._temps[2].unlink()
+        _fsync_dir(self.idx_path.parent)
+        return [self.bin_path, self.idx_path]
+
+    def _append_pointers(self) -> None:
+        fd, offset = self._idx.fileno(), 0
+        for start in range(0, self.sequences, self._CHUNK):
+            count = min(self._CHUNK, self.sequences - start)
+            raw = os.pread(fd, 4 * count, _INDEX_HEADER.size + 4 * start)
+            nbytes = np.frombuffer(raw, np.int32).astype(np.int64) * self.dtype.itemsize
+            ends = offset + np.cumsum(nbytes)
+            self._idx.write((ends - nbytes).data)
+            offset = int(ends[-1])
+
+    def _close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def discard(self) -> None:
+        """Close and remove the temporary files (after a failure)."""
+        self._close()
+        for path in self._temps:
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_bad_lines(enc: _Encoded, path: Path, policy: str, skipped: int) -> int:
+    """Fail on the first bad line, or report it and count it; returns the new skipped count."""
+    for line, reason in enc.bad_lines:
+        if policy == "fail":
+            raise FormatError(f"{path}:{line}: {reason}; fix the line or set {SECTION}.on_bad_line=skip")
+        skipped += 1
+        if skipped <= _REPORTED_BAD_LINES:
+            log.warning("%s:%d: skipped: %s", path, line, reason)
+    return skipped
+
+
+def run_preprocess(cfg: PreprocessConfig, *, show_progress: bool = True) -> dict:
+    """Tokenize `cfg.input` into one Megatron-Core indexed dataset per JSON key.
+
+    Returns a summary: documents, tokens (all keys), bytes_in, seconds, skipped_lines and
+    files (the outputs written). Raises ConfigError or FormatError with a one-line message
+    for a missing input or tokenizer, an unreadable tokenizer, or (with on_bad_line=fail)
+    a bad line, named as file:line."""
+    from tqdm import tqdm
+
+    files = _input_files(cfg.input)
+    tok = _load_tokenizer(_tokenizer_file(cfg.tokenizer))
+    dtype = token_dtype(tok.vocab_size)
+    spec = _EncodeSpec(tok.path, cfg.json_keys, _eod_id(tok, cfg.eod_token) if cfg.append_eod else None, dtype.name)
+    total = sum(os.path.getsize(p) for p in files)
+    Path(cfg.output_prefix).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    documents = nbytes = skipped = 0
+    writers: list[_DatasetWriter] = []
+    try:
+        for key in cfg.json_keys:
+            writers.append(_DatasetWriter(f"{os.path.expanduser(cfg.output_prefix)}_{key}_document", dtype))
+        with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not show_progress, file=sys.stderr) as bar:
+            for enc in _encoded_blocks(spec, tok, _blocks(files), cfg.workers):
+                skipped = _check_bad_lines(enc, files[enc.file_no], cfg.on_bad_line, skipped)
+                for writer, part in zip(writers, enc.parts):
+                    writer.append(part)
+                documents += enc.documents
+                nbytes += enc.nbytes
+                bar.update(enc.nbytes)
+                bar.set_postfix_str(f"{documents} docs, {documents / (time.perf_counter() - start):,.0f} docs/s", refresh=False)
+        for writer, key in zip(writers, cfg.json_keys):
+            if writer.tokens == 0:  # Megatron's reader cannot map an empty .bin file
+                raise FormatError(f"{cfg.input}: no tokens for key {key!r} in {documents} documents; nothing to write")
+        outputs = [p for w in writers for p in w.finish()]
+    except OSError as e:
+        for writer in writers:
+            writer.discard()
+        raise AutotransError(f"{e.filename or cfg.output_prefix}: cannot write: {e.strerror}") from None
+    except BaseException:
+        for writer in writers:
+            writer.discard()
+        raise
+    if skipped > _REPORTED_BAD_LINES:
+        log.warning("skipped %d bad lines in all (the first %d are listed above)", skipped, _REPORTED_BAD_LINES)
+    return {
+        "documents": documents,
+        "tokens": sum(w.tokens for w in writers),
+        "bytes_in": nbytes,
+        "seconds": time.perf_counter() - start,
+        "skipped_lines": skipped,
+        "files": [str(p) for p in outputs],
+    }

@@ -1,0 +1,27 @@
+"""One progress bar with bytes done and rate (tqdm), or nothing when disabled."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool = True, desc: str = "transform"):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            # disable=None: no bar when stderr is not a terminal (logs, CI)
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                             file=sys.stderr, disable=None, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None and n:
+            self._bar.update(n)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()

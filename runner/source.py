@@ -1,0 +1,121 @@
+"""Finding the source checkpoint's files (SPEC 4) and reading them as one per rank."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runner.errors import FormatError
+from runner.formats.base import CheckpointReader, TensorInfo
+from runner.formats.registry import CHECKPOINT_SUFFIXES, open_reader
+
+_RANK_DIR = re.compile(r"rank_(\d+)")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts `-10_` after `-9_` and `rank_10` after `rank_2`."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source checkpoint: its kind and the files of each source rank."""
+
+    root: Path
+    kind: str  # "distributed", "full", "hf", "megatron"
+    files: dict[int, tuple[Path, ...]]
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(self.files)
+
+    def open(self, rank: int) -> "RankReader":
+        return RankReader(self.files[rank])
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES),
+                  key=lambda p: natural_key(p.name))
+
+
+def rank_folders(root: Path) -> dict[int, Path]:
+    return {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _RANK_DIR.fullmatch(p.name))}
+
+
+def newest_in(folder: Path) -> Path:
+    """The checkpoint a rank folder holds: the highest step when it holds several."""
+    files = _checkpoint_files(folder)
+    if not files:
+        raise FormatError(f"rank folder {folder} holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
+    return files[-1]
+
+
+def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:
+    """Classify `load_checkpoint` and list its files. `ranks` overrides the rank folders
+    seen (under MPI without a shared disk, the union of what every node sees)."""
+    root = Path(path)
+    if not root.exists():
+        raise FormatError(f"load_checkpoint {root} does not exist")
+    if root.is_file():
+        return Source(root, "full", {0: (root,)})
+    if (root / "latest_checkpointed_iteration.txt").exists() or any(
+        p.is_dir() and (p.name == "release" or p.name.startswith("iter_")) for p in root.iterdir()
+    ):
+        return Source(root, "megatron", {})
+    if ranks is None:
+        ranks = rank_folders(root)
+    if ranks:
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        if missing:
+            raise FormatError(f"{root}: rank folders {', '.join(f'rank_{r}' for r in missing)} are missing (found {len(ranks)} of {max(ranks) + 1})")
+        files = {r: (newest_in(p),) for r, p in ranks.items()}
+        return Source(root, "distributed" if len(files) > 1 else "full", files)
+    loose = _checkpoint_files(root)
+    if not loose:
+        raise FormatError(f"{root} holds no rank_N folders and no checkpoint files")
+    if (root / "config.json").exists():
+        weights = [p for p in loose if p.suffix == ".safetensors"] or [p for p in loose if p.name.startswith("pytorch_model")]
+        return Source(root, "hf", {0: tuple(weights)})
+    return Source(root, "full", {0: tuple(loose)})
+
+
+class RankReader:
+    """The files of one source rank read as one checkpoint (base + LoRA, HF shards)."""
+
+    def __init__(self, paths: tuple[Path, ...]):
+        self.paths = paths
+        self._readers: list[CheckpointReader] = []
+        self._owner: dict[str, CheckpointReader] = {}
+        self._tensors: dict[str, TensorInfo] = {}
+        try:
+            for p in paths:
+                r = open_reader(p)
+                self._readers.append(r)
+                for name, info in r.tensors().items():
+                    if name in self._owner:
+                        raise FormatError(f"tensor {name} appears in both {self._owner[name].path} and {p}")
+                    self._owner[name] = r
+                    self._tensors[name] = info
+        except BaseException:
+            self.close()
+            raise
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._tensors
+
+    def array(self, name: str) -> np.ndarray:
+        return self._owner[name].array(name)
+
+    def file_of(self, name: str) -> Path:
+        return Path(self._owner[name].path)
+
+    def release(self) -> None:
+        for r in self._readers:
+            r.release()
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()

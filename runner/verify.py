@@ -1,0 +1,107 @@
+"""`autotrans verify A B`: reassemble both checkpoints tensor by tensor, whatever their
+layouts, and compare every element bit for bit. Memory: two full tensors at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runner import dtypes, plan as planner, strategy as strat
+from runner.errors import AutotransError, ConfigError
+from runner.execute import LocalPool, tensor_bits
+from runner.source import Source, discover
+from runner.strategy import Strategy
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint with its layout, ready to be reassembled."""
+
+    source: Source
+    strategy: Strategy
+    headers: dict
+
+    @staticmethod
+    def open(path: str | Path, strategy_path: str | Path = "") -> "Checkpoint":
+        from runner.job import read_headers
+
+        source = discover(Path(path))
+        headers = read_headers(source)
+        if not strategy_path and source.kind == "distributed":
+            guess = Path(path).resolve().parent / "strategy"
+            if not guess.is_dir():
+                raise ConfigError(f"{path} is distributed: give its strategy (--strategy-a/--strategy-b)")
+            strategy_path = guess
+        if strategy_path:
+            s = strat.load(Path(strategy_path))
+            if s.origin == "mindspore":
+                from runner.formats.mindspore_strategy import fill_shapes
+
+                s = fill_shapes(s, headers)
+        else:
+            s = Strategy.full(headers[0])
+        return Checkpoint(source, s, headers)
+
+    def full_plan(self, names: list[str]) -> planner.FilePlan:
+        """Reads that reassemble `names` whole."""
+        full = Strategy(((0,),), {n: p.replicated(p.shape, p.dtype) for n, p in self.strategy.params.items() if n in names})
+        return planner.plan_rank(self.strategy, full, 0, headers=lambda r: self.headers[r])
+
+
+def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[str]:
+    """Differences between two checkpoints; empty when every tensor is bit-identical.
+    With `cast_to`, A's floating tensors are cast first (B holds a cast copy of A)."""
+    problems = []
+    names_a, names_b = set(a.strategy.params), set(b.strategy.params)
+    if names_a != names_b:
+        if names_a - names_b:
+            problems.append(f"only in A: {planner._names(sorted(names_a - names_b))}")
+        if names_b - names_a:
+            problems.append(f"only in B: {planner._names(sorted(names_b - names_a))}")
+    common = sorted(names_a & names_b)
+    plan_a, plan_b = a.full_plan(common), b.full_plan(common)
+    pool_a, pool_b = LocalPool(a.source), LocalPool(b.source)
+    try:
+        for ta, tb in zip(plan_a.tensors, plan_b.tensors):
+            name = ta.name
+            want = dtypes.cast_dtype(ta.dtype, cast_to)
+            if ta.box.sizes != tb.box.sizes or want != tb.dtype:
+                problems.append(f"{name}: A is {list(ta.box.sizes)} {want}, B is {list(tb.box.sizes)} {tb.dtype}")
+                continue
+            xa = dtypes.cast(tensor_bits(ta, pool_a), ta.dtype, want)
+            xb = tensor_bits(tb, pool_b)
+            if not np.array_equal(xa, xb):
+                idx = np.unravel_index(int(np.argmax(xa != xb)), xa.shape)
+                problems.append(f"{name}: first difference at index {list(map(int, idx))}")
+            pool_a.release()
+            pool_b.release()
+    finally:
+        pool_a.close()
+        pool_b.close()
+    return problems
+
+
+def report(problems: list[str], what: str) -> int:
+    if problems:
+        print(f"autotrans: verify: {what} differ: {problems[0]}")
+        for p in problems[1:]:
+            print(f"  {p}")
+        return 1
+    print(f"autotrans: verify: {what} are bit-identical")
+    return 0
+
+
+def verify_paths(a: str, b: str, strategy_a: str = "", strategy_b: str = "") -> int:
+    return report(compare(Checkpoint.open(a, strategy_a), Checkpoint.open(b, strategy_b)), f"{a} and {b}")
+
+
+def verify_job(job) -> int:
+    """Compare a finished job's output with its source (after the job's cast)."""
+    if job.cfg.lora:
+        raise AutotransError("verify compares outputs with sources; a LoRA merge changes the weights by design")
+    src = Checkpoint(job.source, job.src, job.headers)
+    out = Checkpoint.open(job.out_dir, job.cfg.output_path / "strategy")
+    return report(compare(src, out, job.cast_to), "source and output")
+
