@@ -223,10 +223,18 @@ def run_ranks(job: Job, ranks: list[int], folder: OutputFolder, pool: SlicePool,
     return done
 
 
-def _worker(job: Job, ranks: list[int], digest: str, counter) -> list[WrittenFile]:
+_COUNTER = None  # a worker process's shared byte counter, set by _init_worker
+
+
+def _init_worker(counter) -> None:
+    global _COUNTER
+    _COUNTER = counter
+
+
+def _worker(job: Job, ranks: list[int], digest: str) -> list[WrittenFile]:
     def on_bytes(n: int) -> None:
-        with counter.get_lock():
-            counter.value += n
+        with _COUNTER.get_lock():
+            _COUNTER.value += n
 
     pool = LocalPool(job.source)
     try:
@@ -252,8 +260,8 @@ def execute_local(job: Job, folder: OutputFolder, progress) -> list[WrittenFile]
     counter = ctx.Value("q", 0)
     shares = balance({r: job.dst.rank_bytes(r) for r in ranks}, nproc)
     written: list[WrittenFile] = []
-    with ProcessPoolExecutor(nproc, mp_context=ctx) as ex:
-        futures = [ex.submit(_worker, job, share, folder.digest, counter) for share in shares if share]
+    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as ex:
+        futures = [ex.submit(_worker, job, share, folder.digest) for share in shares if share]
         seen = 0
         while not all(f.done() for f in futures):
             time.sleep(0.1)
