@@ -177,6 +177,7 @@ def check_section(section: str, raw: Any, keys: Mapping[str, tuple], required: t
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Read a job file plus `key=value` overrides into a checked JobConfig."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -184,6 +185,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
         cfg = OmegaConf.load(str(path)) if path is not None else OmegaConf.create({})
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"job file {path}: cannot parse YAML ({where}{e.problem})") from None
     except (OSError, OmegaConfBaseException, ValueError) as e:
         raise ConfigError(f"job file {path}: cannot parse YAML ({str(e).splitlines()[0]})") from None
     if not OmegaConf.is_dict(cfg):
