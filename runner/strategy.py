@@ -99,17 +99,20 @@ class Strategy:
 
 
 def _param_to_json(p: ParamLayout) -> dict:
-    tmap = [-1 if not axes else axes[0] if len(axes) == 1 else list(axes) for axes in p.tensor_map]
     out: dict[str, Any] = {
         "shape": list(p.shape), "dtype": p.dtype,
         "stage": p.stages[0] if len(p.stages) == 1 else list(p.stages),
-        "dev_matrix": list(p.dev_matrix), "tensor_map": tmap,
+        "dev_matrix": list(p.dev_matrix), "tensor_map": _tensor_map_json(p),
         "opt_shard": p.opt_shard,
         "stored_shape": list(p.stored_shape) if p.stored_shape is not None else None,
     }
     if p.opt_shard_step != 1:
         out["opt_shard_step"] = p.opt_shard_step
     return out
+
+
+def _tensor_map_json(p: ParamLayout) -> list:
+    return [-1 if not axes else axes[0] if len(axes) == 1 else list(axes) for axes in p.tensor_map]
 
 
 def _int_list(value: Any, what: str, allow_nested: bool = False) -> list:
@@ -235,12 +238,18 @@ def write_merged_file(strategy: Strategy, folder: Path) -> Path:
     return out
 
 
+def dumps(doc: dict) -> str:
+    """A strategy document with one parameter per line: diffable, readable, compact."""
+    head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items() if k != "params")
+    params = ",\n".join(f"  {json.dumps(n)}: {json.dumps(p)}" for n, p in doc["params"].items())
+    return "{\n" + head + ',\n "params": {\n' + params + "\n }\n}\n"
+
+
 def _write_json(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+        f.write(dumps(doc))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -248,7 +257,7 @@ def _write_json(path: Path, doc: dict) -> None:
 
 # -- comparison ---------------------------------------------------------------------------
 def describe(p: ParamLayout) -> str:
-    s = f"shape {list(p.shape)} {p.dtype} stage {list(p.stages)} dev_matrix {list(p.dev_matrix)} tensor_map {[list(a) or -1 for a in p.tensor_map]}"
+    s = f"shape {list(p.shape)} {p.dtype} stage {list(p.stages)} dev_matrix {list(p.dev_matrix)} tensor_map {_tensor_map_json(p)}"
     if p.opt_shard > 1:
         s += f" opt_shard {p.opt_shard}"
     if p.stored_shape is not None:
