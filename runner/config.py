@@ -231,6 +231,8 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
     if values["transform_process_num"] < 1:
         raise ConfigError("config key transform_process_num: must be >= 1")
+    if any(c in values["prefix"] for c in "/\\\0"):  # it becomes part of each rank file's name
+        raise ConfigError(f"config key prefix: {values['prefix']!r} must be a file name stem, without '/', '\\' or NUL")
     values["parallel_config"] = parallel
     if values["lora"] is not None:
         from runner.lora import validate_section as check_lora

@@ -50,10 +50,33 @@ class Checkpoint:
         return planner.plan_rank(self.strategy, full, 0, headers=lambda r: self.headers[r])
 
 
-def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[str]:
-    """Differences between two checkpoints; empty when every tensor is bit-identical.
-    With `cast_to`, A's floating tensors are cast first (B holds a cast copy of A)."""
+def replica_differences(c: Checkpoint, label: str) -> list[str]:
+    """Replicated copies of a parameter that disagree. A transform reads each piece
+    from one holder only, so this is where disagreeing replicas are found."""
     problems = []
+    pool = LocalPool(c.source)
+    try:
+        for name in sorted(c.strategy.params):
+            p = c.strategy.params[name]
+            for cell, positions in sorted(p.holders().items()):
+                ranks = sorted({c.strategy.rank_at(s, pos) for s in p.stages for pos in positions})
+                first = pool.reader(ranks[0]).array(name)
+                for r in ranks[1:]:
+                    other = pool.reader(r).array(name)
+                    if first.shape != other.shape or not np.array_equal(first, other):
+                        problems.append(f"{label}: parameter {name}: replicas on source ranks {ranks[0]} and {r} disagree")
+                        break
+                pool.release()
+    finally:
+        pool.close()
+    return problems
+
+
+def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[str]:
+    """Differences between two checkpoints; empty when every tensor is bit-identical
+    and every replicated copy in each agrees with its first copy.
+    With `cast_to`, A's floating tensors are cast first (B holds a cast copy of A)."""
+    problems = replica_differences(a, "A") + replica_differences(b, "B")
     names_a, names_b = set(a.strategy.params), set(b.strategy.params)
     if names_a != names_b:
         if names_a - names_b:

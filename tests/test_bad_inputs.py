@@ -1,0 +1,315 @@
+"""Bad inputs (issue #8, SPEC 3 "Exit codes"): each gives one clear line, exit 1 or 2,
+and writes no output file. Run through the CLI entry point in-process (runner.cli.main,
+the function the console script calls) so that every case is fast; a few cases also run
+as a real subprocess. Damaged files are built byte by byte here, not by the code under
+test."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from runner.cli import main
+from tests import oracle
+
+SPECS = {"w": ((8, 4), "F32"), "b": ((8,), "F32"), "e": ((4, 4), "F16")}
+
+
+def tp2() -> dict:
+    return oracle.strategy([[0, 1]], {
+        "w": oracle.param((8, 4), "F32", dev_matrix=[2], tensor_map=[0, -1]),
+        "b": oracle.param((8,), "F32", dev_matrix=[2], tensor_map=[0]),
+        "e": oracle.param((4, 4), "F16", dev_matrix=[2]),
+    })
+
+
+@pytest.fixture
+def dist(tmp_path: Path) -> Path:
+    """A 2-rank tensor-parallel checkpoint (tmp/ckpt/rank_N) with its strategy (tmp/strategy)."""
+    full = oracle.random_full(SPECS, seed=3)
+    save_file(full, str(tmp_path / "full.safetensors"))
+    oracle.write_distributed(full, tp2(), tmp_path)
+    return tmp_path
+
+
+def job(tmp: Path, **keys) -> Path:
+    path = tmp / "job.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
+    return path
+
+
+def merge_job(tmp: Path, **extra) -> Path:
+    keys = {"load_checkpoint": str(tmp / "ckpt"), "src_strategy_path_or_dir": str(tmp / "strategy"),
+            "use_parallel": False, "output_dir": str(tmp / "out")}
+    return job(tmp, **{**keys, **extra})
+
+
+def fails(capsys, args: list[str], code: int, *phrases: str) -> str:
+    """Run the CLI; assert the exit code, exactly one line on stderr holding `phrases`,
+    and no traceback. Returns the line."""
+    got = main(args)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert got == code, captured.err
+    assert len(lines) == 1, captured.err
+    line = lines[0]
+    assert line.startswith("autotrans: error: "), line
+    for p in phrases:
+        assert p in line, (p, line)
+    assert "Traceback" not in captured.err and "internal error" not in line
+    return line
+
+
+def run_fails(capsys, tmp: Path, cfg: Path, code: int, *phrases: str) -> str:
+    line = fails(capsys, ["run", str(cfg), "--no-progress"], code, *phrases)
+    tc = tmp / "out" / "transformed_checkpoint"
+    written = [p for p in tc.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".ckpt")] if tc.exists() else []
+    assert written == [], written
+    return line
+
+
+def rank_file(tmp: Path, r: int) -> Path:
+    return tmp / "ckpt" / f"rank_{r}" / f"ckpt_{r}.safetensors"
+
+
+def raw_safetensors(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+# -- source folders -------------------------------------------------------------------------
+def test_missing_rank_folder(dist: Path, capsys) -> None:
+    oracle.write_distributed(oracle.random_full(SPECS), oracle.strategy([[0, 1, 2]], {
+        n: oracle.param(s, d, dev_matrix=[3]) for n, (s, d) in SPECS.items()}), dist / "three")
+    for p in (dist / "three" / "ckpt" / "rank_1").iterdir():
+        p.unlink()
+    (dist / "three" / "ckpt" / "rank_1").rmdir()
+    cfg = merge_job(dist, load_checkpoint=str(dist / "three" / "ckpt"), src_strategy_path_or_dir=str(dist / "three" / "strategy"))
+    run_fails(capsys, dist, cfg, 1, "rank_1", "missing")
+
+
+def test_empty_rank_folder(dist: Path, capsys) -> None:
+    rank_file(dist, 1).unlink()
+    run_fails(capsys, dist, merge_job(dist), 1, "rank_1", "holds no checkpoint file")
+
+
+def test_path_that_does_not_exist(dist: Path, capsys) -> None:
+    run_fails(capsys, dist, merge_job(dist, load_checkpoint=str(dist / "nope")), 1, str(dist / "nope"), "does not exist")
+    run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "nostrat")), 1, "nostrat", "does not exist")
+    fails(capsys, ["run", str(dist / "missing.yaml")], 2, "missing.yaml", "does not exist")
+    fails(capsys, ["inspect", str(dist / "nope")], 1, "does not exist")
+
+
+# -- damaged safetensors files --------------------------------------------------------------
+def test_truncated_safetensors(dist: Path, capsys) -> None:
+    path = rank_file(dist, 1)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "truncated")
+    path.write_bytes(data[:5])
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "truncated")
+    path.write_bytes(data[:40])  # inside the header
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "truncated")
+
+
+def test_corrupt_header_json(dist: Path, capsys) -> None:
+    path = rank_file(dist, 0)
+    data = bytearray(path.read_bytes())
+    data[8:14] = b"{oops:"
+    path.write_bytes(bytes(data))
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "corrupt safetensors header JSON")
+    path.write_bytes(raw_safetensors([1, 2], b""))  # JSON, but not an object
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "corrupt safetensors header")
+    path.write_bytes(raw_safetensors({"w": {"dtype": "F32", "shape": "4x4"}}, b""))
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "corrupt header entry", "'w'")
+
+
+def test_header_offsets_out_of_bounds_or_overlapping(dist: Path, capsys) -> None:
+    path = rank_file(dist, 0)
+    data = bytes(64)
+    path.write_bytes(raw_safetensors({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+                                      "b": {"dtype": "F32", "shape": [4], "data_offsets": [48, 64]}}, data))
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "overlap", "'b'", "'w'")
+    path.write_bytes(raw_safetensors({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [16, 80]}}, data))
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "'w'", "outside the data")
+    path.write_bytes(raw_safetensors({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}, data))
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "'w'", "needs 64")
+
+
+def test_unknown_dtype(dist: Path, capsys) -> None:
+    path = rank_file(dist, 0)
+    path.write_bytes(raw_safetensors({"w": {"dtype": "F128", "shape": [4, 4], "data_offsets": [0, 64]}}, bytes(64)))
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), "unknown dtype", "F128")
+
+
+# -- checkpoint vs strategy -----------------------------------------------------------------
+def test_shape_disagrees_with_strategy(dist: Path, capsys) -> None:
+    full = oracle.random_full(SPECS, seed=3)
+    shard = oracle.shard(full, tp2(), 1)
+    shard["w"] = shard["w"][:, :2].contiguous()  # [4, 2] where the layout gives [4, 4]
+    save_file(shard, str(rank_file(dist, 1)))
+    run_fails(capsys, dist, merge_job(dist), 1, "parameter w", "rank 1", "[4, 2]", "[4, 4]")
+
+
+def test_strategy_names_parameter_checkpoint_lacks_and_reverse(dist: Path, capsys) -> None:
+    s = tp2()
+    s["params"]["ghost"] = oracle.param((2,), "F32", dev_matrix=[2])
+    oracle.write_strategy(s, dist / "s_extra")
+    run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "s_extra")), 1,
+              "in the source strategy but not the checkpoint", "ghost")
+    s = tp2()
+    del s["params"]["e"]
+    oracle.write_strategy(s, dist / "s_fewer")
+    run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "s_fewer")), 1,
+              "in the checkpoint but not the source strategy", "e")
+
+
+def bad_strategy(dist: Path, capsys, edit: dict, *phrases: str) -> None:
+    s = tp2()
+    s["params"]["w"].update(edit)
+    oracle.write_strategy(s, dist / "bad")
+    cfg = merge_job(dist, src_strategy_path_or_dir=str(dist / "bad"))
+    run_fails(capsys, dist, cfg, 1, "parameter w", *phrases)
+
+
+def test_dev_matrix_product_not_rank_count(dist: Path, capsys) -> None:
+    bad_strategy(dist, capsys, {"dev_matrix": [2, 2], "tensor_map": [1, -1]}, "dev_matrix [2, 2]", "4 devices", "2 ranks")
+
+
+def test_tensor_map_names_missing_axis(dist: Path, capsys) -> None:
+    bad_strategy(dist, capsys, {"tensor_map": [3, -1]}, "device axis 3")
+
+
+def test_split_does_not_divide(dist: Path, capsys) -> None:
+    bad_strategy(dist, capsys, {"shape": [7, 4]}, "dim 0 of size 7", "2 equal parts")
+
+
+# -- other formats --------------------------------------------------------------------------
+class _Payload:
+    """Pickles as a call to os.system: loading it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.zeros(2, 2), "evil": _Payload(marker)}, tmp_path / "model.pt")
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "model.pt"), use_parallel=False, output_dir=str(tmp_path / "out"))
+    run_fails(capsys, tmp_path, cfg, 1, "model.pt", "refused", "system")
+    fails(capsys, ["inspect", str(tmp_path / "model.pt")], 1, "refused")
+    assert not marker.exists()
+    # the same in a real process, exactly as a user runs it
+    proc = subprocess.run([sys.executable, "-m", "runner", "inspect", str(tmp_path / "model.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "refused" in proc.stderr.splitlines()[0], proc.stderr
+    assert not marker.exists()
+
+
+def test_corrupt_torch_file(tmp_path: Path, capsys) -> None:
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04" + os.urandom(200))
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "model.pt"), use_parallel=False, output_dir=str(tmp_path / "out"))
+    run_fails(capsys, tmp_path, cfg, 1, "model.pt")
+
+
+@pytest.mark.parametrize("content,phrase", [
+    (b"\xd9\x5e\x3a\x7f" + bytes(60), "encrypted"),  # MindSpore's AES-GCM magic
+    (b"\x0a\xff\xff\xff\xff\x0f" + bytes(10), "corrupt"),  # a record claiming 4 GB
+    (b"garbage, not protobuf", "not a MindSpore checkpoint"),
+])
+def test_encrypted_or_corrupt_ckpt(tmp_path: Path, capsys, content: bytes, phrase: str) -> None:
+    (tmp_path / "model.ckpt").write_bytes(content)
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "model.ckpt"), use_parallel=False, output_dir=str(tmp_path / "out"))
+    run_fails(capsys, tmp_path, cfg, 1, "model.ckpt", phrase)
+
+
+def test_corrupt_mindspore_strategy(dist: Path, capsys) -> None:
+    (dist / "ms").mkdir()
+    (dist / "ms" / "ckpt_strategy_rank_0.ckpt").write_bytes(b"\xff\xff\xff garbage")
+    run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "ms")), 1, "ckpt_strategy_rank_0.ckpt")
+
+
+# -- the job file ---------------------------------------------------------------------------
+def test_yaml_misspelled_key_and_wrong_type(dist: Path, capsys) -> None:
+    fails(capsys, ["run", str(merge_job(dist, auto_trans_ckp=True))], 2, "auto_trans_ckp", "did you mean auto_trans_ckpt")
+    fails(capsys, ["run", str(merge_job(dist, use_parallel="no way"))], 2, "use_parallel", "expected bool")
+    fails(capsys, ["run", str(merge_job(dist, transform_process_num="two"))], 2, "transform_process_num", "expected int")
+    fails(capsys, ["run", str(merge_job(dist)), "parallel_config.model_parallel=x"], 2, "parallel_config.model_parallel")
+    (dist / "broken.yaml").write_text("load_checkpoint: [unclosed\n")
+    fails(capsys, ["run", str(dist / "broken.yaml")], 2, "broken.yaml", "line")
+
+
+# -- replicas and names ---------------------------------------------------------------------
+def test_replicated_copies_that_disagree_are_found_by_verify(dist: Path, capsys) -> None:
+    """A transform reads each piece from one holder; `verify` (and `verify: true`) compares
+    every replicated copy with the first and names the parameter and ranks."""
+    full = oracle.random_full(SPECS, seed=3)
+    shard = oracle.shard(full, tp2(), 1)
+    shard["e"] = shard["e"].clone()
+    shard["e"][2, 3] += 1  # e is replicated on ranks 0 and 1
+    save_file(shard, str(rank_file(dist, 1)))
+    assert main(["run", str(merge_job(dist, verify=True)), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "parameter e: replicas on source ranks 0 and 1 disagree" in out, out
+    assert main(["verify", str(dist / "ckpt"), str(dist / "full.safetensors"), "--strategy-a", str(dist / "strategy")]) == 1
+    assert "parameter e: replicas on source ranks 0 and 1 disagree" in capsys.readouterr().out
+    # agreeing replicas pass
+    save_file(oracle.shard(full, tp2(), 1), str(rank_file(dist, 1)))
+    assert main(["verify", str(dist / "ckpt"), str(dist / "full.safetensors"), "--strategy-a", str(dist / "strategy")]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+
+
+HOSTILE = ["../../escape", "/abs/name", "a/b\\c", "nul\x00byte", ".."]
+
+
+def read_names(path: Path) -> set[str]:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return set(json.loads(data[8:8 + n])) - {"__metadata__"}
+
+
+def test_parameter_names_with_path_parts_are_data_not_paths(tmp_path: Path, capsys) -> None:
+    """Tensor names never become paths: names with '..', '/', '\\' or NUL are carried
+    through as data, and every file the job writes is inside output_dir."""
+    rng = np.random.default_rng(0)
+    arrays = {n: rng.standard_normal((4, 2)).astype(np.float32) for n in HOSTILE}
+    header, data = {}, b""
+    for n, a in arrays.items():
+        header[n] = {"dtype": "F32", "shape": [4, 2], "data_offsets": [len(data), len(data) + a.nbytes]}
+        data += a.tobytes()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "full.safetensors").write_bytes(raw_safetensors(header, data))
+    dst = oracle.strategy([[0, 1]], {n: oracle.param((4, 2), "F32", dev_matrix=[2], tensor_map=[0, -1]) for n in HOSTILE})
+    oracle.write_strategy(dst, tmp_path / "dst")
+    before = {p for p in tmp_path.rglob("*")}
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "src" / "full.safetensors"),
+              dst_strategy_path_or_dir=str(tmp_path / "dst"), output_dir=str(tmp_path / "out"))
+    assert main(["run", str(cfg), "--no-progress"]) == 0, capsys.readouterr().err
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert all(p.is_relative_to(tmp_path / "out") for p in new if p != cfg), new
+    assert not Path("/abs").exists()
+    for r in (0, 1):
+        path = tmp_path / "out" / "transformed_checkpoint" / f"rank_{r}" / f"checkpoint_{r}.safetensors"
+        assert read_names(path) == set(HOSTILE)
+        from safetensors.numpy import load_file
+        got = load_file(str(path))
+        for n, a in arrays.items():
+            assert np.array_equal(got[n], a[2 * r:2 * r + 2])
+
+
+@pytest.mark.parametrize("prefix", ["../evil_", "/tmp/evil_", "sub/dir_", "nul\x00_", "a\\b"])
+def test_prefix_that_would_leave_the_rank_folder_is_refused(dist: Path, capsys, prefix: str) -> None:
+    """`prefix` is the one job string that becomes part of an output file name."""
+    fails(capsys, ["run", str(merge_job(dist, prefix=prefix))], 2, "prefix")
