@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Iterator
 
 from runner.errors import LayoutError
@@ -74,7 +74,8 @@ class ParamLayout:
     def _device_dim(self, axis: int) -> int:
         return len(self.dev_matrix) - 1 - axis
 
-    @property
+    # cached: the planner asks for parts/chunk once per destination tensor (frozen, so safe)
+    @cached_property
     def parts(self) -> Shape:
         """How many chunks each dim is cut into (opt shard included on dim 0)."""
         out = [math.prod(self.dev_matrix[self._device_dim(k)] for k in axes) for axes in self.tensor_map]
@@ -82,7 +83,7 @@ class ParamLayout:
             out[0] *= self.opt_shard
         return tuple(out)
 
-    @property
+    @cached_property
     def chunk(self) -> Shape:
         return tuple(s // p for s, p in zip(self.shape, self.parts))
 
