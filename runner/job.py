@@ -8,7 +8,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,9 @@ from runner.formats.base import TensorInfo
 from runner.formats.registry import output_format
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
+from runner.layout import ParamLayout
 from runner.strategy import Strategy
+from runner.templates import regroup
 
 TRANSFORMED = "transformed_checkpoint"
 STRATEGY_DIR = "strategy"
@@ -102,13 +104,21 @@ def source_strategy(cfg: JobConfig, source: Source, headers: dict[int, dict[str,
     return Strategy.full(headers[0])
 
 
+def merged_layout(p: ParamLayout, dtype: str) -> ParamLayout:
+    """One rank holding the whole tensor; a fused weight each rank stores flat (SwiGLU
+    fc1 as [gate_shard; up_shard]) is stored flat whole too ([gate; up])."""
+    full = ParamLayout.replicated(p.shape, dtype)
+    stored = regroup(p.chunk, p.stored_shape, p.shape) if p.stored_shape is not None else None
+    return replace(full, stored_shape=stored) if stored is not None and stored != p.shape else full
+
+
 def destination_strategy(cfg: JobConfig, src: Strategy | None) -> Strategy:
     if cfg.dst_strategy_path_or_dir:
         dst = strat.load(Path(cfg.dst_strategy_path_or_dir))
     elif not cfg.use_parallel:
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")
-        dst = Strategy(((0,),), {n: p.replicated(p.shape, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype))) for n, p in src.params.items()}, "full")
+        dst = Strategy(((0,),), {n: merged_layout(p, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype))) for n, p in src.params.items()}, "full")
     elif cfg.model.get("arch"):
         from runner.generate import generate
 

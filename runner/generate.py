@@ -1,0 +1,285 @@
+"""Destination strategies from the model (SPEC 5, "Strategy generation").
+
+Ranks are numbered as Megatron-LM and MindSpore Transformers do: stage-major, then data
+parallel, then model (tensor) parallel fastest. Within a stage `dev_matrix` is
+[dp, tp], so tensor_map axis 0 is tp and axis 1 is dp. Stacked expert weights use
+[dp / ep, ep, tp] (expert parallel carved out of data parallel, as both do), with the
+expert dim on axis 1. With `optimizer_shard`, dim 0 of each rank's slice is further
+split over its data-parallel replicas where it divides, as MindSpore's parallel
+optimizer does (it leaves a parameter whole otherwise).
+
+Layers go to pipeline stages as MindSpore Transformers' LayerSetting assigns them:
+stage s holds num_layers // pp + offset[s] layers (offset an int, a per-stage list, or
+per pp_interleave_num chunk a list of lists) and the offsets must add up to the
+remainder; with no offset the layers must divide evenly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from runner import dtypes
+from runner.config import JobConfig
+from runner.errors import ConfigError, LayoutError
+from runner.layout import ParamLayout
+from runner.strategy import Strategy
+from runner.templates import Env, Template, Weight, canonical_config, hf_config, regroup, resolve
+
+# Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
+# Training counters MindSpore checkpoints hold: copied whole to every rank.
+BOOKKEEPING = frozenset({"global_step", "scale_sense", "loss_scale", "epoch_num", "step_num",
+                         "current_iterator_step", "last_overflow_iterator_step", "learning_rate"})
+# How model_config names the parameter dtype (MindSpore and HF spellings).
+DTYPE_NAMES = {"float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16", "bf16": "BF16",
+               "float32": "F32", "fp32": "F32", "float": "F32"}
+DEFAULT_DTYPE = "F32"  # when neither the source, model_config nor `dtype` says
+SCHEME_BY_OUTPUT = {"mindformers": "mindformers", "megatron": "megatron", "hf": "hf"}
+
+
+def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
+    """The destination strategy of `cfg.model` under `cfg.parallel_config`.
+
+    With a source, the names follow the source's naming scheme and must match it
+    exactly, and shapes and dtypes come from the source. A full source that stores a
+    fused weight flat (Megatron fc1 [2*ffn, h]) is re-expressed in place with the
+    template's logical shape and that stored shape, so both sides agree."""
+    template, env = model_env(cfg)
+    scheme = detect_scheme(template, env, src) if src is not None else default_scheme(cfg, template)
+    check_sizes(template, env)
+    pc = cfg.parallel_config
+    per_stage = pc.data_parallel * pc.model_parallel
+    stages = tuple(tuple(range(s * per_stage, (s + 1) * per_stage)) for s in range(pc.pipeline_stage))
+    layer_stage = layer_stages(env.int("num_layers"), pc.pipeline_stage, env.get("offset", 0), env.get("pp_interleave_num", 1))
+    cast_to = dtypes.CAST_NAMES.get(cfg.dtype) if cfg.dtype else None
+    default_dtype = dtypes.cast_dtype(config_dtype(env), cast_to)
+
+    params: dict[str, ParamLayout] = {}
+    for name, weight, stage_list in expand(template, env, scheme, layer_stage):
+        shape = env.shape(weight.shape)
+        stored = env.shape(weight.stored) if weight.stored else None
+        dtype = default_dtype
+        if src is not None and name in src.params:
+            shape, stored, dtype = _from_source(name, src, shape, stored, cast_to)
+        params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc)
+    if src is not None:
+        _match_source(template, scheme, src, params, pc, cast_to)
+    return Strategy(stages, params, "generated", [f"generated from template {template.name} ({scheme} names)"])
+
+
+# -- model sizes and names ------------------------------------------------------------------------
+def model_env(cfg: JobConfig) -> tuple[Template, Env]:
+    """The template and the values its expressions see: the source HF folder's
+    config.json, overridden by model.model_config, plus the parallel settings."""
+    model = cfg.model or {}
+    mc = model.get("model_config") or {}
+    if not isinstance(mc, dict):
+        raise ConfigError("config key model.model_config: expected a mapping")
+    hf = hf_config(Path(cfg.load_checkpoint)) if cfg.load_checkpoint and Path(cfg.load_checkpoint).is_dir() else {}
+    values = canonical_config(hf, mc)
+    template = resolve(model.get("arch"))
+    for key, other in template.switch.items():
+        v = values.get(key)
+        if v is True or (isinstance(v, int) and not isinstance(v, bool) and v > 1):
+            template = resolve(other)
+            break
+    pc = cfg.parallel_config
+    values.update(data_parallel=pc.data_parallel, model_parallel=pc.model_parallel,
+                  pipeline_stage=pc.pipeline_stage, expert_parallel=pc.expert_parallel)
+    return template, Env(template, values)
+
+
+def check_sizes(template: Template, env: Env) -> None:
+    for key, by in template.divisible:
+        n, d = env.int(key), env.int(by)
+        if n % d:
+            raise LayoutError(f"model_config.{key} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
+    if any(w.experts == "stacked" for w in template.weights):
+        dp, ep = env.int("data_parallel"), env.int("expert_parallel")
+        if dp % ep:
+            raise LayoutError(f"parallel_config.expert_parallel = {ep} must divide data_parallel = {dp} (experts are split within data parallel)")
+
+
+def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1) -> list[int]:
+    """Pipeline stage of every layer, as MindSpore Transformers' LayerSetting computes it."""
+    if not isinstance(interleave, int) or isinstance(interleave, bool) or interleave < 1:
+        raise ConfigError(f"model_config.pp_interleave_num: expected a positive integer, got {interleave!r}")
+    chunks = pp * interleave
+    rows = _offset_rows(offset, pp, interleave)
+    remainder = num_layers % chunks
+    total = sum(map(sum, rows))
+    if total != remainder:
+        if not any(map(any, rows)):
+            raise LayoutError(
+                f"num_layers {num_layers} is not divisible by pipeline_stage {pp}"
+                + (f" x pp_interleave_num {interleave}" if interleave > 1 else "")
+                + f": set model_config.offset to per-stage extra layers adding up to {remainder} (e.g. {_example(remainder, pp)})")
+        raise LayoutError(f"model_config.offset {offset} adds up to {total}, but must add up to num_layers {num_layers} % {chunks} = {remainder}")
+    counts = [[num_layers // chunks + o for o in row] for row in rows]
+    if any(c < 0 for row in counts for c in row):
+        raise LayoutError(f"model_config.offset {offset} leaves a pipeline stage with a negative layer count {counts}")
+    out = []
+    for row in counts:  # interleaved chunks visit the stages in turn
+        for stage, n in enumerate(row):
+            out.extend([stage] * n)
+    return out
+
+
+def _offset_rows(offset: Any, pp: int, interleave: int) -> list[list[int]]:
+    def ints(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+    if isinstance(offset, int) and not isinstance(offset, bool):
+        return [[offset] * pp for _ in range(interleave)]
+    if ints(offset) and len(offset) == pp:
+        return [list(offset) for _ in range(interleave)]
+    if isinstance(offset, list) and len(offset) == interleave and all(ints(r) and len(r) == pp for r in offset):
+        return [list(r) for r in offset]
+    raise ConfigError(f"model_config.offset {offset!r}: expected an integer or a list of {pp} integers (one per pipeline stage)")
+
+
+def _example(remainder: int, pp: int) -> list[int]:
+    return [1 if s < remainder else 0 for s in range(pp)]
+
+
+def expand(template: Template, env: Env, scheme: str, layer_stage: list[int]) -> Iterator[tuple[str, Weight, tuple[int, ...]]]:
+    """Every parameter name of the scheme, with its weight and the stages holding it."""
+    last = env.int("pipeline_stage") - 1
+    tied = bool(env.get("tie_word_embeddings", 0))
+    for w in template.weights_of(scheme):
+        if w.place == "output" and tied:
+            continue
+        if w.place == "layer":
+            where = [(layer, (stage,)) for layer, stage in enumerate(layer_stage)]
+        else:
+            stages = {"first": (0,), "last": (last,), "output": (last,),
+                      "embedding": tuple(sorted({0, last})) if tied else (0,)}[w.place]
+            where = [(None, stages)]
+        experts = range(env.int("num_experts")) if w.experts == "each" else [None]
+        for layer, stages in where:
+            for e in experts:
+                yield w.names[scheme].format(layer=layer, expert=e), w, stages
+
+
+def names_of(template: Template, env: Env, scheme: str) -> set[str]:
+    layers = [0] * env.int("num_layers")  # stage does not matter for names
+    return {n for n, _w, _s in expand(template, env, scheme, layers)}
+
+
+def detect_scheme(template: Template, env: Env, src: Strategy) -> str:
+    """The naming scheme whose names the source checkpoint holds most of."""
+    held = set(src.params)
+    scores = {s: len(names_of(template, env, s) & held) for s in template.schemes}
+    best = max(template.schemes, key=lambda s: scores[s])
+    if scores[best] == 0:
+        sample = ", ".join(sorted(held)[:3])
+        raise LayoutError(f"the checkpoint's names ({sample}, ...) match none of template {template.name}'s naming schemes ({', '.join(template.schemes)})")
+    return best
+
+
+def default_scheme(cfg: JobConfig, template: Template) -> str:
+    """Naming scheme without a checkpoint: model.naming, else the output format's, else
+    MindSpore Transformers' for a training YAML (model.arch given as {type: ...}), else HF."""
+    model = cfg.model or {}
+    scheme = model.get("naming") or SCHEME_BY_OUTPUT.get(cfg.output_format)
+    if not scheme:
+        scheme = "mindformers" if isinstance(model.get("arch"), dict) else "hf"
+    if scheme not in template.schemes:
+        if not model.get("naming") and "hf" in template.schemes:
+            return "hf"
+        raise ConfigError(f"config key model.naming: template {template.name} has no {scheme!r} names (schemes: {', '.join(template.schemes)})")
+    return scheme
+
+
+def config_dtype(env: Env) -> str:
+    v = env.get("param_init_type")
+    if v is None:
+        return DEFAULT_DTYPE
+    name = str(v).lower().replace("torch.", "").replace("mstype.", "")
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"model_config.param_init_type {v!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+# -- layouts ------------------------------------------------------------------------------------
+def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[int, ...] | None, dtype: str,
+              stages: tuple[int, ...], pc) -> ParamLayout:
+    """The ParamLayout of one weight under parallel_config `pc`."""
+    dp, tp, ep = pc.data_parallel, pc.model_parallel, pc.expert_parallel
+    tmap: list[tuple[int, ...]] = [()] * len(shape)
+    if w.experts == "stacked":
+        dev_matrix: tuple[int, ...] = (dp // ep, ep, tp)
+        tmap[0] = (1,)
+    else:
+        dev_matrix = (dp, tp)
+    if w.experts == "each" and ep > 1:
+        raise LayoutError(
+            f"parameter {name}: experts stored one tensor each cannot be split over expert_parallel {ep} "
+            "(every rank of a stage holds every parameter of it); use expert_parallel: 1, or MindSpore Transformers' stacked expert names")
+    tp_split = w.split in ("column", "row") or (w.split == "vocab" and not pc.vocab_emb_dp)
+    if tp_split and tp > 1:
+        if shape[w.dim] % tp:
+            what = "the vocabulary" if w.split == "vocab" else f"dim {w.dim}"
+            hint = "; set vocab_emb_dp: true to keep embeddings whole" if w.split == "vocab" else ""
+            raise LayoutError(f"parameter {name}: {what} ({shape[w.dim]}) is not divisible by model_parallel {tp}{hint}")
+        tmap[w.dim] = (0,)
+    if w.experts == "stacked" and shape[0] % ep:
+        raise LayoutError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
+    p = ParamLayout(shape, dtype, stages, dev_matrix, tuple(tmap))
+    if pc.optimizer_shard and shape and p.replicas > 1 and p.chunk[0] % p.replicas == 0:
+        p = replace(p, opt_shard=p.replicas)
+    if stored_full is not None and stored_full != shape:
+        local = regroup(shape, stored_full, p.chunk)
+        if local is None:
+            raise ConfigError(f"parameter {name}: stored shape {list(stored_full)} is no row-major merge of {list(shape)}")
+        p = replace(p, stored_shape=local)
+    return p
+
+
+def _from_source(name: str, src: Strategy, shape, stored, cast_to) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
+    """Shape, full stored shape and dtype of a weight the source holds. The source wins
+    on the vocab padding of dim 0; otherwise the template's shape must agree."""
+    s = src.params[name]
+    dtype = dtypes.cast_dtype(s.dtype, cast_to)
+    if s.shape == shape or (stored and s.shape == stored and not s.is_split):
+        if s.shape != shape:  # a full checkpoint stores the fused weight flat
+            src.params[name] = replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)
+        return shape, stored, dtype
+    if len(s.shape) == len(shape) and s.shape[1:] == shape[1:] and stored is None:
+        return s.shape, None, dtype  # e.g. a vocabulary padded for Megatron
+    raise LayoutError(f"parameter {name}: the checkpoint holds shape {list(s.shape)}, but model_config gives {list(stored or shape)}; check model.model_config")
+
+
+def _match_source(template: Template, scheme: str, src: Strategy, params: dict[str, ParamLayout],
+                  pc, cast_to: str | None) -> None:
+    """Name for name, the generated strategy must cover the source: optimizer states
+    follow their weight, MindSpore's counters go whole to every stage, anything else
+    the template does not know is an error, as is a template weight the source lacks."""
+    unknown = []
+    for name, s in src.params.items():
+        if name in params:
+            continue
+        dtype = dtypes.cast_dtype(s.dtype, cast_to)
+        base = next((name[len(p):] for p in OPTIMIZER_PREFIXES if name.startswith(p)), None)
+        if base in params and s.shape == params[base].shape:
+            params[name] = replace(params[base], dtype=dtype)
+        elif name in BOOKKEEPING:
+            every = tuple(range(pc.pipeline_stage))
+            params[name] = ParamLayout(s.shape, dtype, every, (pc.data_parallel, pc.model_parallel), ((),) * len(s.shape))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise LayoutError(f"checkpoint weight {unknown[0]} is not in template {template.name} ({scheme} names)"
+                          + _more(unknown) + "; check model.arch and model.model_config")
+    missing = sorted(n for n in params if n not in src.params)
+    if missing:
+        ends = {w.names[scheme] for w in template.weights_of(scheme) if w.place in ("embedding", "output")}
+        hint = "set model_config.tie_word_embeddings to match the checkpoint" if missing[0] in ends else "check model.model_config"
+        raise LayoutError(f"template {template.name} ({scheme} names) expects weight {missing[0]}, which the checkpoint lacks"
+                          + _more(missing) + f"; {hint}")
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
