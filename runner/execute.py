@@ -16,7 +16,7 @@ import numpy as np
 
 from runner import dtypes
 from runner.errors import AutotransError, PlanError
-from runner.formats.base import Entry, FileFormat
+from runner.formats.base import Entry, FileFormat, FileLayout
 from runner.plan import FilePlan, ReadItem, TensorPlan
 from runner.source import RankReader, Source
 
@@ -94,8 +94,10 @@ def write_file(
     entries = [Entry(t.name, t.out_dtype, t.stored_shape) for t in fp.tensors]
     lay = fmt.layout(entries)
     by_name = {t.name: t for t in fp.tensors}
-    writes: list[tuple[int, bytes | TensorPlan]] = sorted(
-        [*lay.pieces, *((lay.offsets[t.name], t) for t in fp.tensors)], key=lambda w: w[0]
+    # (file offset, framing bytes or tensor, start and length of the run in the tensor's bytes)
+    writes: list[tuple[int, bytes | TensorPlan, int, int]] = sorted(
+        [*((o, b, 0, len(b)) for o, b in lay.pieces), *((o, t, a, n) for t in fp.tensors for o, a, n in _runs(lay, t))],
+        key=lambda w: (w[0], w[3] > 0),  # an empty run before whatever starts at its offset
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + PARTIAL)
@@ -103,10 +105,16 @@ def write_file(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         crc, pos = 0, 0
-        for offset, what in writes:
+        tensor = memoryview(b"")  # bytes of the tensor whose runs are being written
+        for offset, what, start, n in writes:
             if offset != pos:
                 raise PlanError(f"{path}: layout leaves a gap at byte {pos}")
-            data = memoryview(what) if isinstance(what, bytes) else _tensor_bytes(by_name[what.name], pool)
+            if isinstance(what, bytes):
+                data = memoryview(what)
+            else:
+                if start == 0:
+                    tensor = _tensor_bytes(by_name[what.name], pool)
+                data = tensor[start:start + n]
             crc = zlib.crc32(data, crc)
             _pwrite_all(fd, data, offset)
             pos += len(data)
@@ -127,6 +135,15 @@ def write_file(
             os.close(fd)
         if tmp.exists():
             tmp.unlink()
+
+
+def _runs(lay: FileLayout, t: TensorPlan) -> list[tuple[int, int, int]]:
+    """(file offset, start within the tensor's bytes, length) of each run of `t`'s bytes."""
+    out, start = [], 0
+    for offset, n in lay.tensor_runs(t.name, t.write_bytes):
+        out.append((offset, start, n))
+        start += n
+    return out
 
 
 def _tensor_bytes(t: TensorPlan, pool: SlicePool) -> memoryview:

@@ -115,6 +115,12 @@ def merged_layout(p: ParamLayout, dtype: str) -> ParamLayout:
 def destination_strategy(cfg: JobConfig, src: Strategy | None) -> Strategy:
     if cfg.dst_strategy_path_or_dir:
         dst = strat.load(Path(cfg.dst_strategy_path_or_dir))
+        if dst.origin == "mindspore":  # its files hold no shapes: take the source's
+            if src is None:
+                raise ConfigError("a MindSpore destination strategy holds no shapes: set load_checkpoint")
+            from runner.formats.mindspore_strategy import fill_from
+
+            dst = fill_from(dst, src, dtypes.CAST_NAMES.get(cfg.dtype))
     elif not cfg.use_parallel:
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")
@@ -136,10 +142,16 @@ def reconcile_names(job: Job) -> None:
     """Match strategy names with checkpoint tensors (SPEC 3, "What the layouts cover")."""
     held = set().union(*(h.keys() for h in job.headers.values()))
     named = set(job.src.params)
+    # A full checkpoint laid out by a MindSpore strategy: what it does not name is an extra.
+    split_by_mindspore = job.src.origin == "full" and job.dst.origin == "mindspore"
+    if split_by_mindspore:
+        named &= set(job.dst.params)
+        for name in held - named:
+            del job.src.params[name]
     unnamed, missing = sorted(held - named), sorted(named - held)
     if not unnamed and not missing:
         return
-    if job.src.origin == "mindspore":
+    if job.src.origin == "mindspore" or split_by_mindspore:
         for name in unnamed:
             rank = min(r for r, h in job.headers.items() if name in h)
             job.extras[name] = (rank, job.headers[rank][name])

@@ -246,10 +246,15 @@ def dumps(doc: dict) -> str:
 
 
 def _write_json(path: Path, doc: dict) -> None:
+    write_atomic(path, dumps(doc).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a strategy file under a temporary name, fsync it, rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        f.write(dumps(doc))
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

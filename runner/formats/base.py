@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import mmap
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -57,11 +59,40 @@ class FileLayout:
     """Where everything goes in an output file, computed before any byte is written.
 
     `pieces` are framing bytes (headers, protobuf tags) at fixed offsets;
-    `offsets[name]` is where tensor `name`'s raw bytes start; `size` is the file size."""
+    `offsets[name]` is where tensor `name`'s raw bytes start; `size` is the file size.
+    `runs[name]`, for a tensor whose bytes are cut by framing (a .ckpt tensor over
+    512 MiB), lists the (file offset, length) of each consecutive run of its bytes."""
 
     pieces: tuple[tuple[int, bytes], ...]
     offsets: dict[str, int]
     size: int
+    runs: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+
+    def tensor_runs(self, name: str, nbytes: int) -> tuple[tuple[int, int], ...]:
+        return self.runs.get(name) or ((self.offsets[name], nbytes),)
+
+
+class MappedFile:
+    """A checkpoint file mapped read-only, for readers that hand out views of it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        self.size = os.fstat(self._file.fileno()).st_size
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+
+    def release(self) -> None:
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still alive; the GC unmaps it later
+                pass
+            self._mm = None
+        self._file.close()
 
 
 class FileFormat(Protocol):

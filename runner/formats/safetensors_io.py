@@ -4,7 +4,6 @@ computed up front. Format: u64 little-endian header length, JSON header, raw dat
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 
 from runner import dtypes
 from runner.errors import FormatError
-from runner.formats.base import Entry, FileLayout, TensorInfo
+from runner.formats.base import Entry, FileLayout, MappedFile, TensorInfo
 
 SUFFIX = ".safetensors"
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -68,13 +67,10 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple
     return data_start, tensors, ranges, meta
 
 
-class SafetensorsReader:
+class SafetensorsReader(MappedFile):
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self._start, self._tensors, self._ranges, self.metadata = read_header(self.path)
-        self._file = open(self.path, "rb")
-        size = os.fstat(self._file.fileno()).st_size
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._start, self._tensors, self._ranges, self.metadata = read_header(Path(path))
+        super().__init__(path)
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._tensors
@@ -87,18 +83,6 @@ class SafetensorsReader:
             return np.empty(info.shape, dt)
         return np.ndarray(info.shape, dt, buffer=self._mm, offset=self._start + begin)
 
-    def release(self) -> None:
-        if self._mm is not None:
-            self._mm.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a view is still alive; the GC unmaps it later
-                pass
-            self._mm = None
-        self._file.close()
 
 
 def layout(entries: list[Entry], metadata: dict[str, str] | None = None) -> FileLayout:
