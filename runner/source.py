@@ -62,7 +62,7 @@ def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:
     if root.is_file():
         return Source(root, "full", {0: (root,)})
     if (root / "latest_checkpointed_iteration.txt").exists() or any(
-        p.is_dir() and (p.name == "release" or p.name.startswith("iter_")) for p in root.iterdir()
+        p.is_dir() and (p.name == "release" or p.name.startswith(("iter_", "mp_rank_"))) for p in root.iterdir()
     ):
         return Source(root, "megatron", {})
     if ranks is None:

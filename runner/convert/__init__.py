@@ -1,0 +1,18 @@
+"""Conversions between ecosystems (SPEC 6): HF, Megatron-LM and MindFormers names,
+reversible permutations between them, and their folder formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def wants_conversion(cfg) -> bool:
+    """True when a job converts between ecosystems rather than only re-laying out:
+    an HF or Megatron output, or an HF or Megatron source."""
+    if not cfg.load_checkpoint or cfg.preprocess_data is not None:
+        return False
+    if cfg.output_format in ("megatron", "hf"):
+        return True
+    from runner.source import discover
+
+    return discover(Path(cfg.load_checkpoint)).kind in ("hf", "megatron")

@@ -1,0 +1,287 @@
+"""Megatron-LM torch-format checkpoint folders (SPEC 4 and 6):
+`latest_checkpointed_iteration.txt`, `iter_NNNNNNN/` or `release/`, and one
+`mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt` per (tensor, pipeline, expert) rank
+holding `args`, `checkpoint_version`, `iteration` and `model`.
+
+Reading exposes each rank file's weights under logical names (runner.convert.
+megatron_names), so the core planner reshards them like any distributed checkpoint.
+Writing assembles a rank's tensors in a temporary safetensors file with the core
+executor, then torch.saves tensors that are views of that file's mapping: the
+pickle is the only thing built in memory."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runner import dtypes
+from runner.convert import megatron_names as mn
+from runner.convert.megatron_layout import MegatronLayout
+from runner.errors import FormatError
+from runner.execute import PARTIAL, SlicePool, WrittenFile, fsync_dir, write_file
+from runner.formats.base import TensorInfo
+from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
+from runner.outputs import file_crc32
+from runner.plan import FilePlan
+from runner.source import Source, natural_key
+
+ITER_FILE = "latest_checkpointed_iteration.txt"
+CKPT = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK = re.compile(r"mp_rank_(\d+)(?:_(\d+))?(?:_(\d+))?")
+
+
+def checkpoint_dir(root: Path) -> Path:
+    """The folder holding the mp_rank_* folders: `root` itself, the iteration named by
+    latest_checkpointed_iteration.txt, else the newest iter_* folder, else release/."""
+    root = Path(root)
+    if any(_RANK.fullmatch(p.name) for p in root.iterdir() if p.is_dir()):
+        return root
+    marker = root / ITER_FILE
+    if marker.exists():
+        text = marker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise FormatError(f"{marker} holds {text!r}, not an iteration number or 'release'")
+        folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
+        if not folder.is_dir():
+            raise FormatError(f"{marker} names iteration {text}, but {folder} does not exist")
+        return folder
+    iters = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_")), key=lambda p: natural_key(p.name))
+    if iters:
+        return iters[-1]
+    if (root / "release").is_dir():
+        return root / "release"
+    raise FormatError(f"{root}: no mp_rank_* folders, iter_* folders or release/ folder; not a Megatron checkpoint")
+
+
+def _args_of(path: Path) -> tuple[argparse.Namespace, list[str]]:
+    from runner.formats.torch_pt import TorchReader
+
+    r = TorchReader(path)
+    try:
+        args = r.objects.get("args")
+        if not isinstance(args, argparse.Namespace):
+            raise FormatError(f"{path}: no argparse.Namespace `args` entry; not a Megatron checkpoint")
+        return args, list(r.tensors())
+    finally:
+        r.close()
+
+
+def detect_naming(names: list[str]) -> tuple[str, str]:
+    """(megatron_naming, transformer_impl) of a file from its model tensor names."""
+    if any(n.startswith("model.language_model.") for n in names):
+        return "legacy", "local"
+    return "core", "transformer_engine" if any(n.endswith(".layer_norm_weight") for n in names) else "local"
+
+
+@dataclass
+class MegatronFolder:
+    """A Megatron checkpoint: where its files are, its layout, args and naming."""
+
+    root: Path
+    ckdir: Path
+    layout: MegatronLayout
+    files: dict[int, Path]
+    args: argparse.Namespace
+    naming: str
+    impl: str
+    first_names: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def open(root: Path) -> "MegatronFolder":
+        ckdir = checkpoint_dir(Path(root))
+        found = {}
+        for p in ckdir.iterdir():
+            m = _RANK.fullmatch(p.name)
+            if m and p.is_dir():
+                found[p.name] = p / CKPT
+        if not found:
+            raise FormatError(f"{ckdir}: no mp_rank_* folders")
+        first = found[min(found, key=natural_key)]
+        args, names = _args_of(first)
+        lay = MegatronLayout(getattr(args, "tensor_model_parallel_size", 1) or 1,
+                             getattr(args, "pipeline_model_parallel_size", 1) or 1,
+                             getattr(args, "expert_model_parallel_size", 1) or 1)
+        files = {r: ckdir / lay.folder(r) / CKPT for r in range(lay.world_size)}
+        missing = [str(p.relative_to(ckdir)) for p in files.values() if not p.is_file()]
+        if missing:
+            raise FormatError(f"{ckdir}: args say TP {lay.tp} PP {lay.pp} EP {lay.ep}, but {', '.join(missing[:4])} "
+                              f"{'is' if len(missing) == 1 else 'are'} missing ({len(missing)} of {lay.world_size})")
+        naming, impl = detect_naming(names)
+        return MegatronFolder(Path(root), ckdir, lay, files, args, naming, impl, names)
+
+    @property
+    def iteration(self) -> str:
+        return self.ckdir.name
+
+    def padded_vocab(self) -> int | None:
+        return getattr(self.args, "padded_vocab_size", None)
+
+    def file_names(self, rank: int, logical: list[str], num_layers: int, moe: bool) -> dict[str, tuple[str, ...]]:
+        """Logical name -> the names rank `rank`'s file stores it under (`model.` included)."""
+        _tp, pp, _ep = self.layout.coords(rank)
+        first = self.layout.layers(pp, num_layers).start
+        experts = _local_experts(self.args, self.layout)
+        return {n: tuple("model." + f for f in mn.file_names(n, first, self.impl, self.naming, moe, experts)) for n in logical}
+
+
+def _local_experts(args: argparse.Namespace, lay: MegatronLayout) -> int:
+    return (getattr(args, "num_experts", None) or 0) // lay.ep
+
+
+class MegatronRankReader:
+    """One rank file's weights under logical names (CheckpointReader). Stacked experts
+    are the one copy it makes: the file holds one tensor per local expert."""
+
+    def __init__(self, path: Path, names: dict[str, tuple[str, ...]]):
+        from runner.formats.torch_pt import TorchReader
+
+        self.path = Path(path)
+        self._reader = TorchReader(path)
+        self._names = names
+        held = self._reader.tensors()
+        stored = {f for fs in names.values() for f in fs}
+        unknown = sorted(n for n in held if n.startswith("model.") and n not in stored and not n.endswith("._extra_state"))
+        if unknown:
+            raise FormatError(f"{path}: weights with no conversion map: {', '.join(unknown[:5])}"
+                              f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
+        self._infos: dict[str, TensorInfo] = {}
+        for logical, fs in names.items():
+            missing = [f for f in fs if f not in held]
+            if missing:
+                raise FormatError(f"{path}: lacks {missing[0]} (the model's sizes and layer spec say it should hold it)")
+            first = held[fs[0]]
+            self._infos[logical] = first if len(fs) == 1 else TensorInfo(first.dtype, (len(fs), *first.shape))
+        self.dropped = sorted({n.split(".")[0] for n in held if not n.startswith("model.")} |
+                              {k.split(".")[0] for k in self._reader.objects if k.split(".")[0] in ("optimizer", "rng_state", "opt_param_scheduler")})
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def array(self, name: str) -> np.ndarray:
+        fs = self._names[name]
+        if len(fs) == 1:
+            return self._reader.array(fs[0])
+        return np.stack([self._reader.array(f) for f in fs])
+
+    def release(self) -> None:
+        self._reader.release()
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+@dataclass(frozen=True)
+class MegatronSource(Source):
+    """A Megatron folder as a distributed source: rank r's file read under logical names."""
+
+    names: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def open(self, rank: int) -> MegatronRankReader:  # type: ignore[override]
+        return MegatronRankReader(self.files[rank][0], self.names[rank])
+
+
+# -- writing ------------------------------------------------------------------------------
+def megatron_args(spec, lay: MegatronLayout, padded_vocab: int, divisible_by: int, impl: str, naming: str,
+                  dtype: str, iteration: int) -> argparse.Namespace:
+    """The `args` Megatron's load_checkpoint reads and checks: sizes and parallel settings."""
+    import torch
+
+    moe = spec.experts > 0
+    return argparse.Namespace(
+        num_layers=spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=spec.ffn,
+        num_attention_heads=spec.heads, kv_channels=spec.head_dim,
+        group_query_attention=spec.kv_heads != spec.heads, num_query_groups=spec.kv_heads,
+        max_position_embeddings=spec.max_positions, seq_length=spec.max_positions,
+        position_embedding_type="rope", rotary_base=spec.rope_theta, add_position_embedding=False,
+        make_vocab_size_divisible_by=divisible_by, padded_vocab_size=padded_vocab, vocab_size=spec.vocab,
+        true_vocab_size=spec.vocab, vocab_file=None, tokenizer_type=None,
+        normalization="RMSNorm", norm_epsilon=spec.norm_eps, swiglu=True,
+        untie_embeddings_and_output_weights=not spec.tied, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
+        num_experts=spec.experts or None, moe_router_topk=spec.topk if moe else 2,
+        moe_ffn_hidden_size=spec.ffn if moe else None, moe_grouped_gemm=False,
+        tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp, expert_model_parallel_size=lay.ep,
+        virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
+        transformer_impl=impl, use_mcore_models=naming == "core", use_legacy_models=naming == "legacy",
+        bf16=dtype == "BF16", fp16=dtype == "F16", params_dtype=dtypes.torch_dtype(dtype) if dtype in ("BF16", "F16") else torch.float32,
+        iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+    )
+
+
+def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple[str, ...]], extra_state: list[str],
+               head: dict, legacy: bool) -> WrittenFile:
+    """Write one `model_optim_rng.pt` atomically: `head` (args, checkpoint_version,
+    iteration) plus `model`, whose tensors are views of a temporary safetensors file."""
+    import torch
+
+    staging = path.with_name(path.name + ".tensors")  # not the final extension: never taken for output
+    write_file(fp, pool, SafetensorsFormat(), staging)
+    reader = SafetensorsReader(staging)
+    tmp = path.with_name(path.name + PARTIAL)
+    try:
+        model: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only mapping: torch warns, never writes
+            for t in fp.tensors:
+                bits = reader.array(t.name)
+                parts = [bits] if len(names[t.name]) == 1 else list(bits)
+                for fname, part in zip(names[t.name], parts):
+                    model[fname] = torch.from_numpy(part).view(dtypes.torch_dtype(t.out_dtype))
+        model.update({n: None for n in extra_state})
+        doc = {**head, "model": mn.nest_legacy(model) if legacy else model}
+        with open(tmp, "wb") as f:
+            torch.save(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        del model, doc
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        reader.close()
+        staging.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return WrittenFile(path, path.stat().st_size, file_crc32(path))
+
+
+def write_iteration_marker(folder: Path, iteration: int) -> Path:
+    path = folder / ITER_FILE
+    tmp = path.with_name(path.name + PARTIAL)
+    tmp.write_text(f"{iteration}")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def describe_folder(path: Path) -> str:
+    """`autotrans inspect` of a Megatron folder: layout, naming, sizes, files."""
+    mf = MegatronFolder.open(Path(path))
+    a = mf.args
+    lines = [
+        f"megatron checkpoint {mf.ckdir} ({mf.naming} names, {mf.impl} layer spec): "
+        f"TP {mf.layout.tp} PP {mf.layout.pp} EP {mf.layout.ep}, {mf.layout.world_size} rank file(s)",
+        f"model: {getattr(a, 'num_layers', '?')} layers, hidden {getattr(a, 'hidden_size', '?')}, "
+        f"ffn {getattr(a, 'ffn_hidden_size', '?')}, heads {getattr(a, 'num_attention_heads', '?')}, "
+        f"query groups {getattr(a, 'num_query_groups', None) or getattr(a, 'num_attention_heads', '?')}, "
+        f"padded vocab {getattr(a, 'padded_vocab_size', '?')}, experts {getattr(a, 'num_experts', None) or 0}",
+    ]
+    from runner.formats.torch_pt import TorchReader
+
+    for r, p in mf.files.items():
+        reader = TorchReader(p)
+        try:
+            infos = {n: t for n, t in reader.tensors().items() if n.startswith("model.")}
+            nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())
+            lines.append(f"rank {r}: {p.relative_to(mf.ckdir)}: {len(infos)} tensors, {nbytes} bytes")
+            if r == 0:
+                lines += [f"  {n[len('model.'):]}: {list(t.shape)} {t.dtype}" for n, t in sorted(infos.items(), key=lambda x: natural_key(x[0]))]
+        finally:
+            reader.close()
+    return "\n".join(lines)

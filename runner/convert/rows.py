@@ -1,0 +1,169 @@
+"""Reversible permutations between two namings of the same weights, as row blocks.
+
+Every conversion this package does (QKV fused per query group, SwiGLU fc1 as
+[gate; up], stacked experts, vocab padding, plain renames) moves whole rows: the
+leading dims of a tensor, flattened, index rows whose trailing elements are copied
+unchanged. A `Link` says that `count` rows of tensor A start at row `a_row` of A and
+at row `b_row` of tensor B. The same links give the recipe in both directions, so
+the inverse permutation is never written twice. Regions of a target tensor are
+computed from source rows only, never materialising more than the region."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from runner import dtypes
+from runner.errors import PlanError
+from runner.formats.base import TensorInfo
+from runner.layout import Box
+
+Fetch = Callable[[str], np.ndarray]  # source tensor name -> its raw bits (any shape)
+
+
+@dataclass(frozen=True)
+class Link:
+    """`count` rows: A's rows from `a_row` are B's rows from `b_row`. `primary` links
+    are used from B back to A; a non-primary link makes a copy (a tied output layer)
+    that is dropped on the way back."""
+
+    a: str
+    a_row: int
+    b: str
+    b_row: int
+    count: int
+    primary: bool = True
+
+
+@dataclass(frozen=True)
+class Pad:
+    """Rows of B that no A row maps to: each is a copy of A's row `a_row` (Megatron
+    pads vocabularies with copies of the last row); dropped on the way back."""
+
+    b: str
+    b_row: int
+    count: int
+    a: str
+    a_row: int
+
+
+@dataclass(frozen=True)
+class Block:
+    src: str
+    start: int
+    count: int
+    repeat: bool = False  # every row is source row `start`
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one target tensor: `shape`, whose first `row_dims` dims are rows,
+    from source row blocks listed in target row order."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    row_dims: int
+    blocks: tuple[Block, ...]
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[: self.row_dims])
+
+    def region(self, box: Box, fetch: Fetch) -> np.ndarray:
+        """The target's elements inside `box`, as raw bits shaped as the box."""
+        cols = self.shape[self.row_dims:]
+        if len(self.blocks) == 1 and not self.blocks[0].repeat:  # rows in order: a view
+            b = self.blocks[0]
+            src = fetch(b.src).reshape(-1, *cols)[b.start: b.start + b.count]
+            return src.reshape(self.shape)[box.slices()]
+        lead = [np.arange(o, o + s) for o, s in zip(box.offsets[: self.row_dims], box.sizes[: self.row_dims])]
+        rows = np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), self.shape[: self.row_dims]).reshape(-1)
+        col_slices = box.slices()[self.row_dims:]
+        out = np.empty((rows.size, *box.sizes[self.row_dims:]), dtypes.bits_dtype(self.dtype))
+        starts = np.cumsum([0] + [b.count for b in self.blocks])
+        which = np.searchsorted(starts, rows, side="right") - 1
+        for i in np.unique(which):
+            b = self.blocks[i]
+            mask = which == i
+            src = fetch(b.src).reshape(-1, *cols)
+            local = rows[mask] - starts[i]
+            if b.repeat:
+                out[mask] = src[b.start][col_slices]
+            elif local[-1] - local[0] + 1 == local.size and np.all(np.diff(local) == 1):
+                out[mask] = src[b.start + local[0]: b.start + local[-1] + 1][(slice(None), *col_slices)]
+            else:
+                out[mask] = src[b.start + local][(slice(None), *col_slices)]
+        return out.reshape(box.sizes)
+
+
+def _recipes(items: dict[str, list[Block]], infos: dict[str, TensorInfo], row_dims: dict[str, int],
+             dtype_of: Callable[[Block], str]) -> dict[str, Recipe]:
+    out = {}
+    for name, blocks in items.items():
+        info = infos[name]
+        r = Recipe(info.shape, dtype_of(blocks[0]), row_dims.get(name, 1), tuple(blocks))
+        covered = sum(b.count for b in blocks)
+        if covered != r.rows:
+            raise PlanError(f"conversion map covers {covered} of the {r.rows} rows of {name}")
+        out[name] = r
+    return out
+
+
+def forward(links: Iterable[Link], pads: Iterable[Pad], a: dict[str, TensorInfo], b: dict[str, TensorInfo],
+            b_row_dims: dict[str, int]) -> dict[str, Recipe]:
+    """Recipes for every B tensor from A tensors."""
+    parts: dict[str, list[tuple[int, Block]]] = {}
+    for lk in links:
+        parts.setdefault(lk.b, []).append((lk.b_row, Block(lk.a, lk.a_row, lk.count)))
+    for p in pads:
+        parts.setdefault(p.b, []).append((p.b_row, Block(p.a, p.a_row, p.count, repeat=True)))
+    items = {n: [blk for _, blk in sorted(v, key=lambda x: x[0])] for n, v in parts.items()}
+    _check_contiguous(parts)
+    return _recipes(items, b, b_row_dims, lambda blk: a[blk.src].dtype)
+
+
+def backward(links: Iterable[Link], a: dict[str, TensorInfo], b: dict[str, TensorInfo]) -> dict[str, Recipe]:
+    """Recipes for every A tensor from B tensors (primary links only)."""
+    parts: dict[str, list[tuple[int, Block]]] = {}
+    for lk in links:
+        if lk.primary:
+            parts.setdefault(lk.a, []).append((lk.a_row, Block(lk.b, lk.b_row, lk.count)))
+    items = {n: [blk for _, blk in sorted(v, key=lambda x: x[0])] for n, v in parts.items()}
+    _check_contiguous(parts)
+    return _recipes(items, a, {n: 1 for n in items}, lambda blk: b[blk.src].dtype)
+
+
+def _check_contiguous(parts: dict[str, list[tuple[int, Block]]]) -> None:
+    for name, v in parts.items():
+        pos = 0
+        for row, blk in sorted(v, key=lambda x: x[0]):
+            if row != pos:
+                raise PlanError(f"conversion map leaves rows {pos}..{row - 1} of {name} unmapped or mapped twice")
+            pos += blk.count
+
+
+class RecipePool:
+    """A SlicePool (runner.execute) serving regions of converted tensors: reads whose
+    `src_name` has a recipe are computed from `fetch`; others go to `inner`. `owned`
+    (release/close) holds what `fetch` reads from; it defaults to `inner`."""
+
+    def __init__(self, recipes: dict[str, Recipe], fetch: Fetch, inner=None, owned=None):
+        self.recipes, self.fetch, self.inner = recipes, fetch, inner
+        self.owned = owned if owned is not None else inner
+
+    def region(self, read) -> np.ndarray:
+        recipe = self.recipes.get(read.src_name)
+        if recipe is None:
+            return self.inner.region(read)
+        return recipe.region(read.region, self.fetch)
+
+    def release(self) -> None:
+        if self.owned is not None:
+            self.owned.release()
+
+    def close(self) -> None:
+        if self.owned is not None:
+            self.owned.close()

@@ -1,0 +1,136 @@
+"""torch `.pt` / `.bin` files (SPEC 4): unpickled with `weights_only=True` plus an
+allow-list of the harmless classes real checkpoints hold, and memory-mapped.
+
+Megatron-LM's `model_optim_rng.pt` holds an `argparse.Namespace`, numpy RNG state,
+Megatron enums inside `args` and TransformerEngine `_extra_state` buffers. The
+Namespace, numpy arrays and BytesIO are rebuilt for real; classes from the modules in
+`INERT_MODULES` become inert placeholders that record their arguments and never call
+anything. Any other global (os.system, builtins.eval, ...) is refused before it runs."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from runner import dtypes
+from runner.errors import FormatError
+from runner.formats.base import TensorInfo
+
+# Modules whose classes and enums may appear inside Megatron's `args` and optimizer
+# state: never executed, replaced by placeholders.
+INERT_MODULES = ("megatron.", "transformer_engine.", "apex.", "torch.distributed.", "torch.optim.", "enum.")
+
+
+class Inert:
+    """Stands in for a class or function the runner does not load: keeps what the
+    pickle passed to it, calls nothing."""
+
+    _qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {self._qualname}{self.args!r}>"
+
+
+def _placeholder(qualname: str) -> type:
+    return type(f"Inert[{qualname}]", (Inert,), {"_qualname": qualname})
+
+
+def _real_globals() -> list[tuple[Any, str]]:
+    """Harmless classes rebuilt for real, under every name numpy 1 and 2 pickle them as."""
+    entries: list[tuple[Any, str]] = [(argparse.Namespace, "argparse.Namespace"), (io.BytesIO, "_io.BytesIO")]
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        entries.append((multiarray._reconstruct, f"{mod}._reconstruct"))
+        entries.append((multiarray.scalar, f"{mod}.scalar"))
+    entries += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for name in dir(np.dtypes):
+        cls = getattr(np.dtypes, name)
+        if isinstance(cls, type) and issubclass(cls, np.dtype):
+            entries.append((cls, f"numpy.dtypes.{name}"))
+    return entries
+
+
+def load(path: Path) -> Any:
+    """Unpickle a torch file without running code from it; tensors stay memory-mapped."""
+    import torch
+
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise FormatError(f"{path}: not a torch zip checkpoint (legacy torch.save files are not supported; re-save it with torch >= 1.6)")
+    real = _real_globals()
+    known = {name for _, name in real}
+    try:
+        unknown = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in known]
+    except Exception as e:  # a corrupt zip or pickle stream
+        raise FormatError(f"{path}: cannot read torch checkpoint ({e})") from None
+    refused = sorted(g for g in unknown if not g.startswith(INERT_MODULES))
+    if refused:
+        raise FormatError(f"{path}: refused to load: its pickle calls {', '.join(refused)}, which could run code; "
+                          "only tensors, argparse.Namespace, numpy arrays and Megatron/TransformerEngine classes are accepted")
+    allowed = real + [(_placeholder(g), g) for g in unknown]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot load torch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, leaf) for every leaf of nested dicts; other containers are leaves."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], obj
+
+
+class TorchReader:
+    """A torch file's tensors, by dotted name through nested dicts (`model` dicts
+    included); non-tensor entries are kept in `objects`."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        self.path = Path(path)
+        self._tensors: dict[str, Any] = {}
+        self.objects: dict[str, Any] = {}
+        root = load(self.path)
+        for name, leaf in flatten(root if isinstance(root, dict) else {"": root}):
+            if isinstance(leaf, torch.Tensor):
+                self._tensors[name] = leaf
+            else:
+                self.objects[name] = leaf
+        self._infos = {n: TensorInfo(dtypes.from_torch(t.dtype), tuple(t.shape)) for n, t in self._tensors.items()}
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor's bits as numpy, a view of the mapped file when it is contiguous."""
+        import torch
+
+        t = self._tensors[name]
+        if not t.is_contiguous():
+            t = t.contiguous()
+        size = dtypes.itemsize(self._infos[name].dtype)
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+        return t.view(bits).numpy().view(dtypes.bits_dtype(self._infos[name].dtype))
+
+    def release(self) -> None:
+        """torch owns the mapping; its clean file pages are reclaimable page cache."""
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self.objects.clear()
