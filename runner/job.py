@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from runner import __version__, dtypes, plan as planner, strategy as strat
+from runner import __version__, dtypes, lora, plan as planner, strategy as strat
 from runner.config import JobConfig
 from runner.errors import ConfigError, PlanError
 from runner.execute import LocalPool, SlicePool, WrittenFile, write_file
@@ -44,6 +44,7 @@ class Job:
     dst: Strategy
     headers: dict[int, dict[str, TensorInfo]] = field(default_factory=dict)
     extras: dict[str, tuple[int, TensorInfo]] = field(default_factory=dict)
+    lora: lora.LoraMerge | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -64,6 +65,7 @@ class Job:
             "dst": self.dst.to_json(),
             "options": self.cfg.options(),
             "extras": sorted(self.extras),
+            "lora": self.lora.describe() if self.lora else None,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -180,7 +182,10 @@ def prepare(cfg: JobConfig, source: Source | None = None) -> Job:
     source = source or discover(Path(cfg.load_checkpoint))
     headers = read_headers(source)
     src = source_strategy(cfg, source, headers)
-    job = Job(cfg, source, src, destination_strategy(cfg, src), headers)
+    merge = lora.prepare(cfg.lora, cfg.model, src, headers) if cfg.lora is not None else None
+    job = Job(cfg, source, src, destination_strategy(cfg, src), headers, lora=merge)
+    if merge:
+        merge.exclude(job.dst)
     if not cfg.only_save_strategy:
         reconcile_names(job)
         planner.check_compatible(job.src, job.dst, job.cast_to)
@@ -233,7 +238,7 @@ def run_ranks(job: Job, ranks: list[int], folder: OutputFolder, pool: SlicePool,
     for rank in ranks:
         fp = job.plan(rank, available)
         path = job.out_path(rank)
-        sources = sorted({p for r in fp.src_ranks for p in job.source.files[r]})
+        sources = sorted({p for r in fp.src_ranks for p in job.source.files[r]} | set(job.lora.files if job.lora else ()))
         kept = folder.finished(rank, path, sources)
         if kept is not None:
             on_bytes(kept.size)
@@ -258,7 +263,7 @@ def _worker(job: Job, ranks: list[int], digest: str) -> list[WrittenFile]:
         with _COUNTER.get_lock():
             _COUNTER.value += n
 
-    pool = LocalPool(job.source)
+    pool = lora.wrap(LocalPool(job.source), job.lora)
     try:
         return run_ranks(job, ranks, OutputFolder(job.out_dir, digest), pool, on_bytes)
     finally:
@@ -270,7 +275,7 @@ def execute_local(job: Job, folder: OutputFolder, progress) -> list[WrittenFile]
     ranks = job.dst.ranks
     nproc = min(job.cfg.transform_process_num, len(ranks))
     if nproc <= 1:
-        pool = LocalPool(job.source)
+        pool = lora.wrap(LocalPool(job.source), job.lora)
         try:
             return run_ranks(job, ranks, folder, pool, progress.update)
         finally:

@@ -114,7 +114,7 @@ def plan_rank(
     for name in dst.params_of_rank(rank):
         p = dst.params[name]
         box = dst.box(name, rank)
-        reads = tuple(_reads_for(src, name, box, rank, available))
+        reads = tuple(reads_for(src, name, box, rank, available))
         out = dtypes.cast_dtype(src.params[name].dtype, cast_to)
         tensors.append(TensorPlan(name, src.params[name].dtype, out, box, p.stored(), reads))
     for name, (src_rank, info) in sorted((extras or {}).items()):
@@ -126,7 +126,9 @@ def plan_rank(
     return fp
 
 
-def _reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available) -> list[ReadItem]:
+def reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available: Callable[[int], bool] | None) -> list[ReadItem]:
+    """Reads that cover `box` of parameter `name` from the layout `src`, each piece from
+    `dst_rank` when it holds it, else from the lowest available holder."""
     p = src.params[name]
     holders = p.holders()
     chunk = p.chunk
