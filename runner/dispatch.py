@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runner.config import JobConfig
+from runner.errors import ConfigError
 
 
 def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
@@ -14,7 +15,12 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
         return 0
     from runner.convert import wants_conversion
 
-    if wants_conversion(cfg):  # HF / Megatron / MindFormers (SPEC 6)
+    # a LoRA merge into per-rank files reads any source the core reads, HF folders too
+    merge_only = cfg.lora is not None and cfg.output_format in ("safetensors", "ckpt")
+    if not merge_only and wants_conversion(cfg):  # HF / Megatron / MindFormers (SPEC 6)
+        if cfg.lora is not None:
+            raise ConfigError(f"lora: a merge cannot convert to output_format {cfg.output_format} yet; "
+                              "merge to safetensors first, then convert the merged checkpoint")
         from runner.convert.job import run_conversion
 
         return run_conversion(cfg, show_progress)

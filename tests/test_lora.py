@@ -112,6 +112,7 @@ def peft_case(tmp: Path, model: torch.nn.Module, lora_config, retrain: str = "")
     peft = pytest.importorskip("peft")
     base = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(base, str(tmp / "base.safetensors"))
+    model.save_pretrained(str(tmp / "base_hf"))  # an HF folder: config.json + model.safetensors
     pm = peft.get_peft_model(model, lora_config)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -125,8 +126,8 @@ def peft_case(tmp: Path, model: torch.nn.Module, lora_config, retrain: str = "")
     return {k: v.detach() for k, v in merged.items()}
 
 
-def check_against_peft(tmp: Path, capsys, want: dict[str, torch.Tensor]) -> None:
-    code, err = run(tmp, capsys, load_checkpoint="base.safetensors", use_parallel=False,
+def check_against_peft(tmp: Path, capsys, want: dict[str, torch.Tensor], base_path: str = "base.safetensors") -> None:
+    code, err = run(tmp, capsys, load_checkpoint=base_path, use_parallel=False,
                     lora={"adapter": "adapter"}, output_dir="out")
     assert code == 0, err
     got = merged_file(tmp / "out")
@@ -151,7 +152,9 @@ def test_peft_llama(tmp_path: Path, capsys) -> None:
     peft = pytest.importorskip("peft")
     want = peft_case(tmp_path, tiny_llama(), peft.LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    check_against_peft(tmp_path, capsys, want)
+    check_against_peft(tmp_path, capsys, want, base_path="base_hf")
+    code, err = run(tmp_path, capsys, load_checkpoint="base_hf", lora={"adapter": "adapter"}, output_format="hf", output_dir="hf")
+    assert code == 2 and "merge to safetensors first" in err, err
 
 
 def test_peft_llama_rslora_patterns_and_embeddings(tmp_path: Path, capsys) -> None:
