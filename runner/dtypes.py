@@ -88,7 +88,9 @@ def cast(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
         return bits
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(bits)).view(torch_dtype(src))
+    if not (bits.flags.c_contiguous and bits.flags.writeable):  # torch wants its own writable buffer
+        bits = np.array(bits, order="C")
+    t = torch.from_numpy(bits).view(torch_dtype(src))
     out = t.to(torch_dtype(dst))
     return out.view(_torch_bits(itemsize(dst))).numpy().view(bits_dtype(dst))
 
