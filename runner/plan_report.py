@@ -29,6 +29,12 @@ MAX_GROUPS = 40  # text output: more runs of equal ranks than this are shown per
 def plan_job(cfg: JobConfig) -> Job:
     """The job `run` would prepare; without a checkpoint, from native strategies alone."""
     cfg = replace(cfg, only_save_strategy=False)
+    if cfg.preprocess_data is not None:
+        raise ConfigError("this job preprocesses a dataset: autotrans plan has no checkpoint layout to plan")
+    from runner.convert import wants_conversion
+
+    if cfg.output_format in ("hf", "megatron") or wants_conversion(cfg):
+        raise ConfigError("autotrans plan covers layout transforms; HF / Megatron conversions (SPEC 6) are not planned")
     if cfg.load_checkpoint:
         return prepare(cfg)
     if not cfg.src_strategy_path_or_dir:

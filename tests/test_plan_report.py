@@ -334,3 +334,11 @@ def test_mindspore_strategy_reads_headers(tmp_path, capsys, no_weights) -> None:
     check(doc, expected(sp, ss, dp, ds))
     code, _, err = plan(capsys, tmp_path, json_out=False, src_strategy_path_or_dir=folder, dst_strategy_path_or_dir=dst)
     assert code == 2 and "load_checkpoint" in err
+
+
+def test_conversions_are_refused(tmp_path, capsys) -> None:
+    ss, sp, ds, dp = tp2_to_tp4()
+    code, _, err = plan(capsys, tmp_path, json_out=False, output_format="megatron",
+                        src_strategy_path_or_dir=write_strategy(tmp_path / "src", ss, sp),
+                        dst_strategy_path_or_dir=write_strategy(tmp_path / "dst", ds, dp))
+    assert code == 2 and "conversions" in err
