@@ -217,10 +217,10 @@ def test_writer_bytes_equal_save_checkpoint_including_chunked_tensors(tmp_path: 
     monkeypatch.setattr(serialization, "SLICE_SIZE", 1)  # KB: 1 KiB records
     monkeypatch.setattr(mindspore_ckpt, "CHUNK_BYTES", 1024)
     w = full_weights()
+    order = ["model.embed.weight", "model.layers.0.norm.weight", "model.layers.1.w2.weight"]  # autotrans: by name
     ref = tmp_path / "ref.ckpt"
-    order = ["model.embed.weight", "model.layers.0.norm.weight", "model.layers.1.w2.weight"]
-    ms.save_checkpoint([{"name": "scale_sense", "data": ms.Tensor(EXTRAS["scale_sense"])}]
-                       + [{"name": n, "data": ms.Tensor(w[n])} for n in order], str(ref))
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(w[n])} for n in order]
+                       + [{"name": "scale_sense", "data": ms.Tensor(EXTRAS["scale_sense"])}], str(ref))
     src = tmp_path / "src.safetensors"
     from safetensors.numpy import save_file
 
@@ -230,14 +230,8 @@ def test_writer_bytes_equal_save_checkpoint_including_chunked_tensors(tmp_path: 
     job.write_text(f"load_checkpoint: {src}\noutput_dir: {out}\noutput_format: ckpt\nuse_parallel: false\n")
     assert main(["run", str(job), "--no-progress"]) == 0
     mine = out / "transformed_checkpoint" / "rank_0" / "checkpoint_0.ckpt"
-    # autotrans orders tensors by name; put MindSpore's in the same order to compare bytes
-    assert sorted(order + ["scale_sense"]) == ["model.embed.weight", "model.layers.0.norm.weight",
-                                               "model.layers.1.w2.weight", "scale_sense"]
-    ref2 = tmp_path / "ref2.ckpt"
-    ms.save_checkpoint([{"name": n, "data": ms.Tensor(w[n])} for n in order]
-                       + [{"name": "scale_sense", "data": ms.Tensor(EXTRAS["scale_sense"])}], str(ref2))
-    assert mine.read_bytes() == ref2.read_bytes()
-    assert tensors_of(mine) == tensors_of(ref)
+    assert mine.read_bytes() == ref.read_bytes()
+    assert sum(1 for _ in checkpoint_pb2.Checkpoint.FromString(ref.read_bytes()).value) > 4  # chunks were cut
     loaded = ms.load_checkpoint(str(mine))
     np.testing.assert_array_equal(loaded["model.embed.weight"].asnumpy(), w["model.embed.weight"])
     shutil.rmtree(out)
