@@ -13,17 +13,30 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
 
         run_preprocess(cfg.preprocess_data, show_progress=show_progress)
         return 0
-    from runner.convert import wants_conversion
+    from runner.mpi import launched_size
 
-    # a LoRA merge into per-rank files reads any source the core reads, HF folders too
-    merge_only = cfg.lora is not None and cfg.output_format in ("safetensors", "ckpt")
-    if not merge_only and wants_conversion(cfg):  # HF / Megatron / MindFormers (SPEC 6)
-        if cfg.lora is not None:
-            raise ConfigError(f"lora: a merge cannot convert to output_format {cfg.output_format} yet; "
-                              "merge to safetensors first, then convert the merged checkpoint")
+    if launched_size() > 1:  # under mpiexec: every rank takes its share (SPEC 9)
+        from runner.mpi import run_mpi
+
+        return run_mpi(cfg, show_progress)
+    if is_conversion(cfg):
         from runner.convert.job import run_conversion
 
         return run_conversion(cfg, show_progress)
     from runner.job import run
 
     return run(cfg, show_progress)
+
+
+def is_conversion(cfg: JobConfig) -> bool:
+    """Whether the job converts between ecosystems: HF / Megatron / MindFormers (SPEC 6)."""
+    from runner.convert import wants_conversion
+
+    # a LoRA merge into per-rank files reads any source the core reads, HF folders too
+    merge_only = cfg.lora is not None and cfg.output_format in ("safetensors", "ckpt")
+    if merge_only or not wants_conversion(cfg):
+        return False
+    if cfg.lora is not None:
+        raise ConfigError(f"lora: a merge cannot convert to output_format {cfg.output_format} yet; "
+                          "merge to safetensors first, then convert the merged checkpoint")
+    return True

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from runner import __version__, dtypes, lora, plan as planner, strategy as strat
 from runner.config import JobConfig
@@ -24,16 +24,22 @@ from runner.layout import ParamLayout
 from runner.strategy import Strategy
 from runner.templates import regroup
 
+T = TypeVar("T")
 TRANSFORMED = "transformed_checkpoint"
 STRATEGY_DIR = "strategy"
 
 
+VERBOSE = True  # False on MPI ranks other than 0, so messages appear once
+
+
 def warn(msg: str) -> None:
-    print(f"autotrans: warning: {msg}", file=sys.stderr)
+    if VERBOSE:
+        print(f"autotrans: warning: {msg}", file=sys.stderr)
 
 
 def say(msg: str) -> None:
-    print(f"autotrans: {msg}", file=sys.stderr)
+    if VERBOSE:
+        print(f"autotrans: {msg}", file=sys.stderr)
 
 
 @dataclass
@@ -69,10 +75,11 @@ class Job:
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
-    def plan(self, rank: int, available: Callable[[int], bool] | None = None) -> planner.FilePlan:
+    def plan(self, rank: int, available: Callable[[int], bool] | None = None,
+             prefer: Callable[[int], bool] | None = None) -> planner.FilePlan:
         return planner.plan_rank(
             self.src, self.dst, rank, cast_to=self.cast_to, extras=self.extras,
-            headers=(lambda r: self.headers[r]) if self.headers else None, available=available,
+            headers=(lambda r: self.headers[r]) if self.headers else None, available=available, prefer=prefer,
         )
 
 
@@ -173,14 +180,16 @@ def reconcile_names(job: Job) -> None:
     raise PlanError("source checkpoint and strategy disagree; " + "; ".join(parts))
 
 
-def prepare(cfg: JobConfig, source: Source | None = None) -> Job:
-    """Everything the job needs before a byte moves; deterministic."""
+def prepare(cfg: JobConfig, source: Source | None = None,
+            headers: dict[int, dict[str, TensorInfo]] | None = None) -> Job:
+    """Everything the job needs before a byte moves; deterministic. Under MPI the
+    source and its headers come from every rank (runner.mpi)."""
     if not cfg.load_checkpoint:
         if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or cfg.model.get("arch")):
             return Job(cfg, None, None, destination_strategy(cfg, None))
         raise ConfigError("config key load_checkpoint is required")
     source = source or discover(Path(cfg.load_checkpoint))
-    headers = read_headers(source)
+    headers = headers if headers is not None else read_headers(source)
     src = source_strategy(cfg, source, headers)
     merge = lora.prepare(cfg.lora, cfg.model, src, headers) if cfg.lora is not None else None
     job = Job(cfg, source, src, destination_strategy(cfg, src), headers, lora=merge)
@@ -231,14 +240,17 @@ def balance(sizes: dict[int, int], workers: int) -> list[list[int]]:
 
 def run_ranks(job: Job, ranks: list[int], folder: OutputFolder, pool: SlicePool,
               on_bytes: Callable[[int], None] = lambda n: None,
-              available: Callable[[int], bool] | None = None) -> list[WrittenFile]:
-    """Plan and write the files of `ranks`, keeping ones an earlier run proved right."""
+              local: Callable[[int], bool] | None = None) -> list[WrittenFile]:
+    """Plan and write the files of `ranks`, keeping ones an earlier run proved right.
+    `local`: the source ranks this process sees (default all); reads prefer them, and
+    only their files can be stamped in the progress record."""
     fmt = output_format(job.cfg.output_format)
     done = []
     for rank in ranks:
-        fp = job.plan(rank, available)
+        fp = job.plan(rank, prefer=local)
         path = job.out_path(rank)
-        sources = sorted({p for r in fp.src_ranks for p in job.source.files[r]} | set(job.lora.files if job.lora else ()))
+        seen = {p for r in fp.src_ranks if local is None or local(r) for p in job.source.files[r]}
+        sources = sorted(seen | set(job.lora.files if job.lora else ()))
         kept = folder.finished(rank, path, sources)
         if kept is not None:
             on_bytes(kept.size)
@@ -316,13 +328,57 @@ def manifest(job: Job, written: list[WrittenFile], elapsed: float) -> dict:
     }
 
 
-def run(cfg: JobConfig, show_progress: bool = True) -> int:
-    """Run a transform job in this process (and its local workers); the exit code."""
+class LocalWorld:
+    """Where the job's steps run: this process and its local workers. runner.mpi's
+    MpiWorld runs the same steps on every MPI rank, each step failing on all at once."""
+
+    is_root = True
+
+    def step(self, name: str, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def prepare(self, cfg: JobConfig) -> Job:
+        return prepare(cfg)
+
+    def write_strategies(self, job: Job) -> None:
+        write_strategies(job)
+
+    def claim(self, job: Job) -> OutputFolder | None:
+        """The output folder, claimed; None when it already holds this job's output."""
+        check_no_overlap(job.cfg.output_path, protected_paths(job.cfg))
+        folder = OutputFolder(job.out_dir, job.digest())
+        if folder.is_complete():
+            return None
+        folder.claim()
+        return folder
+
+    def execute(self, job: Job, folder: OutputFolder, progress) -> list[WrittenFile]:
+        return execute_local(job, folder, progress)
+
+    def finish(self, job: Job, folder: OutputFolder, written: list[WrittenFile], elapsed: float) -> list[WrittenFile]:
+        """Write the manifest; every file written, for the summary."""
+        folder.write_manifest(manifest(job, written, elapsed))
+        return written
+
+    def verify(self, job: Job) -> int:
+        from runner.verify import verify_job
+
+        return verify_job(job)
+
+
+def protected_paths(cfg: JobConfig) -> list[Path]:
+    return [Path(cfg.load_checkpoint)] + ([Path(cfg.src_strategy_path_or_dir)] if cfg.src_strategy_path_or_dir else [])
+
+
+def run(cfg: JobConfig, show_progress: bool = True, world: LocalWorld | None = None) -> int:
+    """Run a transform job in this process (and its local workers), or as one MPI rank
+    of many (`world`); the exit code."""
     from runner.progress import Progress
 
-    job = prepare(cfg)
+    world = world or LocalWorld()
+    job = world.step("prepare", lambda: world.prepare(cfg))
     if cfg.only_save_strategy:
-        write_strategies(job)
+        world.step("write strategies", lambda: world.write_strategies(job))
         say(f"wrote {job.dst.world_size} strategy file(s) to {cfg.output_path / STRATEGY_DIR}; no weights touched")
         return 0
     reasons = needs_change(job)
@@ -335,24 +391,19 @@ def run(cfg: JobConfig, show_progress: bool = True) -> int:
     if not reasons:
         say(f"nothing to do: {cfg.load_checkpoint} already has the destination layout and format")
         return 0
-    protected = [Path(cfg.load_checkpoint)] + ([Path(cfg.src_strategy_path_or_dir)] if cfg.src_strategy_path_or_dir else [])
-    check_no_overlap(cfg.output_path, protected)
-    folder = OutputFolder(job.out_dir, job.digest())
-    if folder.is_complete():
+    folder = world.step("claim output", lambda: world.claim(job))
+    if folder is None:
         say(f"{job.out_dir} already holds this job's complete output; nothing to do")
         return 0
-    folder.claim()
-    write_strategies(job)
+    world.step("write strategies", lambda: world.write_strategies(job))
     start = time.monotonic()
     total = sum(job.dst.rank_bytes(r) for r in job.dst.ranks)
-    with Progress(total, enabled=show_progress) as progress:
-        written = execute_local(job, folder, progress)
+    with Progress(total, enabled=show_progress and world.is_root) as progress:
+        written = world.step("transform", lambda: world.execute(job, folder, progress))
     elapsed = time.monotonic() - start
-    folder.write_manifest(manifest(job, written, elapsed))
+    written = world.step("manifest", lambda: world.finish(job, folder, written, elapsed))
     nbytes = sum(w.size for w in written)
     say(f"done: {len(written)} files, {nbytes / 1e9:.3f} GB in {elapsed:.2f} s ({nbytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) -> {job.out_dir}")
     if cfg.verify:
-        from runner.verify import verify_job
-
-        return verify_job(job)
+        return world.step("verify", lambda: world.verify(job))
     return 0

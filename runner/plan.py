@@ -103,18 +103,20 @@ def plan_rank(
     extras: Mapping[str, tuple[int, TensorInfo]] | None = None,
     headers: Headers | None = None,
     available: Callable[[int], bool] | None = None,
+    prefer: Callable[[int], bool] | None = None,
 ) -> FilePlan:
     """Plan destination rank `rank`'s file.
 
     `extras`: entries no strategy names, copied whole from (source rank, header).
     `headers`: source rank -> its tensors' headers, to check every read against.
     `available`: which source ranks may be read (default all); replicas are chosen
-    as the destination's own rank first, else the lowest available rank."""
+    as the destination's own rank first, else the lowest available rank; among
+    `prefer`red ranks (those on this node, under MPI) when any holds the piece."""
     tensors = []
     for name in dst.params_of_rank(rank):
         p = dst.params[name]
         box = dst.box(name, rank)
-        reads = tuple(reads_for(src, name, box, rank, available))
+        reads = tuple(reads_for(src, name, box, rank, available, prefer))
         out = dtypes.cast_dtype(src.params[name].dtype, cast_to)
         tensors.append(TensorPlan(name, src.params[name].dtype, out, box, p.stored(), reads))
     for name, (src_rank, info) in sorted((extras or {}).items()):
@@ -126,7 +128,8 @@ def plan_rank(
     return fp
 
 
-def reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available: Callable[[int], bool] | None) -> list[ReadItem]:
+def reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available: Callable[[int], bool] | None,
+              prefer: Callable[[int], bool] | None = None) -> list[ReadItem]:
     """Reads that cover `box` of parameter `name` from the layout `src`, each piece from
     `dst_rank` when it holds it, else from the lowest available holder."""
     p = src.params[name]
@@ -138,7 +141,8 @@ def reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available: Call
         usable = [r for r in candidates if available is None or available(r)]
         if not usable:
             raise PlanError(f"parameter {name}: no readable source rank holds the piece at {list(region.offsets)} (holders: {candidates})")
-        src_rank = dst_rank if dst_rank in usable else min(usable)
+        pick = ([r for r in usable if prefer(r)] or usable) if prefer else usable
+        src_rank = dst_rank if dst_rank in pick else min(pick)
         src_box = Box(tuple(c * k for c, k in zip(cell, chunk)), chunk)
         reads.append(ReadItem(src_rank, name, src_box, region))
     return reads

@@ -53,6 +53,13 @@ def newest_in(folder: Path) -> Path:
     return files[-1]
 
 
+def check_gap(root: Path, ranks) -> None:
+    """Rank folders must be rank_0 ... rank_{N-1}; a gap names the missing ones."""
+    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+    if missing:
+        raise FormatError(f"{root}: rank folders {', '.join(f'rank_{r}' for r in missing)} are missing (found {len(ranks)} of {max(ranks) + 1})")
+
+
 def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:
     """Classify `load_checkpoint` and list its files. `ranks` overrides the rank folders
     seen (under MPI without a shared disk, the union of what every node sees)."""
@@ -68,9 +75,7 @@ def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:
     if ranks is None:
         ranks = rank_folders(root)
     if ranks:
-        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
-        if missing:
-            raise FormatError(f"{root}: rank folders {', '.join(f'rank_{r}' for r in missing)} are missing (found {len(ranks)} of {max(ranks) + 1})")
+        check_gap(root, ranks)
         files = {r: (newest_in(p),) for r, p in ranks.items()}
         return Source(root, "distributed" if len(files) > 1 else "full", files)
     loose = _checkpoint_files(root)

@@ -1,0 +1,295 @@
+"""Running a transform job as one MPI rank of many (SPEC 9).
+
+Every rank runs the job's steps (runner.job.run) through MpiWorld: the source is the
+union of what the ranks see, each rank reads the headers of the source ranks it serves
+and all share them, every rank prepares the same Job and the digests are compared;
+destination ranks are split across MPI ranks (balanced by bytes, or rank r -> rank r),
+each rank plans and writes only its share, reading slices it cannot see from a rank
+that can. Output folders are found per node: one rank per distinct folder claims it,
+writes the merged strategy and, after every rank succeeded, the manifest.
+
+This module imports no MPI at import time: `launched_size` reads the launcher's
+environment, so a single-process run never loads mpi4py."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from runner.config import JobConfig
+from runner.errors import AutotransError, ConfigError
+
+# World-size variables set by MPICH/Intel MPI (hydra), Open MPI, PMIx and Slurm's PMI2.
+SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def launched_size(environ=os.environ) -> int:
+    """The MPI world size the launcher announced; 1 when not launched by mpiexec."""
+    for var in SIZE_VARS:
+        value = environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
+    """This rank's part of the job; the exit code (the same on every rank)."""
+    from runner import job as jobs
+    from runner.collective import Link, StepError
+
+    link = Link()
+    jobs.VERBOSE = link.rank == 0
+    try:
+        world = MpiWorld(link)
+        if world.converts(cfg):
+            return world.convert(cfg, show_progress)
+        return jobs.run(cfg, show_progress, world)
+    except StepError:
+        raise
+    except BaseException as e:  # outside a step the other ranks cannot hear of it
+        link.abort(str(e) if isinstance(e, AutotransError) else f"internal error: {type(e).__name__}: {e}")
+        raise
+
+
+class MpiWorld:
+    """runner.job.LocalWorld's steps, run by every MPI rank together."""
+
+    def __init__(self, link):
+        from runner.job import LocalWorld
+
+        self.link = link
+        self.is_root = link.rank == 0
+        self.step = link.step
+        self._local_world = LocalWorld()
+        self.union = None  # runner.union.Union, once the source is known
+        self.share: list[int] = []  # the destination ranks this rank writes
+        self.group: tuple[int, ...] = (link.rank,)  # the ranks that share this rank's output_dir
+        self.groups = 1
+
+    # -- conversions between ecosystems (SPEC 6) ------------------------------------------
+    def converts(self, cfg: JobConfig) -> bool:
+        """Whether any rank takes the job for a conversion (an HF or Megatron source it
+        sees whole, or output); a source a rank sees only in part is not one."""
+        from runner.dispatch import is_conversion
+        from runner.errors import FormatError
+
+        def here() -> bool:
+            try:
+                return is_conversion(cfg)
+            except FormatError:
+                return False
+
+        return any(self.link.exchange(self.step("classify the job", here)))
+
+    def convert(self, cfg: JobConfig, show_progress: bool) -> int:
+        """Conversions are not split across ranks yet: rank 0 runs it, the others wait."""
+        from runner.convert.job import run_conversion
+
+        code = self.step("convert", lambda: run_conversion(cfg, show_progress) if self.is_root else 0)
+        return max(self.link.exchange(code))
+
+    # -- prepare ------------------------------------------------------------------------
+    def prepare(self, cfg: JobConfig):
+        from runner.job import prepare, read_headers
+        from runner.source import Source
+        from runner.union import local_view, union_source
+
+        if not cfg.load_checkpoint:
+            job = self.step("prepare", lambda: prepare(cfg))
+        else:
+            root = Path(cfg.load_checkpoint)
+            views = self.link.exchange(self.step("find source files", lambda: local_view(root)))
+            self.union = u = self.step("join what the ranks see", lambda: union_source(root, views, cfg.shared_disk))
+            mine = Source(root, u.source.kind, {s: f for s, f in u.source.files.items() if u.server(s) == self.link.rank})
+            headers = {}
+            for part in self.link.exchange(self.step("read source headers", lambda: read_headers(mine))):
+                headers.update(part)
+            job = self.step("prepare", lambda: prepare(cfg, u.source, dict(sorted(headers.items()))))
+        digests = self.link.exchange(job.digest())
+        self.step("compare jobs", lambda: _same_job(digests))
+        self._find_output_folders(cfg)
+        self.share = self.step("split the work", lambda: self._split(job))
+        return job
+
+    def _find_output_folders(self, cfg: JobConfig) -> None:
+        """Which ranks share this rank's output_dir (one disk, or one per node): each
+        rank drops a token file there and looks for the others' tokens."""
+        from runner.job import protected_paths
+        from runner.outputs import check_no_overlap
+
+        out = cfg.output_path
+        nonce = self.link.comm.bcast(uuid.uuid4().hex if self.is_root else None)
+        token = out / f".autotrans-{nonce}-{self.link.rank}"
+
+        def drop() -> None:
+            if cfg.load_checkpoint:
+                check_no_overlap(out, protected_paths(cfg))
+            out.mkdir(parents=True, exist_ok=True)
+            token.touch()
+
+        def look() -> tuple[int, ...]:
+            prefix = f".autotrans-{nonce}-"
+            return tuple(sorted(int(p.name[len(prefix):]) for p in out.iterdir() if p.name.startswith(prefix)))
+
+        self.step("check output_dir", drop)
+        seen = self.link.exchange(self.step("find output folders", look))
+        self.step("clean output_dir", lambda: (token.unlink(missing_ok=True), _check_groups(seen, out)))
+        self.group = seen[self.link.rank]
+        self.groups = len(set(seen))
+
+    @property
+    def leader(self) -> bool:
+        """This rank speaks for its output folder."""
+        return self.group[0] == self.link.rank
+
+    def _split(self, job) -> list[int]:
+        from runner.job import balance
+
+        n, world, me = self.link.size, job.dst.world_size, self.link.rank
+        if job.cfg.transform_by_rank:
+            if n != world:
+                raise ConfigError(f"transform_by_rank: the destination has {world} ranks but MPI runs {n}; "
+                                  f"launch {world} MPI ranks or set transform_by_rank: false")
+            return [me]
+        if self.groups > 1 and n == world:
+            return [me]  # each node keeps the files of its own ranks
+        return balance({r: job.dst.rank_bytes(r) for r in job.dst.ranks}, n)[me]
+
+    # -- the steps of runner.job.run ------------------------------------------------------
+    def write_strategies(self, job) -> None:
+        """Rank r writes destination rank r's file when the worlds match, else its share."""
+        from runner.job import write_strategies
+
+        same = self.link.size == job.dst.world_size
+        write_strategies(job, [self.link.rank] if same else self.share, merged=self.leader)
+
+    def claim(self, job):
+        from runner.outputs import OutputFolder
+
+        folder = OutputFolder(job.out_dir, job.digest())
+        complete = self.link.exchange(self.step("check output", folder.is_complete))
+        if all(complete):
+            return None
+        self.step("claim output", lambda: folder.claim() if self.leader else None)
+        return folder
+
+    def execute(self, job, folder, progress):
+        from runner import lora
+        from runner.execute import LocalPool
+        from runner.job import run_ranks
+        from runner.remote import RemotePool
+
+        u = self.union
+        local = (lambda r: self.link.rank in u.seers[r]) if u else None
+        owner = {s: u.server(s) for s in u.seers} if u else {}
+        relay = ProgressRelay(self.link, progress)
+        pool = RemotePool(self.link, LocalPool(job.source), owner)
+
+        def work():
+            written = run_ranks(job, self.share, folder, lora.wrap(pool, job.lora), relay.on_bytes, local)
+            relay.flush()
+            return written
+
+        try:
+            written = self.step("transform", work)
+        finally:
+            pool.close()
+        relay.drain(self.link.exchange(relay.sent))
+        return written
+
+    def finish(self, job, folder, written, elapsed):
+        from runner.execute import WrittenFile
+        from runner.job import manifest
+
+        records = self.link.exchange([(str(w.path.relative_to(job.out_dir)), w.size, w.crc32) for w in written])
+        if self.leader:
+            ours = sorted((rec for r in self.group for rec in records[r]), key=lambda rec: rec[0])
+            doc = manifest(job, [WrittenFile(job.out_dir / p, size, crc) for p, size, crc in ours], elapsed)
+            folder.write_manifest({**doc, "mpi_ranks": self.link.size})
+        return [WrittenFile(job.out_dir / p, size, crc) for recs in records for p, size, crc in recs]
+
+    def verify(self, job) -> int:
+        from runner.job import warn
+
+        u = self.union
+        if self.groups > 1 or (u and any(len(s) < self.link.size for s in u.seers.values())):
+            warn("verify skipped: under MPI it needs one output folder and every source file on every node")
+            return 0
+        code = self.step("verify", lambda: self._local_world.verify(job) if self.is_root else 0)
+        return max(self.link.exchange(code))
+
+
+def _same_job(digests: list[str]) -> None:
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise ConfigError(f"MPI ranks {odd} run a different job than rank 0 (strategies or options differ); "
+                          "give every rank the same job file and strategy files")
+
+
+def _check_groups(seen: list[tuple[int, ...]], out: Path) -> None:
+    for r, group in enumerate(seen):
+        if r not in group or any(seen[g] != group for g in group):
+            raise AutotransError(f"output_dir {out} looks different to MPI ranks {list(group)}; "
+                                 "use a folder every rank of a node sees the same way")
+
+
+class ProgressRelay:
+    """Bytes written on every rank, into rank 0's progress bar: the other ranks send
+    their count at most every INTERVAL seconds; rank 0 takes them in as it polls."""
+
+    INTERVAL = 0.5
+    TAG = 104
+
+    def __init__(self, link, progress):
+        self.link, self.progress = link, progress
+        self.pending = 0
+        self.sent = 0  # bytes reported to rank 0 so far
+        self.last = time.monotonic()
+        self.requests: list = []
+        self.received = [0] * link.size
+        if link.rank == 0:
+            link.handlers.append(self._take)
+
+    def on_bytes(self, n: int) -> None:
+        if self.link.rank == 0:
+            self.progress.update(n)
+        else:
+            self.pending += n
+            if time.monotonic() - self.last >= self.INTERVAL:
+                self.flush()
+        self.link.poll()
+
+    def flush(self) -> None:
+        if self.link.rank == 0 or not self.pending:
+            return
+        self.requests = [r for r in self.requests if not r.Test()]
+        self.requests.append(self.link.p2p.isend(self.pending, dest=0, tag=self.TAG))
+        self.sent += self.pending
+        self.pending = 0
+        self.last = time.monotonic()
+
+    def _take(self) -> bool:
+        from mpi4py import MPI
+
+        status, did = MPI.Status(), False
+        while self.link.p2p.iprobe(source=MPI.ANY_SOURCE, tag=self.TAG, status=status):
+            peer = status.Get_source()
+            n = self.link.p2p.recv(source=peer, tag=self.TAG)
+            self.received[peer] += n
+            self.progress.update(n)
+            did = True
+        return did
+
+    def drain(self, sent: list[int]) -> None:
+        """Take the counts still on their way (`sent`: what each rank reported), so no
+        message outlives the job; then stop listening."""
+        if self.link.rank == 0:
+            self.link.handlers.remove(self._take)
+            for peer, total in enumerate(sent):
+                while self.received[peer] < total:
+                    n = self.link.p2p.recv(source=peer, tag=self.TAG)
+                    self.received[peer] += n
+                    self.progress.update(n)
+        self.link.wait(self.requests)

@@ -1,0 +1,77 @@
+"""The source checkpoint as the union of what every MPI rank sees (SPEC 9).
+
+Without a shared disk each node holds only some of the source's rank folders, and
+`load_checkpoint` may resolve to a different local path on each node. Every rank
+describes what it sees relative to its own `load_checkpoint`; the union is the source
+(a gap is judged on the union), and each source rank is served by one rank that sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.errors import ConfigError, FormatError
+from runner.source import Source, check_gap, discover, newest_in, rank_folders
+
+# What one rank sees: the source's kind ("" when nothing), and per source rank its
+# files as (path relative to load_checkpoint, size).
+View = tuple[str, dict[int, list[tuple[str, int]]]]
+
+
+def local_view(root: Path) -> View:
+    if not root.exists():
+        return "", {}
+    folders = rank_folders(root) if root.is_dir() else {}
+    if folders:
+        kind, files = "distributed", {r: (newest_in(p),) for r, p in folders.items()}
+    else:
+        src = discover(root)
+        kind, files = src.kind, src.files
+    return kind, {r: [(str(p.relative_to(root)), p.stat().st_size) for p in ps] for r, ps in files.items()}
+
+
+@dataclass(frozen=True)
+class Union:
+    source: Source
+    seers: dict[int, tuple[int, ...]]  # source rank -> the MPI ranks that see its files
+
+    def server(self, src_rank: int) -> int:
+        """The MPI rank that reads a source rank's headers and serves its slices; spread
+        over the ranks that see it."""
+        s = self.seers[src_rank]
+        return s[src_rank % len(s)]
+
+
+def union_source(root: Path, views: list[View], shared_disk: str | bool) -> Union:
+    """Join every MPI rank's view (index = MPI rank) into one source."""
+    kinds = {kind for kind, _ in views if kind}
+    if not kinds:
+        raise FormatError(f"load_checkpoint {root} does not exist on any MPI rank")
+    if len(kinds) > 1:
+        raise FormatError(f"load_checkpoint {root} is a different kind of checkpoint on different MPI ranks "
+                          f"({', '.join(sorted(kinds))}); give every node the same checkpoint, or parts of it")
+    kind = kinds.pop()
+    files: dict[int, list[tuple[str, int]]] = {}
+    seers: dict[int, list[int]] = {}
+    for mpi_rank, (_kind, seen) in enumerate(views):
+        for s, entries in seen.items():
+            if s in files and files[s] != entries:
+                raise FormatError(f"source rank {s} under {root} differs between MPI ranks {seers[s][0]} and {mpi_rank} "
+                                  f"({_show(files[s])} vs {_show(entries)}); every node must hold the same files")
+            files.setdefault(s, entries)
+            seers.setdefault(s, []).append(mpi_rank)
+    if shared_disk is True:
+        blind = [r for r, (_k, seen) in enumerate(views) if set(seen) != set(files)]
+        if blind:
+            raise ConfigError(f"shared_disk: true, but MPI ranks {blind} do not see every source file under {root}; "
+                              "set shared_disk: auto (or false) to move slices between nodes")
+    if kind == "distributed":
+        check_gap(root, files)
+        if len(files) == 1:
+            kind = "full"
+    source = Source(root, kind, {s: tuple(root / rel for rel, _ in entries) for s, entries in sorted(files.items())})
+    return Union(source, {s: tuple(r) for s, r in seers.items()})
+
+
+def _show(entries: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{rel} ({size} bytes)" for rel, size in entries)
