@@ -1,5 +1,7 @@
 """The tool's own error types. Each carries the exit code the CLI returns (SPEC 3)."""
 
+import errno
+
 
 class AutotransError(Exception):
     """A failure the user can act on; its message is one clear line."""
@@ -23,3 +25,12 @@ class LayoutError(AutotransError):
 
 class PlanError(AutotransError):
     """The transform plan failed validation; nothing was written."""
+
+
+def disk_error(e: OSError, path: object, verb: str = "write") -> AutotransError:
+    """One actionable line for a failed file operation: disk full, no permission, other."""
+    if e.errno == errno.ENOSPC:
+        return AutotransError(f"disk full while writing {path}; free space there and run the job again (it resumes)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AutotransError(f"cannot {verb} {path}: {e.strerror}; check its permissions (output_dir must be writable)")
+    return AutotransError(f"cannot {verb} {path}: {e.strerror or e}")

@@ -5,7 +5,6 @@ built under a temporary name, fsynced and renamed; the executor has no policy of
 
 from __future__ import annotations
 
-import errno
 import os
 import zlib
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from runner import dtypes
-from runner.errors import AutotransError, PlanError
+from runner.errors import PlanError, disk_error
 from runner.formats.base import Entry, FileFormat, FileLayout
 from runner.plan import FilePlan, ReadItem, TensorPlan
 from runner.source import RankReader, Source
@@ -99,10 +98,10 @@ def write_file(
         [*((o, b, 0, len(b)) for o, b in lay.pieces), *((o, t, a, n) for t in fp.tensors for o, a, n in _runs(lay, t))],
         key=lambda w: (w[0], w[3] > 0),  # an empty run before whatever starts at its offset
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + PARTIAL)
     fd = -1
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         crc, pos = 0, 0
         tensor = memoryview(b"")  # bytes of the tensor whose runs are being written
@@ -129,7 +128,7 @@ def write_file(
         fsync_dir(path.parent)
         return WrittenFile(path, pos, crc)
     except OSError as e:
-        raise _disk_error(e, path) from None
+        raise disk_error(e, path) from None
     finally:
         if fd >= 0:
             os.close(fd)
@@ -157,11 +156,3 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _disk_error(e: OSError, path: Path) -> AutotransError:
-    if e.errno == errno.ENOSPC:
-        return AutotransError(f"disk full while writing {path}; free space under {path.parent} and run the job again (it resumes)")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return AutotransError(f"cannot write {path}: {e.strerror}; choose an output_dir you can write")
-    return AutotransError(f"cannot write {path}: {e.strerror or e}")

@@ -68,7 +68,9 @@ class OutputFolder:
         """Make the folder this job's: resume our own, replace another job's, refuse
         anything else that is not empty. Call on one process per output folder."""
         if self.folder.exists() and any(self.folder.iterdir()):
-            ours = (self.progress / "job.json").exists() or (self.folder / MANIFEST).exists()
+            # the progress folder is the first thing a job creates: a job killed before
+            # job.json was renamed into place still owns the folder
+            ours = self.progress.is_dir() or (self.folder / MANIFEST).exists()
             if not ours:
                 raise ConfigError(
                     f"{self.folder} is not empty and was not written by autotrans; "

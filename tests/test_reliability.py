@@ -1,0 +1,306 @@
+"""Crash safety and resume (issue #8; SPEC 3 "Never lose data").
+
+The kill loop runs the job in a forked child that SIGKILLs itself at its n-th
+filesystem call (os.pwrite, os.fsync, os.replace, ...), for every n from the first call
+to the last, then reruns the job and checks: no file under a final name was ever
+incomplete, the manifest appears only with every file, the rerun finishes with the same
+bytes as an uninterrupted run, and files an earlier run finished (and recorded) are kept,
+not rewritten (same inode and mtime). A second loop kills real `autotrans` processes
+(with their worker processes) after timed delays."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from runner import execute
+from runner.cli import main
+from runner.outputs import MANIFEST, PROGRESS
+from tests import oracle
+
+SPECS = {f"layer{i}.w": ((16, 8), "F32") for i in range(3)} | {"norm": ((8,), "BF16"), "emb": ((32, 8), "F16")}
+# os functions through which the runner changes files: each call is a kill point
+FS_CALLS = ("open", "pwrite", "write", "fsync", "replace", "rename", "unlink", "mkdir", "rmdir")
+
+
+def tp2(specs) -> dict:
+    return oracle.strategy([[0, 1]], {n: oracle.param(s, d, dev_matrix=[2], tensor_map=[0] + [-1] * (len(s) - 1))
+                                      for n, (s, d) in specs.items()})
+
+
+def dp2_tp2(specs) -> dict:
+    return oracle.strategy([[0, 1, 2, 3]], {
+        n: oracle.param(s, d, dev_matrix=[2, 2], tensor_map=[-1] * (len(s) - 1) + [0] if len(s) == 2 else [-1],
+                        opt_shard=2 if len(s) == 2 else 1)
+        for n, (s, d) in specs.items()})
+
+
+def make_source(root: Path, specs=SPECS) -> None:
+    """tp2 source checkpoint (root/ckpt, root/strategy), destination strategy root/dst."""
+    oracle.write_distributed(oracle.random_full(specs, seed=5), tp2(specs), root)
+    oracle.write_strategy(dp2_tp2(specs), root / "dst")
+
+
+def job(root: Path, out: Path, **extra) -> Path:
+    keys = {"load_checkpoint": str(root / "ckpt"), "src_strategy_path_or_dir": str(root / "strategy"),
+            "dst_strategy_path_or_dir": str(root / "dst"), "output_dir": str(out), **extra}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
+    return path
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """Every file under its final name in output_dir, but the progress records and the
+    manifest (which hold times): relative path -> bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and PROGRESS not in p.parts and p.name != MANIFEST}
+
+
+def manifest_sans_time(out: Path) -> dict:
+    doc = json.loads((out / "transformed_checkpoint" / MANIFEST).read_text())
+    doc.pop("elapsed_s")
+    return doc
+
+
+def fork_run(args: list[str], kill_at: int = 0) -> tuple[int | None, int]:
+    """Run the CLI in a forked child that SIGKILLs itself at its `kill_at`-th filesystem
+    call (0: never). Returns (exit code, or None when killed; calls made)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(rfd)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            calls = [0]
+
+            def counted(fn):
+                def call(*a, **k):
+                    calls[0] += 1
+                    if calls[0] == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return fn(*a, **k)
+                return call
+
+            for name in FS_CALLS:
+                setattr(os, name, counted(getattr(os, name)))
+            # a killed process loses nothing the page cache holds, so durability is not
+            # what this tests: skipping the disk flush keeps the loop fast
+            os.fsync = counted(lambda fd: None)
+            code = main(args)
+            os.write(wfd, f"{code} {calls[0]}".encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(rfd) as f:
+        report = f.read()
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return None, kill_at
+    code, calls = map(int, report.split())
+    return code, calls
+
+
+def check_intact(out: Path, ref: dict[str, bytes]) -> None:
+    """What a killed run leaves: final names hold only complete, right files; progress
+    records are whole JSON; a manifest only with every file."""
+    got = outputs(out)
+    for name, data in got.items():
+        if not name.endswith(execute.PARTIAL):
+            assert name in ref and data == ref[name], f"{name} is under its final name but not complete"
+    tc = out / "transformed_checkpoint"
+    for rec in (tc / PROGRESS).glob("*.json") if (tc / PROGRESS).exists() else ():
+        json.loads(rec.read_text())
+    if (tc / MANIFEST).exists():
+        assert {k: v for k, v in got.items() if k.startswith("transformed")} == {k: v for k, v in ref.items() if k.startswith("transformed")}
+
+
+def finished_files(out: Path) -> dict[str, tuple[int, int]]:
+    """Rank files a progress record vouches for: path -> (inode, mtime_ns)."""
+    tc = out / "transformed_checkpoint"
+    done = {}
+    for rec in (tc / PROGRESS).glob("rank_*.json") if (tc / PROGRESS).exists() else ():
+        path = tc / json.loads(rec.read_text())["file"]
+        if path.exists():
+            st = path.stat()
+            done[str(path)] = (st.st_ino, st.st_mtime_ns)
+    return done
+
+
+def test_sigkill_at_every_filesystem_call_then_rerun(tmp_path: Path) -> None:
+    make_source(tmp_path)
+    ref_out = tmp_path / "ref"
+    assert main(["run", str(job(tmp_path, ref_out)), "--no-progress"]) == 0
+    ref = outputs(ref_out)
+    assert sum(k.endswith(".safetensors") for k in ref) == 4
+
+    code, total = fork_run(["run", str(job(tmp_path, tmp_path / "count")), "--no-progress"])
+    assert code == 0 and total > 20
+    kept = 0
+    for n in range(1, total + 1):
+        out = tmp_path / f"k{n}"
+        cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
+        code, _ = fork_run(cfg, kill_at=n)
+        assert code is None, f"the run was not killed at call {n}"
+        check_intact(out, ref)
+        done = finished_files(out)
+        if n % 7 == 0:  # a rerun killed in its turn (if it gets that far), resumed once more
+            assert fork_run(cfg, kill_at=max(1, n // 4))[0] in (None, 0)
+            check_intact(out, ref)
+            done = {p: s for p, s in finished_files(out).items() if done.get(p, s) == s}
+        code, _ = fork_run(cfg)
+        assert code == 0, f"rerun after a kill at call {n} failed"
+        assert outputs(out) == ref, f"kill at call {n}: rerun output differs from an uninterrupted run"
+        assert manifest_sans_time(out) == manifest_sans_time(ref_out)
+        assert not [p for p in out.rglob("*" + execute.PARTIAL)], f"kill at call {n}: temporary files left"
+        for path, stamp in done.items():
+            st = Path(path).stat()
+            assert (st.st_ino, st.st_mtime_ns) == stamp, f"kill at call {n}: finished file {path} was rewritten"
+        kept += len(done)
+    assert kept > 0  # some kill points fell after finished files, which were then kept
+
+
+def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
+    """Real processes (the CLI plus transform_process_num workers) killed at spread-out
+    moments; every rerun ends with the uninterrupted run's bytes."""
+    specs = {f"layer{i}.w": ((512, 256), "F32") for i in range(8)}
+    make_source(tmp_path, specs)
+
+    def start(out: Path) -> subprocess.Popen:
+        cfg = job(tmp_path, out, transform_process_num=2)
+        return subprocess.Popen([sys.executable, "-m", "runner", "run", str(cfg), "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+    t0 = time.monotonic()
+    proc = start(tmp_path / "ref")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    duration = time.monotonic() - t0
+    ref = outputs(tmp_path / "ref")
+    for i in range(5):
+        out = tmp_path / f"t{i}"
+        proc = start(out)
+        time.sleep(duration * (i + 1) / 6)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            check_intact(out, ref)
+        rerun = start(out)
+        assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+        assert outputs(out) == ref
+        assert not [p for p in out.rglob("*" + execute.PARTIAL)]
+
+
+# -- disk full and permissions --------------------------------------------------------------
+def one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("autotrans: error: ")]
+    assert len(errors) == 1 and "internal error" not in lines[-1] and "Traceback" not in "\n".join(lines), lines
+    return errors[0]
+
+
+def failing(fn, errno_: int, after: int, match=lambda *a: True):
+    """`fn` that raises OSError(errno_) from its `after`-th matching call on."""
+    calls = [0]
+
+    def call(*a, **k):
+        if match(*a):
+            calls[0] += 1
+            if calls[0] >= after:
+                raise OSError(errno_, os.strerror(errno_), a[0])
+        return fn(*a, **k)
+    return call
+
+
+@pytest.mark.parametrize("after", [1, 3, 6, 9])
+def test_disk_full_mid_file_then_resume(tmp_path: Path, monkeypatch, capsys, after: int) -> None:
+    make_source(tmp_path)
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    ref = outputs(tmp_path / "ref")
+    out = tmp_path / "out"
+    cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", failing(os.pwrite, errno.ENOSPC, after))
+        assert main(cfg) == 1
+    line = one_error_line(capsys)
+    assert "disk full" in line and "run the job again" in line, line
+    check_intact(out, ref)
+    assert not list(out.rglob("*" + execute.PARTIAL)), "a failed write left its temporary file"
+    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
+    done = finished_files(out)
+    assert main(cfg) == 0
+    assert outputs(out) == ref
+    for path, stamp in done.items():
+        st = Path(path).stat()
+        assert (st.st_ino, st.st_mtime_ns) == stamp, f"{path} was rewritten"
+
+
+@pytest.mark.parametrize("err,phrase", [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only"),
+                                        (errno.ENOSPC, "disk full")])
+def test_unwritable_output_folder_is_one_clear_line(tmp_path: Path, monkeypatch, capsys, err: int, phrase: str) -> None:
+    """Whatever write fails first (folder, strategy file, progress record, rank file)."""
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    real_open = os.open
+    for nth in (1, 2, 4, 8):
+        with monkeypatch.context() as m:
+            m.setattr(os, "open", failing(real_open, err, nth, lambda p, flags, *a: str(p).startswith(str(out))))
+            m.setattr(os, "mkdir", failing(os.mkdir, err, nth + 1, lambda p, *a: str(p).startswith(str(out))))
+            code = main(["run", str(job(tmp_path, out)), "--no-progress"])
+        assert code == 1
+        line = one_error_line(capsys)
+        assert phrase in line and str(out) in line, line
+        assert not list(out.rglob("*" + execute.PARTIAL)) if out.exists() else True
+
+
+def can_mount() -> bool:
+    if os.geteuid() != 0:
+        return False
+    probe = Path("/tmp/autotrans-mount-probe")
+    probe.mkdir(exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(probe)], check=True)
+    return ok
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs root and mount(8) for a tiny tmpfs")
+def test_real_disk_full_on_tiny_tmpfs_then_resume(tmp_path: Path, capsys) -> None:
+    """A real ENOSPC: the output filesystem is a tmpfs too small for the job; after it
+    grows, the same job resumes and ends with the uninterrupted run's bytes."""
+    specs = {f"layer{i}.w": ((256, 128), "F32") for i in range(4)}  # 4 x 128 KiB per layer
+    make_source(tmp_path, specs)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    ref = outputs(tmp_path / "ref")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "out"
+        cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
+        capsys.readouterr()
+        assert main(cfg) == 1
+        assert "disk full" in one_error_line(capsys)
+        check_intact(out, ref)
+        assert not list(out.rglob("*" + execute.PARTIAL))
+        done = finished_files(out)
+        assert done, "the tmpfs should hold at least one finished file"
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
+        assert main(cfg) == 0
+        assert outputs(out) == ref
+        for path, stamp in done.items():
+            st = Path(path).stat()
+            assert (st.st_ino, st.st_mtime_ns) == stamp
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
