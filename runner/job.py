@@ -215,6 +215,7 @@ def needs_change(job: Job) -> list[str]:
 
 
 def write_strategies(job: Job, ranks: list[int] | None = None, merged: bool = True) -> None:
+    check_no_overlap(job.cfg.output_path, protected_paths(job.cfg))  # a dry run never writes into the source either
     folder = job.cfg.output_path / STRATEGY_DIR
     if job.cfg.strategy_format == "mindspore":
         from runner.formats.mindspore_strategy import write_rank_file, write_merged_file
@@ -333,6 +334,7 @@ class LocalWorld:
     MpiWorld runs the same steps on every MPI rank, each step failing on all at once."""
 
     is_root = True
+    progress_tty_only = True  # a progress bar only when stderr is a terminal
 
     def step(self, name: str, fn: Callable[[], T]) -> T:
         return fn()
@@ -367,7 +369,7 @@ class LocalWorld:
 
 
 def protected_paths(cfg: JobConfig) -> list[Path]:
-    return [Path(cfg.load_checkpoint)] + ([Path(cfg.src_strategy_path_or_dir)] if cfg.src_strategy_path_or_dir else [])
+    return [Path(p) for p in (cfg.load_checkpoint, cfg.src_strategy_path_or_dir) if p]  # Path("") would be the cwd
 
 
 def run(cfg: JobConfig, show_progress: bool = True, world: LocalWorld | None = None) -> int:
@@ -398,7 +400,7 @@ def run(cfg: JobConfig, show_progress: bool = True, world: LocalWorld | None = N
     world.step("write strategies", lambda: world.write_strategies(job))
     start = time.monotonic()
     total = sum(job.dst.rank_bytes(r) for r in job.dst.ranks)
-    with Progress(total, enabled=show_progress and world.is_root) as progress:
+    with Progress(total, enabled=show_progress and world.is_root, tty_only=world.progress_tty_only) as progress:
         written = world.step("transform", lambda: world.execute(job, folder, progress))
     elapsed = time.monotonic() - start
     written = world.step("manifest", lambda: world.finish(job, folder, written, elapsed))

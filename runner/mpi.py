@@ -56,6 +56,8 @@ def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
 class MpiWorld:
     """runner.job.LocalWorld's steps, run by every MPI rank together."""
 
+    progress_tty_only = False  # rank 0's stderr is a pipe to mpiexec
+
     def __init__(self, link):
         from runner.job import LocalWorld
 

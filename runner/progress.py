@@ -6,14 +6,15 @@ import sys
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True, desc: str = "transform"):
+    def __init__(self, total: int, enabled: bool = True, desc: str = "transform", tty_only: bool = True):
         self._bar = None
         if enabled:
             from tqdm import tqdm
 
-            # disable=None: no bar when stderr is not a terminal (logs, CI)
+            # disable=None: no bar when stderr is not a terminal (logs, CI); under mpiexec
+            # stderr is always a pipe to the launcher, which may well show a terminal
             self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                             file=sys.stderr, disable=None, dynamic_ncols=True)
+                             file=sys.stderr, disable=None if tty_only else False, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         if self._bar is not None and n:

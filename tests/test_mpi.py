@@ -331,3 +331,109 @@ def test_single_process_does_not_import_mpi(world):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch.sh"
+
+
+def test_launch_sh_runs_the_job(world):
+    root = world["root"]
+    keys, _dst = JOBS["reshard"]
+    out = root / "launched"
+    proc = subprocess.run([str(LAUNCH), "-n", "2", job_file(root, "launched", keys), f"output_dir={out}", "--no-progress"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert outputs(out) == reference(world, "reshard")
+
+
+def dry_launch(tmp_path: Path, version: str, *args: str) -> str:
+    """launch.sh's mpiexec command line for a launcher whose --version says `version`."""
+    fake = tmp_path / "mpiexec"
+    fake.write_text(f"#!/bin/sh\necho '{version}'\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([str(LAUNCH), *args, "--dry-run", "job.yaml", "a.b=1"], capture_output=True, text=True,
+                          env={**os.environ, "MPIEXEC": str(fake), "AUTOTRANS_MARK": "1"}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_launch_sh_hydra_command(tmp_path):
+    cmd = dry_launch(tmp_path, "HYDRA build details:", "-n", "8", "--hosts", "h1,h2")
+    assert r"-n 8 -hosts h1:4\,h2:4 -genvall " in cmd
+    assert cmd.rstrip().endswith("-m runner run job.yaml a.b=1")
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("h1:8\nh2:8\n")
+    assert f"-n 16 -f {hostfile} -genvall " in dry_launch(tmp_path, "HYDRA", "-n", "16", "--hostfile", str(hostfile))
+
+
+def test_launch_sh_open_mpi_command(tmp_path):
+    cmd = dry_launch(tmp_path, "mpiexec (Open MPI) 4.1.5", "-n", "3", "--hosts", "h1,h2:1")
+    assert r"--host h1:2\,h2:1" in cmd
+    assert "-x AUTOTRANS_MARK" in cmd and "-x PATH" in cmd  # the environment is forwarded
+    assert "-genvall" not in cmd
+
+
+def test_launch_sh_refuses_bad_usage():
+    for args in (["-n", "0", "job.yaml"], ["--bogus", "job.yaml"], ["-n", "2"], ["--hostfile", "/nonexistent", "job.yaml"]):
+        proc = subprocess.run([str(LAUNCH), *args], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and proc.stderr.startswith("launch.sh: "), (args, proc.stderr)
+
+
+NSEXEC = """#!/bin/sh
+# hydra's "ssh": skip its options, run the command in the host's network namespace
+while [ "${{1#-}}" != "$1" ]; do shift; done
+host=$1; shift
+case $host in {a_ip}) ns={a} ;; {b_ip}) ns={b} ;; *) echo "no namespace for $host" >&2; exit 1 ;; esac
+exec ip netns exec "$ns" sh -c "$*"
+"""
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """Two network namespaces joined by a veth pair, as two hosts; skip where the
+    machine does not allow creating them (not root, no CAP_NET_ADMIN, no iproute2)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for network namespaces")
+    tag = f"{os.getpid() % 100000}"
+    a, b, va, vb = f"atA{tag}", f"atB{tag}", f"va{tag}", f"vb{tag}"
+    a_ip, b_ip = "10.78.0.1", "10.78.0.2"
+    setup = [["ip", "netns", "add", a], ["ip", "netns", "add", b],
+             ["ip", "link", "add", va, "type", "veth", "peer", "name", vb],
+             ["ip", "link", "set", va, "netns", a], ["ip", "link", "set", vb, "netns", b],
+             ["ip", "-n", a, "addr", "add", f"{a_ip}/24", "dev", va], ["ip", "-n", b, "addr", "add", f"{b_ip}/24", "dev", vb],
+             ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"],
+             ["ip", "-n", a, "link", "set", va, "up"], ["ip", "-n", b, "link", "set", vb, "up"]]
+    try:
+        for cmd in setup:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot build network namespaces here: {' '.join(cmd)}: {proc.stderr.strip()}")
+        script = tmp_path / "nsexec.sh"
+        script.write_text(NSEXEC.format(a=a, b=b, a_ip=a_ip, b_ip=b_ip))
+        script.chmod(0o755)
+        yield {"ns": a, "hosts": f"{a_ip},{b_ip}", "mpi": f"-launcher ssh -launcher-exec {script} -iface {va}"}
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_two_hosts_in_network_namespaces(world, two_hosts):
+    """Two MPI ranks on two 'hosts' that reach each other only over a veth link, each
+    seeing half of the source: the reshard needs slices from the other host."""
+    root = world["root"] / "netns"
+    for mpi_rank, ranks in ((0, [0, 1]), (1, [2, 3])):
+        write_distributed(root / f"host{mpi_rank}", world["full"], 2, 2, ranks)
+    keys, _dst = JOBS["reshard"]
+    out = root / "out"
+    job = job_file(root, "job", keys | {"load_checkpoint": str(root / "host${oc.env:PMI_RANK}"),
+                                        "src_strategy_path_or_dir": str(world["root"] / "s_tp2pp2"),
+                                        "dst_strategy_path_or_dir": str(world["root"] / "s_tp4pp1"), "output_dir": str(out)})
+    mpiexec = ["ip", "netns", "exec", two_hosts["ns"], MPIEXEC, "-n", "2", "-hosts", two_hosts["hosts"].replace(",", ":1,") + ":1",
+               *two_hosts["mpi"].split()]
+    where = "import subprocess; print(subprocess.run(['ip', '-4', '-o', 'addr'], capture_output=True, text=True).stdout)"
+    addrs = subprocess.run([*mpiexec, sys.executable, "-c", where], capture_output=True, text=True, timeout=60).stdout
+    assert all(addrs.count(ip + "/24") == 1 for ip in two_hosts["hosts"].split(",")), addrs  # one rank per host
+    proc = subprocess.run(["ip", "netns", "exec", two_hosts["ns"], str(LAUNCH), "-n", "2", "--hosts", two_hosts["hosts"],
+                           "--mpi", two_hosts["mpi"], str(job), "--no-progress"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert outputs(out) == reference(world, "reshard")
