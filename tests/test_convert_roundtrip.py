@@ -156,3 +156,23 @@ def test_mindformers_names_round_trip(models, tmp_path):
     assert run(load_checkpoint=str(mf_file), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "h")) == 0
     back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
     assert sorted(back) == sorted(src) and all(torch.equal(back[k], src[k]) for k in src)
+
+
+def test_example_configs_run(models, tmp_path):
+    """configs/hf_to_megatron.yaml then configs/megatron_to_hf.yaml, on a tiny model."""
+    from pathlib import Path
+
+    from runner import config
+    from runner.dispatch import run_job
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    hf, meg = models["llama"], tmp_path / "m"
+    cfg = config.load(root / "hf_to_megatron.yaml", [f"load_checkpoint={hf}", f"output_dir={meg}", "parallel_config.model_parallel=2"])
+    assert run_job(cfg, show_progress=False) == 0
+    cfg = config.load(root / "megatron_to_hf.yaml", [f"load_checkpoint={meg}/transformed_checkpoint", f"reference_hf_dir={hf}",
+                                                     f"output_dir={tmp_path / 'h'}"])
+    assert run_job(cfg, show_progress=False) == 0
+    a, b = hf_tensors(hf), hf_tensors(tmp_path / "h" / "transformed_checkpoint")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("mindformers_to_megatron.yaml", "megatron_reshard.yaml"):
+        assert config.load(root / name).output_format == "megatron"

@@ -180,7 +180,8 @@ def _megatron_dtype(mf: MegatronFolder) -> str:
 
 class Assembler:
     """Whole logical tensors reassembled from a Megatron source's ranks; keeps the last
-    two (q, k and v all come from one QKV tensor)."""
+    one, since HF tensors are written in the order their sources come (q, k and v from
+    one QKV tensor, gate and up from one fc1)."""
 
     def __init__(self, s: Strategy, pool: LocalPool):
         self.strategy, self.pool = s, pool
@@ -191,8 +192,7 @@ class Assembler:
             p = self.strategy.params[name]
             full = Strategy(((0,),), {name: p.replicated(p.shape, p.dtype)})
             fp = planner.plan_rank(Strategy(self.strategy.stages, {name: p}), full, 0)
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
+            self._cache.clear()
             self._cache[name] = tensor_bits(fp.tensors[0], self.pool)
         return self._cache[name]
 
@@ -370,6 +370,8 @@ def run_conversion(cfg: JobConfig, show_progress: bool = True) -> int:
         target = hf_target(cfg, src, out)
     else:
         raise ConfigError(f"a Megatron checkpoint converts to output_format megatron, hf or mindformers, not {cfg.output_format!r}")
+    protected = [Path(cfg.load_checkpoint)] + ([Path(cfg.reference_hf_dir)] if cfg.reference_hf_dir else [])
+    check_no_overlap(cfg.output_path, protected)
     if cfg.only_save_strategy:
         _write_strategies(cfg, target.dst)
         say(f"wrote {target.dst.world_size} strategy file(s) to {cfg.output_path / STRATEGY_DIR}; no weights touched")
@@ -377,8 +379,6 @@ def run_conversion(cfg: JobConfig, show_progress: bool = True) -> int:
     if not cfg.auto_trans_ckpt:
         say(f"the source does not match the destination: format conversion to {cfg.output_format}")
         return 1
-    protected = [Path(cfg.load_checkpoint)] + ([Path(cfg.reference_hf_dir)] if cfg.reference_hf_dir else [])
-    check_no_overlap(cfg.output_path, protected)
     doc = {"src": src.digest_doc(), "spec": src.spec.to_json(), "target": target.doc, "options": cfg.options(),
            "parallel": asdict(cfg.parallel_config)}
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

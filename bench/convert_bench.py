@@ -1,0 +1,134 @@
+"""Conversion benchmark (issue 6): HF -> Megatron TP2 PP2 -> HF (and -> TP4 PP1) on a
+Llama-shaped bf16 GQA model of 1.2 GB (bench_util's shapes, 10 layers), with the peak memory of each run, to show that conversion
+streams: peak private memory is bounded by a few tensors, not by the model.
+
+Memory is sampled from /proc/PID/status every 10 ms in the child: RssAnon (private
+memory: what streaming bounds) and VmRSS (also counts mapped file pages, which are
+reclaimable page cache). The naive baseline loads the whole HF model with
+safetensors, fuses QKV/fc1 with torch and torch.saves one TP1 file.
+
+    python bench/convert_bench.py [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import FFN, HIDDEN, LAYERS, VOCAB, du, llama_weights  # noqa: E402
+
+HEADS, KV_HEADS = 16, 4
+BENCH_LAYERS = LAYERS + 2  # GQA shrinks k/v: two more layers keep the model over 1 GB (PP2 needs an even count)
+
+NAIVE = """
+import sys, torch
+from safetensors.torch import load_file
+sd = load_file(sys.argv[1] + "/model.safetensors")
+L, H, NG = {layers}, {heads}, {kv}
+hd = sd["model.layers.0.self_attn.q_proj.weight"].shape[1] // H
+out = {{"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"], "output_layer.weight": sd["lm_head.weight"],
+       "decoder.final_layernorm.weight": sd["model.norm.weight"]}}
+for i in range(L):
+    p, g = f"model.layers.{{i}}.", f"decoder.layers.{{i}}."
+    q, k, v = (sd[p + f"self_attn.{{n}}_proj.weight"] for n in "qkv")
+    out[g + "self_attention.linear_qkv.weight"] = torch.cat([q.view(NG, -1, q.shape[1]), k.view(NG, hd, -1), v.view(NG, hd, -1)], 1).reshape(-1, q.shape[1])
+    out[g + "self_attention.linear_proj.weight"] = sd[p + "self_attn.o_proj.weight"]
+    out[g + "mlp.linear_fc1.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+    out[g + "mlp.linear_fc2.weight"] = sd[p + "mlp.down_proj.weight"]
+    out[g + "self_attention.linear_qkv.layer_norm_weight"] = sd[p + "input_layernorm.weight"]
+    out[g + "mlp.linear_fc1.layer_norm_weight"] = sd[p + "post_attention_layernorm.weight"]
+torch.save({{"model": out, "checkpoint_version": 3.0}}, sys.argv[2])
+"""
+
+
+def make_model(folder: Path) -> None:
+    """The bench model as an HF folder (one safetensors file + config.json)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    shapes = llama_weights(layers=BENCH_LAYERS)
+    for i in range(BENCH_LAYERS):  # GQA: 4 query groups of 128-wide heads
+        for n in ("k_proj", "v_proj"):
+            shapes[f"model.layers.{i}.self_attn.{n}.weight"] = ((KV_HEADS * HIDDEN // HEADS, HIDDEN), "column")
+    tensors = {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, (s, _) in shapes.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": FFN,
+        "num_hidden_layers": BENCH_LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB, "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}))
+
+
+def measured(cmd: list[str]) -> tuple[float, int, int]:
+    """Wall seconds, peak RssAnon and peak VmRSS (bytes) of a command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = {"RssAnon": 0, "VmRSS": 0}
+
+    def sample() -> None:
+        while proc.poll() is None:
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in peak:
+                        peak[key] = max(peak[key], int(value.split()[0]) * 1024)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    _, err = proc.communicate()
+    t.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+    return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"]
+
+
+def job(path: Path, **keys) -> Path:
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    opts = ap.parse_args()
+    root = Path(opts.keep or tempfile.mkdtemp(prefix="convert_bench_"))
+    hf = root / "hf"
+    if not (hf / "model.safetensors").exists():
+        make_model(hf)
+    size = du(hf)
+    exe = [sys.executable, "-m", "runner", "run"]
+    rows = []
+    to_meg = job(root / "to_megatron.yaml", load_checkpoint=str(hf), output_format="megatron", output_dir=str(root / "meg"),
+                 parallel_config={"model_parallel": 2, "pipeline_stage": 2})
+    to_hf = job(root / "to_hf.yaml", load_checkpoint=str(root / "meg" / "transformed_checkpoint"), output_format="hf",
+                reference_hf_dir=str(hf), output_dir=str(root / "back"))
+    to_tp4 = job(root / "to_tp4.yaml", load_checkpoint=str(root / "meg" / "transformed_checkpoint"), output_format="megatron",
+                 output_dir=str(root / "tp4"), parallel_config={"model_parallel": 4})
+    for label, cfg in (("HF -> Megatron TP2 PP2", to_meg), ("Megatron TP2 PP2 -> HF", to_hf), ("Megatron TP2 PP2 -> TP4 PP1", to_tp4)):
+        rows.append((label, *measured([*exe, str(cfg), "--no-progress"])))
+    naive = root / "naive.py"
+    naive.write_text(NAIVE.format(layers=BENCH_LAYERS, heads=HEADS, kv=KV_HEADS))
+    rows.append(("naive HF -> Megatron TP1 (load all, torch.save)", *measured([sys.executable, str(naive), str(hf), str(root / "naive.pt")])))
+    check = subprocess.run([sys.executable, "-m", "runner", "verify", str(hf), str(root / "back" / "transformed_checkpoint")],
+                           capture_output=True, text=True)
+    print(f"model: {size / 1e9:.2f} GB bf16 (hidden {HIDDEN}, {BENCH_LAYERS} layers, ffn {FFN}, vocab {VOCAB}); largest tensor "
+          f"{VOCAB * HIDDEN * 2 / 1e6:.0f} MB")
+    print(f"| run | time s | peak RssAnon MB | peak VmRSS MB |\n|---|---|---|---|")
+    for label, t, anon, rss in rows:
+        print(f"| {label} | {t:.1f} | {anon / 1e6:.0f} | {rss / 1e6:.0f} |")
+    print(f"round trip: {check.stdout.strip() or check.stderr.strip()}")
+
+
+if __name__ == "__main__":
+    main()
