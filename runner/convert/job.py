@@ -380,7 +380,8 @@ def run_conversion(cfg: JobConfig, show_progress: bool = True) -> int:
         say(f"the source does not match the destination: format conversion to {cfg.output_format}")
         return 1
     doc = {"src": src.digest_doc(), "spec": src.spec.to_json(), "target": target.doc, "options": cfg.options(),
-           "parallel": asdict(cfg.parallel_config)}
+           "parallel": asdict(cfg.parallel_config),
+           "stamps": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(src.files())]}  # same source files
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
     folder = OutputFolder(out, digest)
     if folder.is_complete():
