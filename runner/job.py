@@ -197,6 +197,7 @@ def prepare(cfg: JobConfig, source: Source | None = None,
         merge.exclude(job.dst)
     if not cfg.only_save_strategy:
         reconcile_names(job)
+        planner.check_headers(job.src, job.headers)
         planner.check_compatible(job.src, job.dst, job.cast_to)
     return job
 

@@ -61,8 +61,15 @@ class OutputFolder:
         return read_json(self.folder / MANIFEST)
 
     def is_complete(self) -> bool:
+        """This job's manifest is there and every file it lists has its byte count (a
+        cheap check: a file cut or removed since makes the rerun resume instead)."""
         m = self.manifest()
-        return isinstance(m, dict) and m.get("job_digest") == self.digest
+        if not isinstance(m, dict) or m.get("job_digest") != self.digest:
+            return False
+        try:
+            return all((self.folder / f["path"]).stat().st_size == f["bytes"] for f in m.get("files", []))
+        except (OSError, TypeError, KeyError):
+            return False
 
     def claim(self) -> None:
         """Make the folder this job's: resume our own, replace another job's, refuse

@@ -89,6 +89,24 @@ def check_compatible(src: Strategy, dst: Strategy, cast_to: str | None = None) -
             raise PlanError(f"parameter {name}: source dtype {s.dtype} != destination dtype {d.dtype} (set `dtype` to cast)")
 
 
+def check_headers(src: Strategy, headers: Mapping[int, Mapping[str, TensorInfo]]) -> None:
+    """Every source rank's header against the source layout, before any output is
+    written: the same ranks, and each parameter of a rank's stage stored with the
+    layout's dtype and box (or stored) shape. Raises PlanError naming rank and parameter."""
+    if sorted(headers) != src.ranks:
+        raise PlanError(f"the source checkpoint has {len(headers)} rank(s) but its strategy has {src.world_size}; "
+                        "give the strategy files written with this checkpoint")
+    for rank, header in sorted(headers.items()):
+        for name in src.params_of_rank(rank):
+            p, info = src.params[name], header.get(name)
+            box = src.box(name, rank).sizes
+            if info is None:
+                raise PlanError(f"parameter {name}: source rank {rank}'s checkpoint lacks it, but its strategy places it there")
+            if info.dtype != p.dtype or info.shape not in (box, p.stored()):
+                raise PlanError(f"parameter {name}: source rank {rank} stores {list(info.shape)} {info.dtype}, "
+                                f"but its layout gives the box {list(box)} {p.dtype}")
+
+
 def _names(names: list[str], most: int = 5) -> str:
     more = f" and {len(names) - most} more" if len(names) > most else ""
     return ", ".join(names[:most]) + more

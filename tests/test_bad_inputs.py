@@ -313,3 +313,11 @@ def test_parameter_names_with_path_parts_are_data_not_paths(tmp_path: Path, caps
 def test_prefix_that_would_leave_the_rank_folder_is_refused(dist: Path, capsys, prefix: str) -> None:
     """`prefix` is the one job string that becomes part of an output file name."""
     fails(capsys, ["run", str(merge_job(dist, prefix=prefix))], 2, "prefix")
+
+
+def test_rank_count_disagrees_with_strategy(dist: Path, capsys) -> None:
+    """A third rank folder the 2-rank strategy does not know is not silently ignored."""
+    import shutil
+
+    shutil.copytree(dist / "ckpt" / "rank_1", dist / "ckpt" / "rank_2")
+    run_fails(capsys, dist, merge_job(dist), 1, "3 rank(s)", "strategy has 2")

@@ -304,3 +304,96 @@ def test_real_disk_full_on_tiny_tmpfs_then_resume(tmp_path: Path, capsys) -> Non
             assert (st.st_ino, st.st_mtime_ns) == stamp
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+# -- the source is never touched; the output folder is ours or refused ------------------------
+def snapshot(*roots: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file and folder under `roots`: bytes (files), mtime_ns, inode."""
+    out = {}
+    for root in roots:
+        for p in [root, *root.rglob("*")]:
+            st = p.lstat()
+            out[str(p)] = (p.read_bytes() if p.is_file() else b"", st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def test_source_and_source_strategy_are_never_written(tmp_path: Path, capsys) -> None:
+    make_source(tmp_path)
+    before = snapshot(tmp_path / "ckpt", tmp_path / "strategy")
+    assert main(["run", str(job(tmp_path, tmp_path / "out", verify=True)), "--no-progress"]) == 0
+    for inside in (tmp_path / "ckpt", tmp_path / "ckpt" / "rank_0", tmp_path / "strategy", tmp_path / "strategy" / "out", tmp_path):
+        for strategy_only in (False, True):
+            cfg = job(tmp_path, tmp_path / "x", output_dir=str(inside), only_save_strategy=strategy_only)
+            capsys.readouterr()
+            assert main(["run", str(cfg), "--no-progress"]) == 2, inside
+            assert "overlaps the source" in one_error_line(capsys)
+    assert snapshot(tmp_path / "ckpt", tmp_path / "strategy") == before
+
+
+def test_foreign_folder_refused_other_job_replaced_same_job_skipped(tmp_path: Path, capsys) -> None:
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    tc = out / "transformed_checkpoint"
+    tc.mkdir(parents=True)
+    (tc / "precious.txt").write_text("not ours")
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 2
+    assert "not empty and was not written by autotrans" in one_error_line(capsys)
+    assert (tc / "precious.txt").read_text() == "not ours" and len(list(tc.iterdir())) == 1
+
+    (tc / "precious.txt").unlink()
+    assert main(["run", str(job(tmp_path, out, prefix="other_")), "--no-progress"]) == 0
+    assert (tc / "rank_0" / "other_0.safetensors").exists()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0  # another job: replaces it
+    assert not (tc / "rank_0" / "other_0.safetensors").exists()
+    ref = outputs(out)
+    stamps = snapshot(tc)
+    capsys.readouterr()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0  # the same job: nothing to do
+    assert "already holds this job's complete output" in capsys.readouterr().err
+    assert snapshot(tc) == stamps
+
+    # a finished file damaged after the job: a rerun notices and rewrites only that file
+    victim = tc / "rank_2" / "checkpoint_2.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-4])
+    others = {k: v for k, v in snapshot(tc).items() if k.endswith(".safetensors") and "rank_2" not in k}
+    assert len(others) == 3
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert outputs(out) == ref
+    assert {k: v for k, v in snapshot(tc).items() if k in others} == others
+
+
+def test_every_source_header_checked_before_any_output(tmp_path: Path, capsys) -> None:
+    """A damaged last rank file fails the job before anything is written, whether the
+    damage is in its size (truncated) or in what its header says (a wrong shape)."""
+    make_source(tmp_path)
+    last = tmp_path / "ckpt" / "rank_1" / "ckpt_1.safetensors"
+    good = last.read_bytes()
+    last.write_bytes(good[:-1])
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 1
+    assert "ckpt_1.safetensors" in one_error_line(capsys)
+    assert not out.exists()
+
+    shard = oracle.shard(oracle.random_full(SPECS, seed=5), tp2(SPECS), 1)
+    shard["layer2.w"] = shard["layer2.w"].reshape(4, 16).contiguous()  # same bytes, wrong shape
+    save_file(shard, str(last))
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert "layer2.w" in line and "rank 1" in line, line
+    assert not out.exists()
+
+
+def test_output_bytes_do_not_depend_on_paths(tmp_path: Path, monkeypatch) -> None:
+    """The same job from another working directory, with the source copied elsewhere and
+    another output_dir, writes the same bytes (no paths, times or host names inside)."""
+    import shutil
+
+    make_source(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["run", str(job(tmp_path / "a", tmp_path / "a" / "out")), "--no-progress"]) == 0
+    time.sleep(0.01)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["run", str(job(tmp_path / "elsewhere" / "b", tmp_path / "o2")), "--no-progress"]) == 0
+    a, b = outputs(tmp_path / "a" / "out"), outputs(tmp_path / "o2")
+    assert len(a) >= 5 and a == b
