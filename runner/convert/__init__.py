@@ -7,12 +7,13 @@ from pathlib import Path
 
 
 def wants_conversion(cfg) -> bool:
-    """True when a job converts between ecosystems rather than only re-laying out:
-    an HF or Megatron output, or an HF or Megatron source."""
+    """True when a job converts between ecosystems rather than only re-laying out: an
+    HF, Megatron or MindFormers output, or a Megatron source. An HF folder with a
+    safetensors or ckpt output is a plain reshard under its own names (the core's)."""
     if not cfg.load_checkpoint or cfg.preprocess_data is not None:
         return False
-    if cfg.output_format in ("megatron", "hf"):
+    if cfg.output_format in ("megatron", "hf", "mindformers"):
         return True
     from runner.source import discover
 
-    return discover(Path(cfg.load_checkpoint)).kind in ("hf", "megatron")
+    return discover(Path(cfg.load_checkpoint)).kind == "megatron"
