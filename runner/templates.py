@@ -29,6 +29,7 @@ import ast
 import json
 import math
 import operator
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +37,14 @@ from typing import Any, Mapping
 
 from runner.errors import ConfigError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "strategies"
+def _template_dir() -> Path:
+    """strategies/ beside the package in a source tree (editable install), else the copy
+    a wheel installs under <prefix>/share/autotrans/strategies (setup.cfg data_files)."""
+    here = Path(__file__).resolve().parent.parent / "strategies"
+    return here if here.is_dir() else Path(sys.prefix) / "share" / "autotrans" / "strategies"
+
+
+TEMPLATE_DIR = _template_dir()
 SPLITS = ("column", "row", "vocab", "replicate", "expert")
 PLACES = ("layer", "embedding", "output", "first", "last")
 DEFAULT_DIM = {"column": 0, "row": 1, "vocab": 0}
