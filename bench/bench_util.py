@@ -72,6 +72,25 @@ def write_tp_strategy(root: Path, tp: int) -> Path:
     return sdir
 
 
+def reshard_inputs() -> tuple[int, Path]:
+    """The --runs and --dir options of the reshard benches, and the bench checkpoint
+    (2-way, with its strategy and a 4-way one) under --dir, built on first use."""
+    import argparse
+    import shutil
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default="/tmp/autotrans-bench")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    if not (root / "ckpt/rank_1").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        print("building the bench checkpoint ...", flush=True)
+        write_tp_checkpoint(root, 2)
+    write_tp_strategy(root, 4)
+    return args.runs, root
+
+
 def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one command; raises if it fails.
 

@@ -12,11 +12,9 @@ Prints a markdown table of median wall times, ratios to cp and peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-from pathlib import Path
 
-from bench_util import du, llama_weights, median_run, python, write_tp_checkpoint, write_tp_strategy
+from bench_util import du, llama_weights, median_run, python, reshard_inputs
 
 NAIVE = r"""
 import sys, torch
@@ -38,16 +36,7 @@ os.sync()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dir", default="/tmp/autotrans-bench")
-    args = ap.parse_args()
-    root = Path(args.dir)
-    if not (root / "ckpt/rank_1").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        print("building the bench checkpoint ...", flush=True)
-        write_tp_checkpoint(root, 2)
-        write_tp_strategy(root, 4)
+    runs, root = reshard_inputs()
     ckpt, size = root / "ckpt", du(root / "ckpt")
     splits = {n: s for n, (_shape, s) in llama_weights().items()}
     out = root / "out"
@@ -59,15 +48,15 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
     rows = []
-    cp_sync = median_run(lambda: ["sh", "-c", f"cp -r {ckpt} {out} && sync"], args.runs, clean)
+    cp_sync = median_run(lambda: ["sh", "-c", f"cp -r {ckpt} {out} && sync"], runs, clean)
     rows.append(("cp -r + sync", *cp_sync))
-    rows.append(("cp -r", *median_run(lambda: ["cp", "-r", str(ckpt), str(out)], args.runs, clean)))
-    rows.append(("naive load-concat-split-save", *median_run(lambda: [python(), "-c", NAIVE, str(ckpt), str(out), repr(splits)], args.runs, clean)))
-    rows.append(("autotrans", *median_run(lambda: [python(), "-m", "runner", "run", str(job), "--no-progress"], args.runs, clean)))
+    rows.append(("cp -r", *median_run(lambda: ["cp", "-r", str(ckpt), str(out)], runs, clean)))
+    rows.append(("naive load-concat-split-save", *median_run(lambda: [python(), "-c", NAIVE, str(ckpt), str(out), repr(splits)], runs, clean)))
+    rows.append(("autotrans", *median_run(lambda: [python(), "-m", "runner", "run", str(job), "--no-progress"], runs, clean)))
     rows.append(("autotrans, 2 workers", *median_run(
-        lambda: [python(), "-m", "runner", "run", str(job), "transform_process_num=2", "--no-progress"], args.runs, clean)))
+        lambda: [python(), "-m", "runner", "run", str(job), "transform_process_num=2", "--no-progress"], runs, clean)))
     largest = max(2 * s[0] * (s[1] if len(s) > 1 else 1) for s, _ in llama_weights().values())
-    print(f"\nsource {size / 1e9:.2f} GB bf16 (2-way model parallel) -> 4-way; median of {args.runs} runs; "
+    print(f"\nsource {size / 1e9:.2f} GB bf16 (2-way model parallel) -> 4-way; median of {runs} runs; "
           f"largest tensor {largest / 1e6:.0f} MB\n")
     print("| method | wall s | x (cp -r + sync) | peak RSS MB |")
     print("|---|---|---|---|")

@@ -184,13 +184,12 @@ class MpiWorld:
         from runner.remote import RemotePool
 
         u = self.union
-        local = (lambda r: self.link.rank in u.seers[r]) if u else None
-        owner = {s: u.server(s) for s in u.seers} if u else {}
+        seen = {s for s, ranks in u.seers.items() if self.link.rank in ranks}
         relay = ProgressRelay(self.link, progress)
-        pool = RemotePool(self.link, LocalPool(job.source), owner)
+        pool = RemotePool(self.link, LocalPool(job.source), seen, {s: u.server(s) for s in u.seers})
 
         def work():
-            written = run_ranks(job, self.share, folder, lora.wrap(pool, job.lora), relay.on_bytes, local)
+            written = run_ranks(job, self.share, folder, lora.wrap(pool, job.lora), relay.on_bytes, seen.__contains__)
             relay.flush()
             return written
 

@@ -67,18 +67,19 @@ class _Send:
 
 
 class RemotePool:
-    """Regions from local files, or from the rank `owner[src_rank]` that serves them."""
+    """Regions of the source ranks in `seen` from local files; others from the rank
+    `owner[src_rank]` that serves them."""
 
-    def __init__(self, link: Link, local: LocalPool, owner: dict[int, int]):
-        self.link, self.local, self.owner = link, local, owner
+    def __init__(self, link: Link, local: LocalPool, seen: set[int], owner: dict[int, int]):
+        self.link, self.local, self.seen, self.owner = link, local, seen, owner
         self.sends: list[_Send] = []
         self.notes: list[MPI.Request] = []  # headers on their way
         link.handlers.append(self._serve_safely)
 
     def region(self, read: ReadItem) -> np.ndarray:
-        server = self.owner[read.src_rank]
-        if server == self.link.rank:
+        if read.src_rank in self.seen:
             return self.local.region(read)
+        server = self.owner[read.src_rank]
         p2p = self.link.p2p
         sent = p2p.isend(read, dest=server, tag=REQUEST)
         reply = p2p.irecv(source=server, tag=HEADER)

@@ -296,6 +296,9 @@ def test_killed_rank_ends_the_job(world, tmp_path):
     said = proc.stdout + proc.stderr  # mpiexec's own report goes to stdout
     assert "signal 9" in said or "KILLED" in said.upper(), said
     assert not (out / "transformed_checkpoint/autotrans.json").exists()
+    again = mpirun(["-n", 3, *autotrans(out.parent / "job.yaml")])  # the same job, nobody killed: it resumes
+    assert again.returncode == 0, again.stderr
+    assert outputs(out) == reference(world, "reshard")
 
 
 def test_transform_by_rank_needs_matching_worlds(world):
