@@ -21,8 +21,9 @@ from pathlib import Path
 from runner.config import JobConfig
 from runner.errors import AutotransError, ConfigError
 
-# World-size variables set by MPICH/Intel MPI (hydra), Open MPI, PMIx and Slurm's PMI2.
-SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+# World-size variables set by MPICH / Intel MPI (hydra; also Slurm's PMI2), Open MPI
+# and MVAPICH; not MPI_LOCALNRANKS, which counts only this node's ranks.
+SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def launched_size(environ=os.environ) -> int:

@@ -324,13 +324,14 @@ def test_launched_size_reads_the_launcher_environment():
     assert launched_size({}) == 1
     assert launched_size({"PMI_SIZE": "4", "PMI_RANK": "2"}) == 4
     assert launched_size({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
+    assert launched_size({"MPI_LOCALNRANKS": "1", "PMI_SIZE": "2"}) == 2  # one rank here, two in all
 
 
 def test_single_process_does_not_import_mpi(world):
     root = world["root"]
     job = job_file(root, "plain", JOBS["split"][0] | {"output_dir": str(root / "plain_out")})
     code = f"import sys; from runner.cli import main; main(['run', {str(job)!r}, '--no-progress']); print('mpi4py' in sys.modules)"
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
