@@ -117,7 +117,8 @@ def write_file(
             crc = zlib.crc32(data, crc)
             _pwrite_all(fd, data, offset)
             pos += len(data)
-            on_bytes(len(data))
+            if not isinstance(what, bytes):  # progress counts tensor payload, as its total does
+                on_bytes(len(data))
             pool.release()
         if pos != lay.size:
             raise PlanError(f"{path}: wrote {pos} bytes, the layout says {lay.size}")

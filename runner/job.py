@@ -255,7 +255,7 @@ def run_ranks(job: Job, ranks: list[int], folder: OutputFolder, pool: SlicePool,
         sources = sorted(seen | set(job.lora.files if job.lora else ()))
         kept = folder.finished(rank, path, sources)
         if kept is not None:
-            on_bytes(kept.size)
+            on_bytes(fp.write_bytes)
             done.append(kept)
             continue
         written = write_file(fp, pool, fmt, path, on_bytes)
