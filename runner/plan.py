@@ -128,8 +128,8 @@ def plan_rank(
     `extras`: entries no strategy names, copied whole from (source rank, header).
     `headers`: source rank -> its tensors' headers, to check every read against.
     `available`: which source ranks may be read (default all); replicas are chosen
-    as the destination's own rank first, else the lowest available rank; among
-    `prefer`red ranks (those on this node, under MPI) when any holds the piece."""
+    as the destination's own rank first, else spread by destination rank (reads_for);
+    among `prefer`red ranks (those on this node, under MPI) when any holds the piece."""
     tensors = []
     for name in dst.params_of_rank(rank):
         p = dst.params[name]
@@ -149,7 +149,8 @@ def plan_rank(
 def reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available: Callable[[int], bool] | None,
               prefer: Callable[[int], bool] | None = None) -> list[ReadItem]:
     """Reads that cover `box` of parameter `name` from the layout `src`, each piece from
-    `dst_rank` when it holds it, else from the lowest available holder."""
+    `dst_rank` when it holds it, else from holder number `dst_rank % holders`, so that
+    destinations spread their reads over the replicas instead of all reading one file."""
     p = src.params[name]
     holders = p.holders()
     chunk = p.chunk
@@ -160,7 +161,7 @@ def reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available: Call
         if not usable:
             raise PlanError(f"parameter {name}: no readable source rank holds the piece at {list(region.offsets)} (holders: {candidates})")
         pick = ([r for r in usable if prefer(r)] or usable) if prefer else usable
-        src_rank = dst_rank if dst_rank in pick else min(pick)
+        src_rank = dst_rank if dst_rank in pick else pick[dst_rank % len(pick)]
         src_box = Box(tuple(c * k for c, k in zip(cell, chunk)), chunk)
         reads.append(ReadItem(src_rank, name, src_box, region))
     return reads
