@@ -297,7 +297,7 @@ def test_text_groups_ranks_and_shows_totals(tmp_path, capsys) -> None:
 def test_text_summarises_many_groups(tmp_path, capsys, monkeypatch) -> None:
     from runner import plan_report
 
-    monkeypatch.setattr(plan_report, "MAX_GROUPS", 2)
+    monkeypatch.setattr(plan_report, "MAX_GROUPS", 0)
     ss, sp, ds, dp = pp2_to_dp2tp2_opt()
     code, out, _ = plan(capsys, tmp_path, json_out=False, src_strategy_path_or_dir=write_strategy(tmp_path / "src", ss, sp),
                         dst_strategy_path_or_dir=write_strategy(tmp_path / "dst", ds, dp))
@@ -307,7 +307,7 @@ def test_text_summarises_many_groups(tmp_path, capsys, monkeypatch) -> None:
     row = next(line for line in out.splitlines() if line.startswith("0-3"))
     files = sorted(len(w["src"]) for w in want.values())
     assert row.split()[1] == "4" and row.split()[-2] == (str(files[0]) if files[0] == files[-1] else f"{files[0]}-{files[-1]}")
-    assert "ranks per stage, as ranges (3 runs of ranks with equal shares" in out
+    assert "ranks per stage, as ranges (1 runs of ranks with equal shares" in out
 
 
 def test_needs_a_source(tmp_path, capsys) -> None:
