@@ -95,21 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from runner.errors import AutotransError
+    from runner.errors import AutotransError, one_line
 
     try:
         return dispatch(args)
     except AutotransError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"autotrans: error: {e}", file=sys.stderr)
+        print(f"autotrans: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # the environment, not a bug: a full disk, a missing permission
         from runner.errors import disk_error
 
         if args.debug:
             traceback.print_exc()
-        print(f"autotrans: error: {disk_error(e, e.filename or 'a file', 'access')}", file=sys.stderr)
+        print(f"autotrans: error: {one_line(str(disk_error(e, e.filename or 'a file', 'access')))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("autotrans: interrupted; run the same job again to resume", file=sys.stderr)

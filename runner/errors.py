@@ -27,6 +27,12 @@ class PlanError(AutotransError):
     """The transform plan failed validation; nothing was written."""
 
 
+def one_line(msg: str) -> str:
+    """`msg` with control characters escaped: names from hostile files may hold
+    newlines or terminal escapes, and an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
 def disk_error(e: OSError, path: object, verb: str = "write") -> AutotransError:
     """One actionable line for a failed file operation: disk full, no permission, other."""
     if e.errno == errno.ENOSPC:

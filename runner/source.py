@@ -11,6 +11,7 @@ import numpy as np
 from runner.errors import FormatError
 from runner.formats.base import CheckpointReader, TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES, open_reader
+from runner.ranks import gaps
 
 _RANK_DIR = re.compile(r"rank_(\d+)")
 
@@ -55,9 +56,10 @@ def newest_in(folder: Path) -> Path:
 
 def check_gap(root: Path, ranks) -> None:
     """Rank folders must be rank_0 ... rank_{N-1}; a gap names the missing ones."""
-    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+    missing = gaps(ranks)
     if missing:
-        raise FormatError(f"{root}: rank folders {', '.join(f'rank_{r}' for r in missing)} are missing (found {len(ranks)} of {max(ranks) + 1})")
+        more = ", ..." if max(ranks) + 1 - len(ranks) > len(missing) else ""
+        raise FormatError(f"{root}: rank folders {', '.join(f'rank_{r}' for r in missing)}{more} are missing (found {len(ranks)} of {max(ranks) + 1})")
 
 
 def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:

@@ -15,6 +15,7 @@ from runner import dtypes
 from runner.errors import FormatError, LayoutError
 from runner.formats.base import TensorInfo
 from runner.layout import Box, ParamLayout
+from runner.ranks import gaps
 
 FORMAT_TAG = "autotrans-strategy"
 RANK_FILE = "ckpt_strategy_rank_{rank}{suffix}"
@@ -75,8 +76,7 @@ class Strategy:
     def validate(self) -> None:
         """Raise LayoutError naming the parameter unless every layout is possible."""
         if sorted(self._where) != list(range(len(self._where))):
-            missing = sorted(set(range(max(self._where) + 1)) - set(self._where))
-            raise LayoutError(f"strategy stages {list(map(list, self.stages))} leave out ranks {missing}")
+            raise LayoutError(f"strategy stages {list(map(list, self.stages))[:8]} leave out ranks {gaps(self._where)}")
         sizes = {s: len(r) for s, r in enumerate(self.stages)}
         for name, p in self.params.items():
             dtypes.itemsize(p.dtype)
@@ -138,7 +138,7 @@ def _param_from_json(name: str, d: Any, where: str) -> ParamLayout:
     if any(s < 0 for s in shape):
         raise FormatError(f"{what}: negative size in shape {list(shape)}")
     dtype = d["dtype"]
-    if dtype not in dtypes.ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in dtypes.ITEMSIZE:
         raise FormatError(f"{what}: unknown dtype {dtype!r}")
     stage = d["stage"]
     stages = (stage,) if isinstance(stage, int) and not isinstance(stage, bool) else tuple(_int_list(stage, f"{what}: stage"))
@@ -220,7 +220,7 @@ def load(path: Path) -> Strategy:
     for f in files:
         try:
             doc = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
             raise FormatError(f"{f}: cannot read strategy JSON ({e})") from None
         parts.append(parse_native(doc, str(f)))
     return merge(parts, str(path))

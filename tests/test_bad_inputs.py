@@ -321,3 +321,19 @@ def test_rank_count_disagrees_with_strategy(dist: Path, capsys) -> None:
 
     shutil.copytree(dist / "ckpt" / "rank_1", dist / "ckpt" / "rank_2")
     run_fails(capsys, dist, merge_job(dist), 1, "3 rank(s)", "strategy has 2")
+
+
+def test_huge_rank_folder_number(dist: Path, capsys) -> None:
+    """A stray rank_99999999999 folder is a gap to report, not a range to enumerate."""
+    (dist / "ckpt" / "rank_99999999999").mkdir()
+    run_fails(capsys, dist, merge_job(dist), 1, "rank_2, rank_3", "missing", "found 3 of 100000000000")
+
+
+def test_hostile_name_in_an_error_stays_one_line(dist: Path, capsys) -> None:
+    """Names come from files; a newline or terminal escape in one is printed escaped."""
+    s = tp2()
+    s["params"]["evil\nname\x1b[2J"] = oracle.param((2,), "F32", dev_matrix=[2])
+    oracle.write_strategy(s, dist / "s_evil")
+    line = run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "s_evil")), 1,
+                     "in the source strategy but not the checkpoint")
+    assert "evil\\nname\\x1b[2J" in line

@@ -24,10 +24,12 @@ from runner.errors import FormatError, LayoutError
 from runner.formats.base import TensorInfo
 from runner.formats.mindspore_proto import message
 from runner.layout import ParamLayout
+from runner.ranks import gaps
 from runner.strategy import MERGED_FILE, RANK_FILE, Strategy, write_atomic
 
 UNKNOWN_DTYPE = "?"  # until fill_shapes; shapes are -1 per dim until then
-_MERGED_NAME = re.compile(r"(\d+)-(.+)")
+_MERGED_NAME = re.compile(r"(\d{1,9})-(.+)")
+MAX_DEVICES = 1 << 20  # bounds what a corrupt file can make the reader enumerate
 _STAGE_NODE = "autotrans_pipeline_stage"  # the one op strategy item our files carry
 
 
@@ -88,6 +90,8 @@ def _read_file(path: Path) -> tuple[set[int], dict[tuple[int, str], tuple]]:
     out: dict[tuple[int, str], tuple] = {}
     for item in doc.parallel_layout_item:
         name, stage = item.param_name, own_stage
+        if not isinstance(name, str):  # protobuf hands back bytes for a name that is not UTF-8
+            raise FormatError(f"{path}: a parameter name that is not UTF-8; the file is corrupt")
         m = _MERGED_NAME.fullmatch(name)
         if m:  # a merged file: "{stage}-{name}"
             stage, name = int(m.group(1)), m.group(2)
@@ -109,10 +113,11 @@ def load(files: list[Path], where: str) -> Strategy:
                 raise LayoutError(f"{where}: strategy files disagree on parameter {key[1]} in stage {key[0]}")
     if not layouts:
         raise FormatError(f"{where}: the strategy files name no parameters")
-    missing = sorted(set(range(max(stages) + 1)) - stages)
-    if missing:
-        raise FormatError(f"{where}: strategy files cover pipeline stage(s) {sorted(stages)} but not {missing}; give every stage's file or merged_ckpt_strategy.ckpt")
+    if max(stages) + 1 != len(stages) or min(stages) < 0:
+        raise FormatError(f"{where}: strategy files cover pipeline stage(s) {sorted(stages)[:10]} but not {gaps(stages)}; give every stage's file or merged_ckpt_strategy.ckpt")
     n = max(math.prod(dev) for dev, _, _ in layouts.values())
+    if n * len(stages) > MAX_DEVICES:
+        raise FormatError(f"{where}: {len(stages)} stage(s) of {n} devices is beyond any cluster ({MAX_DEVICES}); the file is corrupt")
     params: dict[str, ParamLayout] = {}
     by_name: dict[str, list[tuple[int, tuple]]] = {}
     for (stage, name), lay in sorted(layouts.items()):

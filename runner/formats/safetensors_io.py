@@ -4,6 +4,7 @@ computed up front. Format: u64 little-endian header length, JSON header, raw dat
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -34,7 +35,7 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple
         raise FormatError(f"{path}: cannot read: {e.strerror}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, absurd nesting
         raise FormatError(f"{path}: corrupt safetensors header JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -51,9 +52,11 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple
             ok = False
         if not ok:
             raise FormatError(f"{path}: corrupt header entry for tensor {name!r}")
-        if dtype not in dtypes.ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in dtypes.ITEMSIZE:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         info = TensorInfo(dtype, shape)
+        if math.prod(d for d in shape if d) * dtypes.itemsize(dtype) >= 1 << 63:  # numpy's limit, even when empty
+            raise FormatError(f"{path}: tensor {name!r} has an impossible shape {list(shape)}; header corrupt")
         if not 0 <= begin <= end <= data_len:
             raise FormatError(f"{path}: tensor {name!r} bytes [{begin}, {end}) lie outside the data ({data_len} bytes); file truncated or header corrupt")
         if end - begin != info.numel * dtypes.itemsize(dtype):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -83,8 +82,8 @@ def load(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise FormatError(f"{path}: cannot load torch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # torch.load of damaged bytes raises anything (TypeError, KeyError, ...)
+        raise FormatError(f"{path}: cannot load torch checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
 
 
 def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
