@@ -321,6 +321,7 @@ def test_source_and_source_strategy_are_never_written(tmp_path: Path, capsys) ->
     make_source(tmp_path)
     before = snapshot(tmp_path / "ckpt", tmp_path / "strategy")
     assert main(["run", str(job(tmp_path, tmp_path / "out", verify=True)), "--no-progress"]) == 0
+    assert "source and output are bit-identical" in capsys.readouterr().out  # verify: true ran
     for inside in (tmp_path / "ckpt", tmp_path / "ckpt" / "rank_0", tmp_path / "strategy", tmp_path / "strategy" / "out", tmp_path):
         for strategy_only in (False, True):
             cfg = job(tmp_path, tmp_path / "x", output_dir=str(inside), only_save_strategy=strategy_only)
