@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from runner import dtypes
-from runner.errors import PlanError, disk_error
+from runner.errors import AutotransError, PlanError, disk_error
 from runner.formats.base import Entry, FileFormat, FileLayout
 from runner.plan import FilePlan, ReadItem, TensorPlan
 from runner.source import RankReader, Source
@@ -47,8 +47,20 @@ class LocalPool:
         return self._open[rank]
 
     def region(self, read: ReadItem) -> np.ndarray:
-        stored = self.reader(read.src_rank).array(read.src_name)
-        return stored.reshape(read.src_box.sizes)[read.region.slices(read.src_box)]
+        """The region read with one pread of the bytes spanning it (at most the source
+        tensor) when the file is mapped: no page faults, and the memory is ours to free."""
+        reader = self.reader(read.src_rank)
+        stored = reader.array(read.src_name).reshape(read.src_box.sizes)
+        view = stored[(*read.region.slices(read.src_box), ...)]  # `...` keeps 0-d views arrays
+        locate = getattr(reader, "locate", None)  # readers over mapped files have it
+        where = locate(read.src_name, stored) if locate is not None else None
+        if where is None or view.size == 0:
+            return view
+        first = view.ctypes.data - stored.ctypes.data
+        last = first + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) + view.itemsize
+        span = np.empty(last - first, np.uint8)
+        pread_all(where[0], memoryview(span), where[1] + first)
+        return np.ndarray(view.shape, view.dtype, buffer=span, strides=view.strides)
 
     def release(self) -> None:
         for r in self._open.values():
@@ -78,6 +90,14 @@ def tensor_bits(t: TensorPlan, pool: SlicePool) -> np.ndarray:
         for r in t.reads:
             view[r.region.slices(t.box)] = pool.region(r)
     return np.ascontiguousarray(dtypes.cast(view, t.dtype, t.out_dtype))
+
+
+def pread_all(fd: int, buf: memoryview, offset: int) -> None:
+    while buf:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            raise AutotransError(f"source file shrank while being read (fd {fd}, offset {offset}); was it changed during the job?")
+        buf, offset = buf[n:], offset + n
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -116,6 +116,11 @@ class RankReader:
     def array(self, name: str) -> np.ndarray:
         return self._owner[name].array(name)
 
+    def locate(self, name: str, arr: np.ndarray) -> tuple[int, int] | None:
+        """Where `arr`, a view of tensor `name`, starts in its file (MappedFile.locate)."""
+        locate = getattr(self._owner[name], "locate", None)
+        return locate(arr) if locate is not None else None
+
     def file_of(self, name: str) -> Path:
         return Path(self._owner[name].path)
 

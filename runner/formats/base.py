@@ -81,6 +81,15 @@ class MappedFile:
         self.size = os.fstat(self._file.fileno()).st_size
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
 
+    def locate(self, arr: np.ndarray) -> tuple[int, int] | None:
+        """(file descriptor, file offset of arr's first byte) when `arr` is a view of
+        this mapping, so its bytes can be read with pread rather than page faults."""
+        if self._mm is None or arr.size == 0:
+            return None
+        base = np.frombuffer(self._mm, np.uint8, 1).ctypes.data  # address only; no page touched
+        offset = arr.ctypes.data - base
+        return (self._file.fileno(), offset) if 0 <= offset < self.size else None
+
     def release(self) -> None:
         if self._mm is not None:
             self._mm.madvise(mmap.MADV_DONTNEED)
