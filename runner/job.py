@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 
 from runner import __version__, dtypes, lora, plan as planner, strategy as strat
 from runner.config import JobConfig
-from runner.errors import ConfigError, PlanError
+from runner.errors import ConfigError
 from runner.execute import LocalPool, SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.registry import output_format
@@ -172,12 +172,10 @@ def reconcile_names(job: Job) -> None:
         if missing:
             warn(f"{len(missing)} parameters the strategy names are not in the checkpoint and are skipped: {planner._names(missing)}")
         return
-    parts = []
-    if unnamed:
-        parts.append(f"in the checkpoint but not the source strategy: {planner._names(unnamed)}")
-    if missing:
-        parts.append(f"in the source strategy but not the checkpoint: {planner._names(missing)}")
-    raise PlanError("source checkpoint and strategy disagree; " + "; ".join(parts))
+    raise planner.name_mismatch("source checkpoint and strategy disagree", {
+        "in the checkpoint but not the source strategy": set(unnamed),
+        "in the source strategy but not the checkpoint": set(missing),
+    })
 
 
 def prepare(cfg: JobConfig, source: Source | None = None,

@@ -72,15 +72,11 @@ Headers = Callable[[int], Mapping[str, TensorInfo]]
 
 def check_compatible(src: Strategy, dst: Strategy, cast_to: str | None = None) -> None:
     """Both strategies must describe the same parameters with the same global shapes."""
-    only_src = sorted(set(src.params) - set(dst.params))
-    only_dst = sorted(set(dst.params) - set(src.params))
-    if only_src or only_dst:
-        parts = []
-        if only_src:
-            parts.append(f"only in the source: {_names(only_src)}")
-        if only_dst:
-            parts.append(f"only in the destination strategy: {_names(only_dst)}")
-        raise PlanError("source and destination name different parameters; " + "; ".join(parts))
+    if set(src.params) != set(dst.params):
+        raise name_mismatch("source and destination name different parameters", {
+            "only in the source": set(src.params) - set(dst.params),
+            "only in the destination strategy": set(dst.params) - set(src.params),
+        })
     for name, s in src.params.items():
         d = dst.params[name]
         if s.shape != d.shape:
@@ -105,6 +101,11 @@ def check_headers(src: Strategy, headers: Mapping[int, Mapping[str, TensorInfo]]
             if info.dtype != p.dtype or info.shape not in (box, p.stored()):
                 raise PlanError(f"parameter {name}: source rank {rank} stores {list(info.shape)} {info.dtype}, "
                                 f"but its layout gives the box {list(box)} {p.dtype}")
+
+
+def name_mismatch(head: str, groups: Mapping[str, set[str]]) -> PlanError:
+    """One error line for name sets that should match: each non-empty group, named."""
+    return PlanError(head + "; " + "; ".join(f"{label}: {_names(sorted(names))}" for label, names in groups.items() if names))
 
 
 def _names(names: list[str], most: int = 5) -> str:

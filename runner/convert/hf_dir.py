@@ -4,7 +4,6 @@ config and tokenizer files copied from the reference HF folder."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
