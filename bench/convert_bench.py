@@ -124,7 +124,7 @@ def main() -> None:
                            capture_output=True, text=True)
     print(f"model: {size / 1e9:.2f} GB bf16 (hidden {HIDDEN}, {BENCH_LAYERS} layers, ffn {FFN}, vocab {VOCAB}); largest tensor "
           f"{VOCAB * HIDDEN * 2 / 1e6:.0f} MB")
-    print(f"| run | time s | peak RssAnon MB | peak VmRSS MB |\n|---|---|---|---|")
+    print("| run | time s | peak RssAnon MB | peak VmRSS MB |\n|---|---|---|---|")
     for label, t, anon, rss in rows:
         print(f"| {label} | {t:.1f} | {anon / 1e6:.0f} | {rss / 1e6:.0f} |")
     print(f"round trip: {check.stdout.strip() or check.stderr.strip()}")

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from runner.errors import LayoutError, PlanError
 from runner.formats.base import TensorInfo
-from runner.layout import Box, ParamLayout, intersect
+from runner.layout import Box, intersect
 from runner.plan import ReadItem, plan_rank
 from runner.strategy import Strategy, parse_native
 from tests import oracle
