@@ -176,3 +176,22 @@ def test_example_configs_run(models, tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     for name in ("mindformers_to_megatron.yaml", "megatron_reshard.yaml"):
         assert config.load(root / name).output_format == "megatron"
+
+
+def test_megatron_optimizer_and_rng_state_are_dropped_with_a_note(models, tmp_path, capsys):
+    """Issue 6: a Megatron source's optimizer and rng entries are not converted, and the job says so."""
+    mg = tmp_path / "mg"
+    assert run(load_checkpoint=str(models["llama"]), output_format="megatron", output_dir=str(mg)) == 0
+    for path in (mg / "transformed_checkpoint").glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        doc = torch.load(path, weights_only=False)
+        doc["optimizer"] = {"state": {0: {"exp_avg": torch.zeros(3)}}}
+        doc["rng_state"] = [{"torch_rng_state": torch.get_rng_state()}]
+        torch.save(doc, path)
+    capsys.readouterr()
+    assert run(load_checkpoint=str(mg / "transformed_checkpoint"), output_format="hf",
+               reference_hf_dir=str(models["llama"]), output_dir=str(tmp_path / "back")) == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "not converted" in line)
+    assert "optimizer" in warning and "rng_state" in warning
+    back = hf_tensors(tmp_path / "back/transformed_checkpoint")
+    want = hf_tensors(models["llama"])
+    assert sorted(back) == sorted(want) and all(torch.equal(back[n], want[n]) for n in want)

@@ -149,6 +149,13 @@ class MegatronInput:
         s = megatron_strategy(infos, lay, spec.num_layers)
         names = {r: mf.file_names(r, s.params_of_rank(r), spec.num_layers, spec.experts > 0) for r in s.ranks}
         source = MegatronSource(Path(root), "megatron", {r: (p,) for r, p in mf.files.items()}, names)
+        first = source.open(s.ranks[0])
+        try:
+            if first.dropped:
+                warn(f"{', '.join(first.dropped)} in {mf.files[s.ranks[0]].parent.name}/ and its sibling rank files "
+                     "are not converted: only the model's weights are")
+        finally:
+            first.close()
         return MegatronInput(mf, spec, nmap, infos, s, source, reference)
 
     def pool(self, recipes: dict[str, rows.Recipe]) -> rows.RecipePool:
