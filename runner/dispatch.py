@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from runner.config import JobConfig
-from runner.errors import ConfigError
 
 
 def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
@@ -29,14 +28,8 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
 
 
 def is_conversion(cfg: JobConfig) -> bool:
-    """Whether the job converts between ecosystems: HF / Megatron / MindFormers (SPEC 6)."""
+    """Whether the job converts between ecosystems: HF / Megatron / MindFormers (SPEC 6).
+    A LoRA merge rides along either way (runner.lora in the core, HFInput in conversions)."""
     from runner.convert import wants_conversion
 
-    # a LoRA merge into per-rank files reads any source the core reads, HF folders too
-    merge_only = cfg.lora is not None and cfg.output_format in ("safetensors", "ckpt")
-    if merge_only or not wants_conversion(cfg):
-        return False
-    if cfg.lora is not None:
-        raise ConfigError(f"lora: a merge cannot convert to output_format {cfg.output_format} yet; "
-                          "merge to safetensors first, then convert the merged checkpoint")
-    return True
+    return wants_conversion(cfg)

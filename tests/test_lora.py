@@ -153,8 +153,27 @@ def test_peft_llama(tmp_path: Path, capsys) -> None:
     want = peft_case(tmp_path, tiny_llama(), peft.LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     check_against_peft(tmp_path, capsys, want, base_path="base_hf")
+    # merging while converting (SPEC 7: `output_format: hf` and Megatron) gives the same tensors
+    core = merged_file(tmp_path / "out")
     code, err = run(tmp_path, capsys, load_checkpoint="base_hf", lora={"adapter": "adapter"}, output_format="hf", output_dir="hf")
-    assert code == 2 and "merge to safetensors first" in err, err
+    assert code == 0, err
+    assert_same(load_file(str(tmp_path / "hf/transformed_checkpoint/model-00001-of-00001.safetensors")), core)
+    code, err = run(tmp_path, capsys, load_checkpoint="base_hf", lora={"adapter": "adapter"}, output_format="megatron",
+                    parallel_config={"model_parallel": 2, "pipeline_stage": 2}, output_dir="mg")
+    assert code == 0, err
+    code, err = run(tmp_path, capsys, load_checkpoint="mg/transformed_checkpoint", output_format="hf",
+                    reference_hf_dir="base_hf", output_dir="back")
+    assert code == 0, err
+    assert_same(load_file(str(tmp_path / "back/transformed_checkpoint/model-00001-of-00001.safetensors")), core)
+    code, err = run(tmp_path, capsys, load_checkpoint="mg/transformed_checkpoint", lora={"adapter": "adapter"},
+                    output_format="hf", reference_hf_dir="base_hf", output_dir="refused")
+    assert code == 2 and "convert the Megatron checkpoint to HF first" in err, err
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
 
 
 def test_peft_llama_rslora_patterns_and_embeddings(tmp_path: Path, capsys) -> None:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import __version__, dtypes, plan as planner, strategy as strat
+from runner import __version__, dtypes, lora as lora_merge, plan as planner, strategy as strat
 from runner.config import JobConfig
 from runner.convert import hf_dir, megatron_names as mn, mindformers, rows
 from runner.convert.llama import NameMap
@@ -28,7 +28,8 @@ from runner.errors import ConfigError, FormatError
 from runner.execute import LocalPool, WrittenFile, tensor_bits, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat
-from runner.layout import ParamLayout
+from runner.layout import Box, ParamLayout
+from runner.plan import ReadItem
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
 from runner.strategy import Strategy
@@ -75,6 +76,7 @@ class HFInput:
     infos: dict[str, TensorInfo]  # by HF name
     stored_as: Callable[[str], str]  # HF name -> name in the files
     reference: Path | None
+    lora: lora_merge.LoraMerge | None = None  # adapters merged into the weights as they are read
 
     @staticmethod
     def open(cfg: JobConfig, source: Source) -> "HFInput":
@@ -83,6 +85,13 @@ class HFInput:
             held = dict(reader.tensors())
         finally:
             reader.close()
+        merge = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}) if cfg.lora is not None else None
+        inp = HFInput._open(cfg, source, held)
+        inp.lora = merge
+        return inp
+
+    @staticmethod
+    def _open(cfg: JobConfig, source: Source, held: dict[str, TensorInfo]) -> "HFInput":
         if mindformers.looks_like_mindformers(held):
             if not cfg.reference_hf_dir:
                 raise ConfigError("a MindFormers checkpoint carries no model sizes: set reference_hf_dir to the model's HF folder (its config.json)")
@@ -110,16 +119,42 @@ class HFInput:
                 raise FormatError(f"{self.source.root}: tensor {n} has shape {list(self.infos[n].shape)}, config.json implies {list(shape)}")
 
     def pool(self, recipes: dict[str, rows.Recipe]) -> rows.RecipePool:
-        reader = self.source.open(0)
-        return rows.RecipePool(recipes, lambda n: reader.array(self.stored_as(n)), owned=reader)
+        if self.lora is None:
+            reader = self.source.open(0)
+            return rows.RecipePool(recipes, lambda n: reader.array(self.stored_as(n)), owned=reader)
+        merged = MergedTensors(lora_merge.wrap(LocalPool(self.source), self.lora), self.infos, self.stored_as)
+        return rows.RecipePool(recipes, merged, owned=merged)
 
     kind = "hf"
 
     def digest_doc(self) -> dict:
-        return {"hf": {n: [t.dtype, list(t.shape)] for n, t in sorted(self.infos.items())}}
+        doc = {"hf": {n: [t.dtype, list(t.shape)] for n, t in sorted(self.infos.items())}}
+        return {**doc, "lora": self.lora.describe()} if self.lora else doc
 
     def files(self) -> list[Path]:
-        return list(self.source.files[0])
+        return list(self.source.files[0]) + (self.lora.files if self.lora else [])
+
+
+class MergedTensors:
+    """Whole HF tensors with their LoRA adapters merged (runner.lora); keeps the last
+    one, since consecutive reads come from the same tensor (q, k, v of one layer)."""
+
+    def __init__(self, pool, infos: dict[str, TensorInfo], stored_as: Callable[[str], str]):
+        self.pool, self.infos, self.stored_as = pool, infos, stored_as
+        self._last: tuple[str, object] | None = None
+
+    def __call__(self, name: str):
+        if self._last is None or self._last[0] != name:
+            whole = Box((0,) * len(self.infos[name].shape), self.infos[name].shape)
+            self._last = (name, self.pool.region(ReadItem(0, self.stored_as(name), whole, whole)))
+        return self._last[1]
+
+    def release(self) -> None:
+        self.pool.release()
+
+    def close(self) -> None:
+        self._last = None
+        self.pool.close()
 
 
 @dataclass
@@ -134,6 +169,8 @@ class MegatronInput:
 
     @staticmethod
     def open(cfg: JobConfig, root: Path) -> "MegatronInput":
+        if cfg.lora is not None:
+            raise ConfigError("lora: a merge reads HF folders and safetensors / ckpt checkpoints; convert the Megatron checkpoint to HF first, then merge")
         mf = MegatronFolder.open(root)
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else None
         ref_spec = read_hf_config(reference)[1] if reference else None
