@@ -10,7 +10,14 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
     if cfg.preprocess_data is not None:
         from runner.preprocess import run_preprocess
 
-        run_preprocess(cfg.preprocess_data, show_progress=show_progress)
+        done = run_preprocess(cfg.preprocess_data, show_progress=show_progress)
+        from runner.job import say
+
+        secs = max(done["seconds"], 1e-9)
+        say(f"done: {done['documents']} documents, {done['tokens']} tokens, {done['bytes_in'] / 1e6:.1f} MB in "
+            f"{done['seconds']:.2f} s ({done['documents'] / secs:.0f} documents/s, {done['bytes_in'] / 1e6 / secs:.2f} MB/s)"
+            + (f", {done['skipped_lines']} bad lines skipped" if done["skipped_lines"] else "")
+            + f" -> {', '.join(done['files'])}")
         return 0
     from runner.mpi import launched_size
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -378,3 +379,18 @@ def test_import_loads_no_heavy_module():
     code = "import sys, runner.preprocess; print(sorted({'torch', 'megatron', 'tokenizers', 'sentencepiece', 'tqdm'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cli_runs_the_example_job_and_prints_a_summary(tmp_path, bpe, megatron):
+    """`autotrans run configs/preprocess.yaml key=value ...` end to end, as a user runs it."""
+    docs = [{"text": "model data parallel"}, {"text": "rank"}, {"text": "data"}]
+    _write_jsonl(tmp_path / "in.jsonl", docs)
+    r = subprocess.run([sys.executable, "-m", "runner", "run", str(REPO / "configs" / "preprocess.yaml"),
+                        f"preprocess_data.input={tmp_path}/in.jsonl", f"preprocess_data.tokenizer={bpe.path}",
+                        f"preprocess_data.output_prefix={tmp_path}/new/ds", "preprocess_data.json_keys=[text]",
+                        "preprocess_data.workers=1", "--no-progress"],
+                       cwd=tmp_path, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k not in ("INPUT", "JSON_KEYS", "WORKERS")})
+    assert r.returncode == 0, r.stderr
+    summary = r.stderr.strip().splitlines()[-1]
+    assert summary.startswith("autotrans: done: 3 documents,") and "documents/s" in summary, summary
+    assert _read_back(megatron, tmp_path / "new" / "ds_text_document")[0] == [bpe.encode(d["text"]) for d in docs]
