@@ -441,3 +441,19 @@ def test_two_hosts_in_network_namespaces(world, two_hosts):
                            "--mpi", two_hosts["mpi"], str(job), "--no-progress"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert outputs(out) == reference(world, "reshard")
+
+
+def test_conversion_under_mpi_equals_one_process(tmp_path):
+    """An HF -> Megatron conversion launched with mpiexec (rank 0 converts, the others
+    wait) writes the same bytes as a single-process run."""
+    pytest.importorskip("transformers")
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "llama")
+    keys = {"load_checkpoint": str(hf), "output_format": "megatron", "parallel_config": {"model_parallel": 2, "pipeline_stage": 2}}
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli_main(["run", str(job_file(tmp_path, "one", keys | {"output_dir": str(one)})), "--no-progress"]) == 0
+    proc = mpirun(["-n", 2, *autotrans(job_file(tmp_path, "two", keys | {"output_dir": str(two)}))])
+    assert proc.returncode == 0, proc.stderr
+    files = lambda out: {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "transformed_checkpoint").rglob("*.pt"))}
+    assert len(files(one)) == 4 and files(one) == files(two)

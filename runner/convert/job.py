@@ -406,10 +406,6 @@ def run_conversion(cfg: JobConfig, show_progress: bool = True) -> int:
 
     if not cfg.load_checkpoint:
         raise ConfigError("config key load_checkpoint is required")
-    from runner.mpi import launched_size
-
-    if launched_size() > 1:  # every rank would claim the same output folder
-        raise ConfigError("conversions (output_format megatron / hf / mindformers, HF or Megatron sources) run in one process; run without mpiexec")
     src = open_input(cfg)
     out = cfg.output_path / TRANSFORMED
     if cfg.output_format == "megatron":
