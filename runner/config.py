@@ -26,6 +26,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "parallel_config": ((dict,), {}, None),
     "parallel": ((dict,), {}, None),
     "model": ((dict,), {}, None),
+    "moe_config": ((dict,), {}, None),  # MindSpore Transformers keeps expert_num here
     "transform_process_num": ((int,), 1, None),
     "transform_by_rank": ((bool,), False, None),
     "shared_disk": ((str, bool), "auto", ("auto", True, False)),
@@ -95,6 +96,7 @@ class JobConfig:
     use_parallel: bool = True
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     model: Mapping[str, Any] = field(default_factory=dict)
+    moe_config: Mapping[str, Any] = field(default_factory=dict)
     transform_process_num: int = 1
     transform_by_rank: bool = False
     shared_disk: str | bool = "auto"

@@ -72,13 +72,14 @@ def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
 # -- model sizes and names ------------------------------------------------------------------------
 def model_env(cfg: JobConfig) -> tuple[Template, Env]:
     """The template and the values its expressions see: the source HF folder's
-    config.json, overridden by model.model_config, plus the parallel settings."""
+    config.json, overridden by a training YAML's moe_config, then by model.model_config,
+    plus the parallel settings."""
     model = cfg.model or {}
     mc = model.get("model_config") or {}
     if not isinstance(mc, dict):
         raise ConfigError("config key model.model_config: expected a mapping")
     hf = hf_config(Path(cfg.load_checkpoint)) if cfg.load_checkpoint and Path(cfg.load_checkpoint).is_dir() else {}
-    values = canonical_config(hf, mc)
+    values = canonical_config(hf, cfg.moe_config, mc)  # a training YAML's moe_config: expert_num ...
     template = resolve(model.get("arch"))
     for key, other in template.switch.items():
         v = values.get(key)

@@ -190,6 +190,9 @@ def test_mindformers_training_yaml_picks_qwen2_and_mixtral():
     assert "model.layers.0.attention.wq.bias" in qwen.params
     moe = generate(job(model={"arch": {"type": "LlamaForCausalLM"}, "model_config": {**LLAMA_MC, "expert_num": 4}}), None)
     assert moe.params["model.layers.0.feed_forward.ffn.w1.weight"].shape == (4, 48, 32)
+    # MindSpore Transformers' Mixtral YAMLs keep expert_num in a top-level moe_config
+    moe = generate(job(model={"arch": {"type": "LlamaForCausalLM"}, "model_config": LLAMA_MC}, moe_config={"expert_num": 4}), None)
+    assert moe.params["model.layers.0.feed_forward.ffn.w1.weight"].shape == (4, 48, 32)
 
 
 def test_unknown_arch_and_scheme_errors():
