@@ -128,6 +128,7 @@ def plan_rank(
 
     `extras`: entries no strategy names, copied whole from (source rank, header).
     `headers`: source rank -> its tensors' headers, to check every read against.
+    Tensors keep the source checkpoint's order when `headers` are known, else name order.
     `available`: which source ranks may be read (default all); replicas are chosen
     as the destination's own rank first, else spread by destination rank (reads_for);
     among `prefer`red ranks (those on this node, under MPI) when any holds the piece."""
@@ -142,9 +143,21 @@ def plan_rank(
         whole = Box((0,) * len(info.shape), info.shape)
         out = dtypes.cast_dtype(info.dtype, cast_to)
         tensors.append(TensorPlan(name, info.dtype, out, whole, info.shape, (ReadItem(src_rank, name, whole, whole),)))
+    if headers is not None:  # keep the source checkpoint's order, as MindSpore's transform does
+        order = source_order(headers, sorted({r.src_rank for t in tensors for r in t.reads}))
+        tensors.sort(key=lambda t: (order.get(t.name, len(order)), t.name))
     fp = FilePlan(rank, tuple(tensors))
     validate(fp, src, headers)
     return fp
+
+
+def source_order(headers: Headers, ranks: list[int]) -> dict[str, int]:
+    """Tensor name -> place of its first appearance in the given source ranks' files."""
+    order: dict[str, int] = {}
+    for r in ranks:
+        for name in headers(r):
+            order.setdefault(name, len(order))
+    return order
 
 
 def reads_for(src: Strategy, name: str, box: Box, dst_rank: int, available: Callable[[int], bool] | None,

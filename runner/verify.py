@@ -87,8 +87,9 @@ def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[st
     plan_a, plan_b = a.full_plan(common), b.full_plan(common)
     pool_a, pool_b = LocalPool(a.source), LocalPool(b.source)
     try:
-        for ta, tb in zip(plan_a.tensors, plan_b.tensors):
-            name = ta.name
+        b_by_name = {t.name: t for t in plan_b.tensors}  # each plan keeps its own file order
+        for ta in plan_a.tensors:
+            name, tb = ta.name, b_by_name[ta.name]
             want = dtypes.cast_dtype(ta.dtype, cast_to)
             if ta.box.sizes != tb.box.sizes or want != tb.dtype:
                 problems.append(f"{name}: A is {list(ta.box.sizes)} {want}, B is {list(tb.box.sizes)} {tb.dtype}")
