@@ -121,9 +121,6 @@ class RankReader:
         locate = getattr(self._owner[name], "locate", None)
         return locate(arr) if locate is not None else None
 
-    def file_of(self, name: str) -> Path:
-        return Path(self._owner[name].path)
-
     def release(self) -> None:
         for r in self._readers:
             r.release()

@@ -92,7 +92,6 @@ class MegatronFolder:
     args: argparse.Namespace
     naming: str
     impl: str
-    first_names: list[str] = field(default_factory=list)
 
     @staticmethod
     def open(root: Path) -> "MegatronFolder":
@@ -115,7 +114,7 @@ class MegatronFolder:
             raise FormatError(f"{ckdir}: args say TP {lay.tp} PP {lay.pp} EP {lay.ep}, but {', '.join(missing[:4])} "
                               f"{'is' if len(missing) == 1 else 'are'} missing ({len(missing)} of {lay.world_size})")
         naming, impl = detect_naming(names)
-        return MegatronFolder(Path(root), ckdir, lay, files, args, naming, impl, names)
+        return MegatronFolder(Path(root), ckdir, lay, files, args, naming, impl)
 
     @property
     def iteration(self) -> str:
