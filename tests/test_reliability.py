@@ -170,6 +170,37 @@ def test_sigkill_at_every_filesystem_call_then_rerun(tmp_path: Path) -> None:
     assert kept > 0  # some kill points fell after finished files, which were then kept
 
 
+
+def test_sigkill_during_a_conversion_then_rerun(tmp_path: Path) -> None:
+    """HF -> Megatron TP2 PP2 (staging files, torch.save, renames) killed at spread-out
+    filesystem calls: nothing incomplete under a final name, and every rerun ends with
+    the uninterrupted run's bytes."""
+    pytest.importorskip("transformers")
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "llama")
+
+    def cfg(out: Path) -> list[str]:
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(json.dumps({"load_checkpoint": str(hf), "output_format": "megatron", "output_dir": str(out),
+                                    "parallel_config": {"model_parallel": 2, "pipeline_stage": 2}}))
+        return ["run", str(path), "--no-progress"]
+
+    assert main(cfg(tmp_path / "ref")) == 0
+    ref = outputs(tmp_path / "ref")
+    assert sum(k.endswith(".pt") for k in ref) == 4
+    code, total = fork_run(cfg(tmp_path / "count"))
+    assert code == 0 and total > 20
+    for n in sorted({1 + i * (total - 1) // 24 for i in range(25)}):
+        out = tmp_path / f"k{n}"
+        code, _ = fork_run(cfg(out), kill_at=n)
+        assert code is None, f"the run was not killed at call {n}"
+        check_intact(out, ref)
+        code, _ = fork_run(cfg(out))
+        assert code == 0, f"rerun after a kill at call {n} failed"
+        assert outputs(out) == ref, f"kill at call {n}: rerun output differs from an uninterrupted run"
+        assert not [p for p in out.rglob("*" + execute.PARTIAL)], f"kill at call {n}: temporary files left"
+
 def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
     """Real processes (the CLI plus transform_process_num workers) killed at spread-out
     moments; every rerun ends with the uninterrupted run's bytes."""

@@ -220,7 +220,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
     iteration) plus `model`, whose tensors are views of a temporary safetensors file."""
     import torch
 
-    staging = path.with_name(path.name + ".tensors")  # not the final extension: never taken for output
+    staging = path.with_name(path.name + ".tensors" + PARTIAL)  # a temporary, named as every other one
     write_file(fp, pool, SafetensorsFormat(), staging)
     reader = SafetensorsReader(staging)
     tmp = path.with_name(path.name + PARTIAL)
