@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -22,12 +23,21 @@ class Checkpoint:
     source: Source
     strategy: Strategy
     headers: dict
+    make_pool: Callable[[], object] | None = None  # for sources read through a conversion
+
+    def pool(self):
+        return self.make_pool() if self.make_pool is not None else LocalPool(self.source)
 
     @staticmethod
     def open(path: str | Path, strategy_path: str | Path = "") -> "Checkpoint":
         from runner.job import read_headers
 
         source = discover(Path(path))
+        if source.kind == "megatron":  # compared under HF names, as the conversion reads it
+            from runner.convert.job import megatron_as_hf
+
+            infos, make_pool = megatron_as_hf(Path(path))
+            return Checkpoint(source, Strategy.full(infos), {0: infos}, make_pool)
         headers = read_headers(source)
         if not strategy_path and source.kind == "distributed":
             guess = Path(path).resolve().parent / "strategy"
@@ -60,6 +70,8 @@ def replica_differences(c: Checkpoint, label: str) -> list[str]:
             p = c.strategy.params[name]
             for cell, positions in sorted(p.holders().items()):
                 ranks = sorted({c.strategy.rank_at(s, pos) for s in p.stages for pos in positions})
+                if len(ranks) < 2:
+                    continue
                 first = pool.reader(ranks[0]).array(name)
                 for r in ranks[1:]:
                     other = pool.reader(r).array(name)
@@ -85,7 +97,7 @@ def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[st
             problems.append(f"only in B: {planner._names(sorted(names_b - names_a))}")
     common = sorted(names_a & names_b)
     plan_a, plan_b = a.full_plan(common), b.full_plan(common)
-    pool_a, pool_b = LocalPool(a.source), LocalPool(b.source)
+    pool_a, pool_b = a.pool(), b.pool()
     try:
         b_by_name = {t.name: t for t in plan_b.tensors}  # each plan keeps its own file order
         for ta in plan_a.tensors:

@@ -195,3 +195,25 @@ def test_megatron_optimizer_and_rng_state_are_dropped_with_a_note(models, tmp_pa
     back = hf_tensors(tmp_path / "back/transformed_checkpoint")
     want = hf_tensors(models["llama"])
     assert sorted(back) == sorted(want) and all(torch.equal(back[n], want[n]) for n in want)
+
+
+def test_verify_compares_hf_and_megatron_folders(models, tmp_path, capsys):
+    """`autotrans verify HF MEGATRON` reads the Megatron side under HF names (SPEC 10:
+    whatever their formats); a changed Megatron weight is named by its HF name."""
+    from runner.cli import main
+
+    mg = tmp_path / "mg"
+    assert run(load_checkpoint=str(models["qwen2"]), output_format="megatron", output_dir=str(mg),
+               parallel_config={"model_parallel": 2, "pipeline_stage": 2}) == 0
+    folder = mg / "transformed_checkpoint"
+    assert main(["verify", str(models["qwen2"]), str(folder)]) == 0
+    path = folder / "iter_0000001/mp_rank_01_001/model_optim_rng.pt"
+    doc = torch.load(path, weights_only=False)
+    key = next(k for k in doc["model"] if k.endswith("linear_fc2.weight"))
+    doc["model"][key] = doc["model"][key].clone()
+    doc["model"][key][0, 0] += 1
+    torch.save(doc, path)
+    capsys.readouterr()
+    assert main(["verify", str(models["qwen2"]), str(folder)]) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "differ" in first and "mlp.down_proj.weight" in first, first

@@ -334,6 +334,23 @@ def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], spec: Mode
     return Strategy(src.strategy.stages, params, "native"), lambda: src.pool(recipes)
 
 
+def megatron_hf_recipes(src: MegatronInput) -> tuple[dict[str, TensorInfo], dict[str, rows.Recipe]]:
+    """HF tensors (by HF name) and how to build each from the Megatron logical tensors."""
+    dtype = next(iter(src.infos.values())).dtype
+    infos = _infos(src.nmap.hf_shapes, lambda n: dtype)
+    return infos, rows.backward(src.nmap.links, infos, src.infos)
+
+
+def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows.RecipePool]]:
+    """A Megatron folder seen as whole tensors under HF names (`autotrans verify`):
+    the tensors, and a pool factory serving them."""
+    from runner.config import from_mapping
+
+    src = MegatronInput.open(from_mapping({"load_checkpoint": str(path), "output_format": "hf"}), Path(path))
+    infos, recipes = megatron_hf_recipes(src)
+    return infos, lambda: src.pool(recipes)
+
+
 def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target:
     """HF folder (shards + index) or MindFormers files (rank layout of the core job)."""
     spec = src.spec
@@ -344,9 +361,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target
         recipes = {n: rows.Recipe(t.shape, t.dtype, 1, (rows.Block(n, 0, t.shape[0]),)) for n, t in infos.items()}
     else:
         nmap = src.nmap
-        dtype = next(iter(src.infos.values())).dtype
-        infos = _infos(nmap.hf_shapes, lambda n: dtype)
-        recipes = rows.backward(nmap.links, infos, src.infos)
+        infos, recipes = megatron_hf_recipes(src)
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if cfg.output_format == "mindformers":
         return _mindformers_target(cfg, src, infos, recipes, cast_to, out)
