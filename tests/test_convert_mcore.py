@@ -1,4 +1,4 @@
-"""Oracle: the TP1 PP1 output of a tiny Llama loads with strict=True into
+"""Oracle: the TP1 PP1 and TP2 outputs of a tiny Llama load with strict=True into
 Megatron-Core's GPTModel (local layer spec, built on the CPU), and its logits match
 transformers' on the HF model it came from."""
 
@@ -28,41 +28,107 @@ def mcore_cpu(monkeypatch):
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    monkeypatch.setattr(mrandom.CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext())
+    for obj, name, value in cpu_patches(mrandom):
+        monkeypatch.setattr(obj, name, value)
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
-def test_gpt_model_loads_strict_and_matches_transformers(tmp_path, mcore_cpu):
+def cpu_patches(mrandom) -> list:
+    """(object, attribute, value): what lets GPTModel run on the CPU."""
+    return [(torch.cuda, "current_device", lambda: "cpu"),
+            (mrandom.CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext())]
+
+
+def gpt_from_args(a, rms_eps: float, **kw):
+    """Megatron-Core's GPTModel (local layer spec) for a checkpoint's args."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    cfg = TransformerConfig(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
+        normalization="RMSNorm", layernorm_epsilon=rms_eps, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=torch.float32, use_cpu_initialization=True, tensor_model_parallel_size=a.tensor_model_parallel_size,
+    )
+    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=a.padded_vocab_size, max_sequence_length=64,
+                    position_embedding_type="rope", rotary_base=int(a.rotary_base),
+                    share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights, **kw)
+
+
+IDS = [[1, 7, 42, 99, 3, 120, 5, 8, 299, 0]]
+
+
+def forward(model):
+    ids = torch.tensor(IDS)
+    causal = torch.triu(torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool), diagonal=1)  # True = masked
+    model.eval()
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1])[None], causal)
+
+
+def test_gpt_model_loads_strict_and_matches_transformers(tmp_path, mcore_cpu):
     hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
     assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
     doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     a, c = doc["args"], FAMILIES["llama"]
-    cfg = TransformerConfig(
-        num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
-        num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
-        normalization="RMSNorm", layernorm_epsilon=c["rms_norm_eps"], gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        params_dtype=torch.float32, use_cpu_initialization=True,
-    )
-    model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=a.padded_vocab_size, max_sequence_length=64,
-                     position_embedding_type="rope", rotary_base=int(a.rotary_base),
-                     share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights)
+    model = gpt_from_args(a, c["rms_norm_eps"])
     result = model.load_state_dict(doc["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    model.eval()
-    ids = torch.tensor([[1, 7, 42, 99, 3, 120, 5, 8, 299, 0]])
-    causal = torch.triu(torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool), diagonal=1)  # True = masked
-    with torch.no_grad():
-        got = model(ids, torch.arange(ids.shape[1])[None], causal)
-    want = logits(hf, "llama", ids)
+    got = forward(model)
+    want = logits(hf, "llama", torch.tensor(IDS))
     assert got.shape[-1] == a.padded_vocab_size
     # same weights, different kernels (fused QKV, batched SwiGLU): fp32 rounding only
     torch.testing.assert_close(got[..., : c["vocab_size"]], want, rtol=1e-4, atol=1e-5)
     assert torch.argmax(got[..., : c["vocab_size"]], -1).tolist() == torch.argmax(want, -1).tolist()
+
+
+TP_WORKER = """
+import sys, torch, torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as mrandom
+from tests.test_convert_mcore import cpu_patches, forward, gpt_from_args
+rank, port, ckpt, out, eps = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+parallel_state.initialize_model_parallel(2, 1)
+for obj, name, value in cpu_patches(mrandom):
+    setattr(obj, name, value)
+doc = torch.load(f"{ckpt}/iter_0000001/mp_rank_{rank:02d}/model_optim_rng.pt", weights_only=False)
+model = gpt_from_args(doc["args"], eps, parallel_output=False)
+result = model.load_state_dict(doc["model"], strict=True)
+assert not result.missing_keys and not result.unexpected_keys, result
+got = forward(model)
+if rank == 0:
+    torch.save(got, out)
+dist.destroy_process_group()
+"""
+
+
+def test_tensor_parallel_2_loads_strict_per_rank_and_matches_transformers(tmp_path):
+    """The TP2 output in a real 2-process tensor-parallel GPTModel (gloo on the CPU):
+    each rank loads its own file strictly, and the gathered logits equal transformers'."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
+    out = tmp_path / "m" / "transformed_checkpoint"
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local",
+               parallel_config={"model_parallel": 2}, output_dir=str(tmp_path / "m")) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    eps = FAMILIES["llama"]["rms_norm_eps"]
+    root = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", TP_WORKER, str(r), str(port), str(out), str(tmp_path / "logits.pt"), str(eps)],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    got = torch.load(tmp_path / "logits.pt")
+    want = logits(hf, "llama", torch.tensor(IDS))
+    vocab = FAMILIES["llama"]["vocab_size"]
+    torch.testing.assert_close(got[..., :vocab], want, rtol=1e-4, atol=1e-5)
