@@ -51,7 +51,8 @@ def gpt_from_args(a, rms_eps: float, **kw):
         num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
         num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
         normalization="RMSNorm", layernorm_epsilon=rms_eps, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=a.add_qkv_bias,
+        hidden_dropout=0.0, attention_dropout=0.0,
         params_dtype=torch.float32, use_cpu_initialization=True, tensor_model_parallel_size=a.tensor_model_parallel_size,
     )
     return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=a.padded_vocab_size, max_sequence_length=64,
@@ -59,7 +60,7 @@ def gpt_from_args(a, rms_eps: float, **kw):
                     share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights, **kw)
 
 
-IDS = [[1, 7, 42, 99, 3, 120, 5, 8, 299, 0]]
+IDS = [[1, 7, 42, 99, 3, 120, 5, 8, 149, 0]]  # within every test family's vocabulary
 
 
 def forward(model):
@@ -107,21 +108,22 @@ dist.destroy_process_group()
 """
 
 
-def test_tensor_parallel_2_loads_strict_per_rank_and_matches_transformers(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # GQA + untied; qkv bias + tied embeddings
+def test_tensor_parallel_2_loads_strict_per_rank_and_matches_transformers(tmp_path, family):
     """The TP2 output in a real 2-process tensor-parallel GPTModel (gloo on the CPU):
     each rank loads its own file strictly, and the gathered logits equal transformers'."""
     import subprocess
     import sys
     from pathlib import Path
 
-    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
+    hf = make_hf(tmp_path / "hf", family, dtype=torch.float32)
     out = tmp_path / "m" / "transformed_checkpoint"
     assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local",
                parallel_config={"model_parallel": 2}, output_dir=str(tmp_path / "m")) == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    eps = FAMILIES["llama"]["rms_norm_eps"]
+    eps = FAMILIES[family]["rms_norm_eps"]
     root = Path(__file__).resolve().parent.parent
     procs = [subprocess.Popen([sys.executable, "-c", TP_WORKER, str(r), str(port), str(out), str(tmp_path / "logits.pt"), str(eps)],
                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
@@ -129,6 +131,6 @@ def test_tensor_parallel_2_loads_strict_per_rank_and_matches_transformers(tmp_pa
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
     got = torch.load(tmp_path / "logits.pt")
-    want = logits(hf, "llama", torch.tensor(IDS))
-    vocab = FAMILIES["llama"]["vocab_size"]
+    want = logits(hf, family, torch.tensor(IDS))
+    vocab = FAMILIES[family]["vocab_size"]
     torch.testing.assert_close(got[..., :vocab], want, rtol=1e-4, atol=1e-5)
