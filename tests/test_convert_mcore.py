@@ -134,3 +134,32 @@ def test_tensor_parallel_2_loads_strict_per_rank_and_matches_transformers(tmp_pa
     want = logits(hf, family, torch.tensor(IDS))
     vocab = FAMILIES[family]["vocab_size"]
     torch.testing.assert_close(got[..., :vocab], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied; tied (the last stage holds its own copy)
+def test_pipeline_stages_load_strict_and_chain_to_transformers_logits(tmp_path, mcore_cpu, family):
+    """The TP1 PP2 output: each stage file loads strictly into its stage of GPTModel
+    (first: embeddings + its layers; last: its layers, final norm, output layer; layer
+    numbers local to the stage), and the stages chained give transformers' logits."""
+    import argparse
+
+    hf = make_hf(tmp_path / "hf", family, dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local",
+               parallel_config={"pipeline_stage": 2}, output_dir=str(tmp_path / "m")) == 0
+    folder = tmp_path / "m" / "transformed_checkpoint" / "iter_0000001"
+    docs = [torch.load(folder / f"mp_rank_00_{pp:03d}" / "model_optim_rng.pt", weights_only=False) for pp in range(2)]
+    a, c = docs[0]["args"], FAMILIES[family]
+    per_stage = a.num_layers // 2
+    stages = []
+    for pp, doc in enumerate(docs):
+        stage_args = argparse.Namespace(**{**vars(a), "num_layers": per_stage})
+        model = gpt_from_args(stage_args, c["rms_norm_eps"], pre_process=pp == 0, post_process=pp == 1)
+        result = model.load_state_dict(doc["model"], strict=True)
+        assert not result.missing_keys and not result.unexpected_keys, (pp, result)
+        stages.append(model)
+    ids = torch.tensor(IDS)
+    hidden = forward(stages[0])
+    stages[1].set_input_tensor(hidden)
+    got = forward(stages[1])
+    want = logits(hf, family, ids)
+    torch.testing.assert_close(got[..., : c["vocab_size"]], want, rtol=1e-4, atol=1e-5)
