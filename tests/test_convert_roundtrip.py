@@ -204,7 +204,8 @@ def test_verify_compares_hf_and_megatron_folders(models, tmp_path, capsys):
 
     mg = tmp_path / "mg"
     assert run(load_checkpoint=str(models["qwen2"]), output_format="megatron", output_dir=str(mg),
-               parallel_config={"model_parallel": 2, "pipeline_stage": 2}) == 0
+               parallel_config={"model_parallel": 2, "pipeline_stage": 2}, verify=True) == 0
+    assert "source and output are bit-identical" in capsys.readouterr().out  # verify: true in the job
     folder = mg / "transformed_checkpoint"
     assert main(["verify", str(models["qwen2"]), str(folder)]) == 0
     path = folder / "iter_0000001/mp_rank_01_001/model_optim_rng.pt"
