@@ -124,3 +124,11 @@ def du(path: Path) -> int:
 
 def python() -> str:
     return sys.executable
+
+
+def print_ratios(rows: list[tuple[str, float, int]], floor: float, floor_name: str = "cp -r + sync") -> None:
+    """A markdown table: method, median wall s, ratio to the floor, peak RSS MB."""
+    print(f"| method | wall s | x ({floor_name}) | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for name, t, rss in rows:
+        print(f"| {name} | {t:.2f} | {t / floor:.2f} | {rss / 1e6:.0f} |")

@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bench_util import du, llama_weights, median_run, python, write_tp_checkpoint
+from bench_util import du, llama_weights, median_run, print_ratios, python, write_tp_checkpoint
 
 RANK, ALPHA = 16, 32
 
@@ -92,10 +92,7 @@ def main() -> None:
     floor = results[0][1]
     print(f"\nbase {base.stat().st_size / 1e9:.2f} GB bf16, adapter r={RANK} on {7 * 8} linear layers "
           f"({du(root / 'adapter') / 1e6:.1f} MB fp32); median of {args.runs} run(s)\n")
-    print("| method | wall s | x cp+sync | peak RSS MB |")
-    print("|---|---:|---:|---:|")
-    for name, t, rss in results:
-        print(f"| {name} | {t:.2f} | {t / floor:.2f} | {rss / 1e6:.0f} |")
+    print_ratios(results, floor, "cp + sync")
     clean()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 
-from bench_util import du, llama_weights, median_run, python, reshard_inputs
+from bench_util import du, llama_weights, median_run, print_ratios, python, reshard_inputs
 
 NAIVE = r"""
 import sys, torch
@@ -58,10 +58,7 @@ def main() -> None:
     largest = max(2 * s[0] * (s[1] if len(s) > 1 else 1) for s, _ in llama_weights().values())
     print(f"\nsource {size / 1e9:.2f} GB bf16 (2-way model parallel) -> 4-way; median of {runs} runs; "
           f"largest tensor {largest / 1e6:.0f} MB\n")
-    print("| method | wall s | x (cp -r + sync) | peak RSS MB |")
-    print("|---|---|---|---|")
-    for name, t, rss in rows:
-        print(f"| {name} | {t:.2f} | {t / cp_sync[0]:.2f} | {rss / 1e6:.0f} |")
+    print_ratios(rows, cp_sync[0])
     clean()
 
 
