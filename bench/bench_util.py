@@ -72,21 +72,29 @@ def write_tp_strategy(root: Path, tp: int) -> Path:
     return sdir
 
 
-def reshard_inputs() -> tuple[int, Path]:
-    """The --runs and --dir options of the reshard benches, and the bench checkpoint
-    (2-way, with its strategy and a 4-way one) under --dir, built on first use."""
+def bench_inputs(default_dir: str, marker: str, build, extra=lambda ap: None):
+    """Parse --runs and --dir (plus `extra(ap)` options), and build the bench's inputs
+    under --dir with `build(root)` unless `marker` shows an earlier run built them."""
     import argparse
     import shutil
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dir", default="/tmp/autotrans-bench")
+    ap.add_argument("--dir", default=default_dir)
+    extra(ap)
     args = ap.parse_args()
     root = Path(args.dir)
-    if not (root / "ckpt/rank_1").exists():
+    if not (root / marker).exists():
         shutil.rmtree(root, ignore_errors=True)
-        print("building the bench checkpoint ...", flush=True)
-        write_tp_checkpoint(root, 2)
+        print("building the bench inputs ...", flush=True)
+        build(root)
+    return args, root
+
+
+def reshard_inputs() -> tuple[int, Path]:
+    """The options of the reshard benches, and the bench checkpoint (2-way, with its
+    strategy and a 4-way one) under --dir, built on first use."""
+    args, root = bench_inputs("/tmp/autotrans-bench", "ckpt/rank_1", lambda r: write_tp_checkpoint(r, 2))
     write_tp_strategy(root, 4)
     return args.runs, root
 

@@ -13,12 +13,11 @@ Prints a markdown table of median wall times, ratios to cp and peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
-from bench_util import du, llama_weights, median_run, print_ratios, python, write_tp_checkpoint
+from bench_util import bench_inputs, du, llama_weights, median_run, print_ratios, python, write_tp_checkpoint
 
 RANK, ALPHA = 16, 32
 
@@ -63,15 +62,7 @@ def write_inputs(root: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dir", default="/tmp/autotrans-bench-lora")
-    args = ap.parse_args()
-    root = Path(args.dir)
-    if not (root / "adapter/adapter_config.json").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        print("building the bench checkpoint and adapter ...", flush=True)
-        write_inputs(root)
+    args, root = bench_inputs("/tmp/autotrans-bench-lora", "adapter/adapter_config.json", write_inputs)
     out = root / "out"
     base = root / "base.safetensors"
     job = root / "job.yaml"

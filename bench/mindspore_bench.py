@@ -13,13 +13,12 @@ median wall times, peak RSS and the ratios MindSpore / autotrans.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 
-from bench_util import du, median_run, python, write_tp_checkpoint, write_tp_strategy
+from bench_util import bench_inputs, du, median_run, python, write_tp_checkpoint, write_tp_strategy
 
 MINDSPORE = """
 import sys, mindspore as ms
@@ -72,16 +71,8 @@ def same_tensors(a: Path, b: Path, ranks: int) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--ms-runs", type=int, default=1, help="MindSpore takes ~30 s a run")
-    ap.add_argument("--dir", default="/tmp/autotrans-msbench")
-    args = ap.parse_args()
-    root = Path(args.dir)
-    if not (root / "ckpt/rank_1").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        print("building the bench checkpoint ...", flush=True)
-        build(root)
+    args, root = bench_inputs("/tmp/autotrans-msbench", "ckpt/rank_1", build, lambda ap: ap.add_argument(
+        "--ms-runs", type=int, default=1, help="MindSpore takes ~30 s a run"))
     ckpt, size = root / "ckpt", du(root / "ckpt")
     src_s, dst_s = root / "ms_strategy_tp2" / "ckpt_strategy_rank_0.ckpt", root / "ms_strategy_tp4" / "ckpt_strategy_rank_0.ckpt"
     out, ms_out = root / "out", root / "ms_out"
