@@ -21,7 +21,7 @@ from runner import __version__, dtypes, lora as lora_merge, plan as planner, str
 from runner.config import JobConfig
 from runner.convert import hf_dir, megatron_names as mn, mindformers, rows
 from runner.convert.llama import NameMap
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, strategy as megatron_strategy
 from runner.convert.model import ModelSpec, from_megatron_args, hf_config, read_hf_config
 from runner.errors import ConfigError, FormatError
@@ -214,7 +214,7 @@ def _megatron_dtype(mf: MegatronFolder) -> str:
 
     r = TorchReader(mf.files[0])
     try:
-        kinds = {t.dtype for n, t in r.tensors().items() if n.startswith("model.")}
+        kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
     finally:
         r.close()
     if len(kinds) != 1:
@@ -300,7 +300,8 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
         names = {t.name: tuple(mn.file_names(t.name, stage_layers.start, cfg.transformer_impl, cfg.megatron_naming, moe, experts))
                  for t in fp.tensors}
         extra = [] if cfg.megatron_naming == "legacy" else \
-            mn.extra_state_names(stage_layers, stage_layers.start, cfg.transformer_impl, moe, experts)
+            mn.extra_state_names(stage_layers, stage_layers.start, cfg.transformer_impl, moe, experts,
+                                 lay.coords(rank)[1] == lay.pp - 1)
         return write_rank(fp, pool, path(rank), names, extra, head, cfg.megatron_naming == "legacy")
 
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
