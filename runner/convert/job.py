@@ -20,7 +20,7 @@ from typing import Callable
 from runner import __version__, dtypes, lora as lora_merge, plan as planner, strategy as strat
 from runner.config import JobConfig
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, renames, scheme_map
@@ -29,6 +29,7 @@ from runner.execute import LocalPool, WrittenFile, tensor_bits, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.layout import Box, ParamLayout
+from runner.log import say, warn
 from runner.plan import ReadItem
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
@@ -38,18 +39,6 @@ TRANSFORMED = "transformed_checkpoint"
 STRATEGY_DIR = "strategy"
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
 _IGNORABLE = (".rotary_emb.inv_freq",)
-
-
-def warn(msg: str) -> None:
-    from runner.job import warn as core_warn
-
-    core_warn(msg)
-
-
-def say(msg: str) -> None:
-    from runner.job import say as core_say
-
-    core_say(msg)
 
 
 def _infos(shapes: dict[str, tuple[int, ...]], dtype_of: Callable[[str], str]) -> dict[str, TensorInfo]:
@@ -75,7 +64,10 @@ class HFInput:
             held = dict(reader.tensors())
         finally:
             reader.close()
-        merge = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}) if cfg.lora is not None else None
+        merge = None
+        if cfg.lora is not None:
+            merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held})
+            held = base[0]
         inp = HFInput._open(cfg, source, held)
         inp.lora = merge
         return inp
@@ -212,7 +204,7 @@ def _megatron_dtype(mf: MegatronFolder) -> str:
 
     r = TorchReader(mf.files[0])
     try:
-        kinds = {t.dtype for n, t in r.tensors().items() if n.startswith("model.")}
+        kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
     finally:
         r.close()
     if len(kinds) != 1:
@@ -371,7 +363,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target
     def finish() -> None:
         hf_dir.write_index(out, shards, out_infos)
         out_dtype = next(iter(out_infos.values())).dtype
-        hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype), warn)
+        hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype))
 
     doc = {"to": "hf", "shards": shards, "reference": str(src.reference) if src.reference else None}
     return Target(full, list(range(len(shards))), lambda i: out / hf_dir.shard_name(i, len(shards)), write,
@@ -387,7 +379,7 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
     mf = {to_mf[n]: t for n, t in infos.items()}
     mf_recipes = {to_mf[n]: r for n, r in recipes.items()}
     full = Strategy.full(mf)
-    dst = destination_strategy(cfg, full)
+    dst, full = destination_strategy(cfg, full)
     planner.check_compatible(full, dst, cast_to)
 
     def path(rank: int) -> Path:
