@@ -117,6 +117,15 @@ def test_conversion_over_mpi_without_shared_disk(models, name):
     assert union == weight_files(ref)
 
 
+def test_conversion_split_over_local_workers(models):
+    """transform_process_num: local workers take shares of a conversion's units too."""
+    root = models["root"]
+    out = root / "workers"
+    keys = models["jobs"]["to_megatron"] | {"transform_process_num": 2, "output_dir": str(out)}
+    assert cli_main(["run", str(job_file(root, "workers", keys)), "--no-progress"]) == 0
+    assert unit_files(out) == unit_files(models["to_megatron"])
+
+
 # -- (b) plan covers conversions and LoRA merges ------------------------------------------------
 def pt_payload(path: Path) -> int:
     """Tensor bytes in a Megatron rank file, read by torch.load."""
