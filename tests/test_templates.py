@@ -148,6 +148,10 @@ def test_gpt2_conv1d_weights_become_megatron_rows(tmp_path):
         assert torch.equal(model["embedding.position_embeddings.weight"], src["transformer.wpe.weight"])
     args = files["mp_rank_00"]["args"]
     assert (args.normalization, args.position_embedding_type, args.add_bias_linear, args.swiglu) == ("LayerNorm", "learned_absolute", True, False)
+    # `autotrans inspect` names the template and scheme the checkpoint's names match
+    r = subprocess.run([sys.executable, "-m", "runner", "inspect", str(tmp_path / "m" / "transformed_checkpoint")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "(template gpt, megatron names)" in r.stdout.splitlines()[0], r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("edit,key", [

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from runner import dtypes
-from runner.convert.megatron_layout import MegatronLayout
-from runner.convert.model import Model
-from runner.errors import FormatError
+from runner.convert.megatron_layout import MegatronLayout, detect
+from runner.convert.model import Model, candidates, megatron_config
+from runner.errors import ConfigError, FormatError
 from runner.execute import PARTIAL, SlicePool, WrittenFile, fsync_dir, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
@@ -276,12 +276,22 @@ def write_iteration_marker(folder: Path, iteration: int) -> Path:
     return path
 
 
+def _naming(mf: MegatronFolder) -> str:
+    """The template and naming scheme whose names the first rank file holds."""
+    where = str(mf.files[0])
+    try:
+        model, scheme = detect(megatron_config(mf.args, where), candidates(None, None), mf.layout, mf.first_names, where)
+    except (ConfigError, FormatError) as e:
+        return f"names of no template: {e}"
+    return f"template {model.family}, {scheme} names"
+
+
 def describe_folder(path: Path) -> str:
     """`autotrans inspect` of a Megatron folder: layout, naming, sizes, files."""
     mf = MegatronFolder.open(Path(path))
     a = mf.args
     lines = [
-        f"megatron checkpoint {mf.ckdir}: "
+        f"megatron checkpoint {mf.ckdir} ({_naming(mf)}): "
         f"TP {mf.layout.tp} PP {mf.layout.pp} EP {mf.layout.ep}, {mf.layout.world_size} rank file(s)",
         f"model: {getattr(a, 'num_layers', '?')} layers, hidden {getattr(a, 'hidden_size', '?')}, "
         f"ffn {getattr(a, 'ffn_hidden_size', '?')}, heads {getattr(a, 'num_attention_heads', '?')}, "
