@@ -21,7 +21,7 @@ from runner import __version__, dtypes, lora as lora_merge, plan as planner, str
 from runner.config import JobConfig
 from runner.convert import hf_dir, megatron_names as mn, mindformers, rows
 from runner.convert.llama import NameMap
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, open_rank_file, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, strategy as megatron_strategy
 from runner.convert.model import ModelSpec, from_megatron_args, hf_config, read_hf_config
 from runner.errors import ConfigError, FormatError
@@ -210,9 +210,7 @@ class MegatronInput:
 
 
 def _megatron_dtype(mf: MegatronFolder) -> str:
-    from runner.formats.torch_pt import TorchReader
-
-    r = TorchReader(mf.files[0])
+    r = open_rank_file(mf.files[0])
     try:
         kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
     finally:

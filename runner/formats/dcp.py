@@ -40,6 +40,7 @@ _METADATA_CLASSES = {
     _DCP + "filesystem": ("_StorageInfo",),
     "torch.serialization": ("_get_layout",),
     "torch": ("Size",),
+    "pathlib": ("PosixPath", "PurePosixPath"),  # StorageMeta.checkpoint_id as the writer was given it
 }
 
 
