@@ -156,12 +156,13 @@ def test_torch_dist_to_hf_is_the_original_model(tmp_path, torch_dist, tp):
 
 
 def test_torch_dist_reshards_to_torch_format_and_verifies(tmp_path, torch_dist):
-    """torch_dist (saved at TP2) -> torch-format TP1 PP2 holds the same model (verify
+    """torch_dist (saved at TP2; local-spec norms under TransformerEngine's names, as
+    Megatron-Core saves them) -> torch-format TP1 PP2 holds the same model (verify
     compares both under HF names), and the iteration folder itself is a source."""
     from runner.verify import Checkpoint, compare
 
     folders, hf = torch_dist
-    assert run(load_checkpoint=str(folders[2] / "iter_0000001"), output_format="megatron", transformer_impl="local",
+    assert run(load_checkpoint=str(folders[2] / "iter_0000001"), output_format="megatron",
                parallel_config={"pipeline_stage": 2}, output_dir=str(tmp_path / "m")) == 0
     out = tmp_path / "m" / "transformed_checkpoint"
     assert sorted(p.name for p in (out / "iter_0000001").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
