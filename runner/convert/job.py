@@ -20,7 +20,7 @@ from typing import Callable
 from runner import __version__, dtypes, lora as lora_merge, plan as planner, strategy as strat
 from runner.config import JobConfig
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, open_rank_file, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
@@ -198,9 +198,7 @@ class MegatronInput:
 
 
 def _megatron_dtype(mf: MegatronFolder) -> str:
-    from runner.formats.torch_pt import TorchReader
-
-    r = TorchReader(mf.files[0])
+    r = open_rank_file(mf.files[0])
     try:
         kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
     finally:
