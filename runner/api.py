@@ -1,6 +1,7 @@
 """The Python API for training scripts (SPEC 3, `auto_trans_ckpt`):
 
     from runner.api import checkpoint_for_rank
+
     path = checkpoint_for_rank("train.yaml", rank)   # then load `path` on this rank
 
 Every rank of a training job may call it at once. The first to take the lock file
@@ -19,6 +20,9 @@ from typing import Any, Iterator, Mapping
 
 from runner import config
 from runner.errors import AutotransError, ConfigError
+from runner.job import needs_change
+from runner.outputs import OutputFolder
+from runner.run import LocalWorld, run
 
 LOCK = ".autotrans.lock"
 RANK_VARIABLES = ("RANK_ID", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -30,10 +34,6 @@ def checkpoint_for_rank(cfg: str | Path | Mapping[str, Any] | config.JobConfig, 
     when it already has the destination layout and format, else the transformed one
     (transformed first, once, if needed). `rank` defaults to RANK_ID / RANK from the
     environment, else 0. Raises AutotransError (exit_code 2 for a bad config)."""
-    from runner.job import needs_change
-    from runner.outputs import OutputFolder
-    from runner.run import LocalWorld, run
-
     cfg = _config(cfg, overrides)
     rank = _rank(rank)
     if cfg.only_save_strategy:

@@ -93,7 +93,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def load_job(path: str, overrides: list[str]):
     """The checked job; under mpiexec every rank reads it and a mistake is said once."""
     from runner import config
-    from runner.mpi import launched_size
+    from runner.launch import launched_size
 
     if launched_size() > 1:
         from runner.collective import Link

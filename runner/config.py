@@ -7,11 +7,13 @@ against the types below and errors name the key. Sections only the runner has
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from runner.errors import ConfigError
+from runner.preprocess import PREPROCESS_KEYS, validate_section as check_preprocess
 
 OUTPUT_FORMATS = ("safetensors", "ckpt", "hf", "megatron", "mindformers")
 
@@ -177,6 +179,23 @@ def check_section(section: str, raw: Any, keys: Mapping[str, tuple], required: t
     return out
 
 
+LORA_KEYS = {
+    "adapter": ((str, type(None)), ""),
+    "scaling": ((int, float, type(None)), None),
+}
+
+
+def check_lora(raw: Any) -> Mapping[str, Any]:
+    """Check the job's `lora:` section (unknown keys are errors naming `lora.<key>`)."""
+    out = check_section("lora", raw, LORA_KEYS)
+    out["adapter"] = out["adapter"] or ""
+    if out["scaling"] is not None:
+        out["scaling"] = float(out["scaling"])
+        if not math.isfinite(out["scaling"]):
+            raise ConfigError(f"config key lora.scaling: expected a finite number, got {out['scaling']}")
+    return out
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Read a job file plus `key=value` overrides into a checked JobConfig."""
     import yaml
@@ -237,12 +256,8 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
         raise ConfigError(f"config key prefix: {values['prefix']!r} must be a file name stem, without '/', '\\' or NUL")
     values["parallel_config"] = parallel
     if values["lora"] is not None:
-        from runner.lora import validate_section as check_lora
-
         values["lora"] = check_lora(values["lora"])
     if values["preprocess_data"] is not None:
-        from runner.preprocess import validate_section as check_preprocess
-
         values["preprocess_data"] = check_preprocess(values["preprocess_data"])
     return JobConfig(**values, source_file=source_file)
 
@@ -257,9 +272,6 @@ def _yaml_value(value: Any) -> str:
 
 def describe_keys() -> str:
     """The job keys with their defaults and allowed values, from the schemas (for --help)."""
-    from runner.lora import SECTION_KEYS as LORA_KEYS
-    from runner.preprocess import PREPROCESS_KEYS
-
     sections = {"parallel_config": PARALLEL_KEYS, "lora": LORA_KEYS}
     rows = []
     for key, (_types, default, allowed) in TOP_KEYS.items():

@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 from runner.config import JobConfig
+from runner.launch import launched_size
+from runner.log import say
+from runner.mpi import run_mpi
+from runner.preprocess import run_preprocess
+from runner.run import run
 
 
 def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
     """Run the job a config describes; the process exit code."""
     if cfg.preprocess_data is not None:
-        from runner.preprocess import run_preprocess
-
         done = run_preprocess(cfg.preprocess_data, show_progress=show_progress)
-        from runner.log import say
-
         secs = max(done["seconds"], 1e-9)
         say(f"done: {done['documents']} documents, {done['tokens']} tokens, {done['bytes_in'] / 1e6:.1f} MB in "
             f"{done['seconds']:.2f} s ({done['documents'] / secs:.0f} documents/s, {done['bytes_in'] / 1e6 / secs:.2f} MB/s)"
             + (f", {done['skipped_lines']} bad lines skipped" if done["skipped_lines"] else "")
             + f" -> {', '.join(done['files'])}")
         return 0
-    from runner.mpi import launched_size
-
     if launched_size() > 1:  # under mpiexec: every rank takes its share (SPEC 9)
-        from runner.mpi import run_mpi
-
         return run_mpi(cfg, show_progress)
-    from runner.run import run
-
     return run(cfg, show_progress)
 

@@ -27,6 +27,12 @@ class PlanError(AutotransError):
     """The transform plan failed validation; nothing was written."""
 
 
+def name_list(names: list[str], most: int = 5) -> str:
+    """Names for an error or warning line: the first `most`, then how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 def one_line(msg: str) -> str:
     """`msg` with control characters escaped: names from hostile files may hold
     newlines or terminal escapes, and an error stays one line."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner import strategy as strat
+from runner import strategy as strat, strategy_files
+from runner.convert.megatron_dir import describe_folder
+from runner.dtypes import itemsize
 from runner.errors import FormatError
+from runner.source import discover, read_headers
 
 
 def _is_strategy(path: Path) -> bool:
@@ -19,19 +22,14 @@ def inspect(path: str) -> int:
     if not p.exists():
         raise FormatError(f"{path} does not exist")
     if _is_strategy(p):
-        s = strat.load(p)
+        s = strategy_files.load(p)
         print(f"strategy ({s.origin}): {s.world_size} ranks in {len(s.stages)} stage(s): {[list(x) for x in s.stages]}")
         print(f"{len(s.params)} parameters")
         for name in sorted(s.params):
             print(f"  {name}: {strat.describe(s.params[name])}")
         return 0
-    from runner.job import read_headers
-    from runner.source import discover
-
     src = discover(p)
     if src.kind == "megatron":
-        from runner.convert.megatron_dir import describe_folder
-
         print(describe_folder(p))
         return 0
     headers = read_headers(src)
@@ -51,13 +49,11 @@ def inspect(path: str) -> int:
 
 
 def _size(dtype: str) -> int:
-    from runner.dtypes import itemsize
-
     return itemsize(dtype)
 
 
 def diff(a: str, b: str) -> int:
-    sa, sb = strat.load(Path(a)), strat.load(Path(b))
+    sa, sb = strategy_files.load(Path(a)), strategy_files.load(Path(b))
     lines = strat.differences(sa, sb)
     if not lines:
         print(f"autotrans: diff: layouts match ({sa.world_size} ranks, {len(sa.params)} parameters)")

@@ -8,14 +8,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from runner import dtypes, lora, plan as planner, strategy as strat
+from runner import dtypes, lora, plan as planner, strategy as strat, strategy_files
 from runner.config import JobConfig
-from runner.errors import ConfigError
+from runner.errors import ConfigError, name_list
 from runner.formats.base import TensorInfo
+from runner.formats.mindspore_strategy import fill_from, fill_shapes
 from runner.formats.registry import output_format
-from runner.source import Source, discover
+from runner.generate import with_source
 from runner.layout import ParamLayout
 from runner.log import warn
+from runner.source import Source, discover, read_headers
 from runner.strategy import Strategy
 from runner.templates import regroup
 
@@ -68,24 +70,10 @@ class Job:
 
 
 # -- preparing ------------------------------------------------------------------------------
-def read_headers(source: Source) -> dict[int, dict[str, TensorInfo]]:
-    """Every source rank's tensor headers (and file sizes, checked by the readers)."""
-    out = {}
-    for r in source.ranks:
-        reader = source.open(r)
-        try:
-            out[r] = dict(reader.tensors())
-        finally:
-            reader.close()
-    return out
-
-
 def source_strategy(cfg: JobConfig, source: Source, headers: dict[int, dict[str, TensorInfo]]) -> Strategy:
     if cfg.src_strategy_path_or_dir:
-        s = strat.load(Path(cfg.src_strategy_path_or_dir))
+        s = strategy_files.load(Path(cfg.src_strategy_path_or_dir))
         if s.origin == "mindspore":
-            from runner.formats.mindspore_strategy import fill_shapes
-
             s = fill_shapes(s, headers)
         s.validate()
         return s
@@ -109,20 +97,16 @@ def destination_strategy(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy
     """The destination layout, and the source's as the destination sees it (a generated
     destination may re-express weights a full source stores flat)."""
     if cfg.dst_strategy_path_or_dir:
-        dst = strat.load(Path(cfg.dst_strategy_path_or_dir))
+        dst = strategy_files.load(Path(cfg.dst_strategy_path_or_dir))
         if dst.origin == "mindspore":  # its files hold no shapes: take the source's
             if src is None:
                 raise ConfigError("a MindSpore destination strategy holds no shapes: set load_checkpoint")
-            from runner.formats.mindspore_strategy import fill_from
-
             dst = fill_from(dst, src, dtypes.CAST_NAMES.get(cfg.dtype))
     elif not cfg.use_parallel:
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")
         dst = Strategy(((0,),), {n: merged_layout(p, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype))) for n, p in src.params.items()}, "full")
     elif cfg.model.get("arch"):
-        from runner.generate import with_source
-
         dst, src = with_source(cfg, src)
     else:
         raise ConfigError(
@@ -156,9 +140,9 @@ def reconcile_names(src: Strategy, dst: Strategy, headers: Headers) -> tuple[Str
         src = src.with_params({n: p for n, p in src.params.items() if n not in gone})
         dst = dst.with_params({n: p for n, p in dst.params.items() if n not in gone})
         if unnamed:
-            warn(f"{len(unnamed)} checkpoint entries the strategy does not name are copied whole to every rank: {planner._names(unnamed)}")
+            warn(f"{len(unnamed)} checkpoint entries the strategy does not name are copied whole to every rank: {name_list(unnamed)}")
         if missing:
-            warn(f"{len(missing)} parameters the strategy names are not in the checkpoint and are skipped: {planner._names(missing)}")
+            warn(f"{len(missing)} parameters the strategy names are not in the checkpoint and are skipped: {name_list(missing)}")
         return src, dst, extras
     raise planner.name_mismatch("source checkpoint and strategy disagree", {
         "in the checkpoint but not the source strategy": set(unnamed),

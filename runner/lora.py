@@ -23,20 +23,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from runner import dtypes, plan as planner
-from runner.config import check_section
-from runner.errors import ConfigError, FormatError, PlanError
+from runner.errors import ConfigError, FormatError, PlanError, name_list
+from runner.execute import LocalPool
 from runner.formats.base import TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES
 from runner.layout import Box, ParamLayout
 from runner.log import warn
 from runner.plan import ReadItem
-from runner.source import Source, discover
+from runner.source import Source, discover, read_headers
 from runner.strategy import Strategy
-
-SECTION_KEYS = {
-    "adapter": ((str, type(None)), ""),
-    "scaling": ((int, float, type(None)), None),
-}
 
 # name -> (module, "A"/"B", is_embedding); PEFT names may carry an adapter name.
 _PATTERNS = (
@@ -48,17 +43,6 @@ PEFT_PREFIX = "base_model.model."
 # MindSpore optimizer states of the LoRA weights: dropped with them.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moments.", "accu_grads.")
 ROW_BLOCK = 1 << 20  # elements per block of merge math, to keep temporaries in cache
-
-
-def validate_section(raw: Any) -> Mapping[str, Any]:
-    """Check the job's `lora:` section (unknown keys are errors naming `lora.<key>`)."""
-    out = check_section("lora", raw, SECTION_KEYS)
-    out["adapter"] = out["adapter"] or ""
-    if out["scaling"] is not None:
-        out["scaling"] = float(out["scaling"])
-        if not math.isfinite(out["scaling"]):
-            raise ConfigError(f"config key lora.scaling: expected a finite number, got {out['scaling']}")
-    return out
 
 
 def lora_name(name: str) -> tuple[str, str, bool] | None:
@@ -136,7 +120,7 @@ def prepare(section: Mapping[str, Any], model: Mapping[str, Any], src: Strategy,
     base_headers = {r: {n: t for n, t in h.items() if n not in lora_names} for r, h in headers.items()}
     src = src.with_params({n: p for n, p in src.params.items() if n not in lora_names})
     if dropped:
-        warn(f"{len(dropped)} optimizer states of LoRA weights are dropped with them: {planner._names(dropped)}")
+        warn(f"{len(dropped)} optimizer states of LoRA weights are dropped with them: {name_list(dropped)}")
     found = {n: ("source", p) for n, p in lora_layouts.items()}
     config: dict = {}
     adapter, replaced = None, {}
@@ -174,7 +158,7 @@ def _replacements(adapter_headers: Mapping[str, TensorInfo], src: Strategy, wher
             out[base] = n
     if foreign:
         raise FormatError(f"adapter {where} holds tensors that are neither LoRA A/B weights nor base weights: "
-                          f"{planner._names(foreign)}; autotrans merges plain LoRA adapters only (no DoRA or LoRA biases)")
+                          f"{name_list(foreign)}; autotrans merges plain LoRA adapters only (no DoRA or LoRA biases)")
     return out
 
 
@@ -188,8 +172,6 @@ def _check_headers(layout: Strategy, headers: dict[int, dict[str, TensorInfo]]) 
 def open_adapter(path: Path) -> tuple[Source, dict[str, TensorInfo], dict]:
     """A PEFT folder, a checkpoint file, or a folder of loose checkpoint files (full):
     its source, tensor headers and adapter_config.json (empty when there is none)."""
-    from runner.job import read_headers
-
     if not path.exists():
         raise ConfigError(f"config key lora.adapter: {path} does not exist")
     folder = path if path.is_dir() else path.parent
@@ -321,8 +303,6 @@ class LoraPool:
     """A SlicePool that serves merged base weights; everything else passes through."""
 
     def __init__(self, inner, merge: LoraMerge):
-        from runner.execute import LocalPool
-
         self.inner = inner
         self.merge = merge
         self.stores = {"source": inner}

@@ -8,41 +8,34 @@ each rank plans and writes only its share, reading slices it cannot see from a r
 that can. Output folders are found per node: one rank per distinct folder claims it,
 writes the merged strategy and, after every rank succeeded, the manifest.
 
-This module imports no MPI at import time: `launched_size` reads the launcher's
-environment, so a single-process run never loads mpi4py."""
+This module imports no MPI at import time (runner.collective and runner.remote, which
+initialise MPI, are imported by the functions that run under it), so a single-process
+run never loads mpi4py; runner.launch says whether mpiexec started this process."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
 
-from runner.compile import Compiled, compile_job, content_digest, stamp, write_strategies
+from runner import log
+from runner.compile import compile_job, compile_reshard, write_strategies
 from runner.config import JobConfig
-from runner.errors import AutotransError, ConfigError
-from runner.outputs import OutputFolder
-from runner.run import LocalWorld, balance, file_entries, finish_folder, manifest, run_units
-
-# World-size variables set by MPICH / Intel MPI (hydra; also Slurm's PMI2), Open MPI
-# and MVAPICH; not MPI_LOCALNRANKS, which counts only this node's ranks.
-SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def launched_size(environ=os.environ) -> int:
-    """The MPI world size the launcher announced; 1 when not launched by mpiexec."""
-    for var in SIZE_VARS:
-        value = environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 1
+from runner.convert import wants_conversion
+from runner.errors import AutotransError, ConfigError, FormatError
+from runner.execute import LocalPool
+from runner.log import warn
+from runner.outputs import OutputFolder, check_no_overlap
+from runner.run import LocalWorld, balance, file_entries, finish_folder, manifest, run, run_units
+from runner.source import Source, read_headers
+from runner.union import local_view, union_source
+from runner.units import Compiled, content_digest, stamp
+from runner.verify import verify_compiled
 
 
 def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
     """This rank's part of the job; the exit code (the same on every rank)."""
-    from runner import log
     from runner.collective import Link, StepError
-    from runner.run import run
 
     link = Link()
     log.configure(quiet=link.rank != 0)
@@ -73,9 +66,6 @@ class MpiWorld(LocalWorld):
     def converts(self, cfg: JobConfig) -> bool:
         """Whether any rank takes the job for a conversion (an HF or Megatron source it
         sees whole, or output); a source a rank sees only in part is not one."""
-        from runner.convert import wants_conversion
-        from runner.errors import FormatError
-
         def here() -> bool:
             try:
                 return wants_conversion(cfg)
@@ -91,8 +81,6 @@ class MpiWorld(LocalWorld):
         is compiled by every rank from its own view of the source (a copy per node will
         do), and the views are joined the same way. Source files are stamped by the
         ranks that serve them, so every rank computes the same digest."""
-        from runner.union import union_source
-
         root = Path(cfg.load_checkpoint) if cfg.load_checkpoint else None
         if root is None:
             job = self.step("prepare", lambda: compile_job(cfg))
@@ -113,11 +101,6 @@ class MpiWorld(LocalWorld):
         return job
 
     def _compile_reshard(self, cfg: JobConfig, root: Path) -> Compiled:
-        from runner.compile import compile_reshard
-        from runner.job import read_headers
-        from runner.source import Source
-        from runner.union import local_view, union_source
-
         views = self.link.exchange(self.step("find source files", lambda: local_view(root)))
         self.union = u = self.step("join what the ranks see", lambda: union_source(root, views, cfg.shared_disk))
         mine = Source(root, u.source.kind, {s: f for s, f in u.source.files.items() if u.server(s) == self.link.rank})
@@ -129,8 +112,6 @@ class MpiWorld(LocalWorld):
     def _find_output_folders(self, cfg: JobConfig, job: Compiled) -> None:
         """Which ranks share this rank's output_dir (one disk, or one per node): each
         rank drops a token file there and looks for the others' tokens."""
-        from runner.outputs import check_no_overlap
-
         out = cfg.output_path
         nonce = self.link.comm.bcast(uuid.uuid4().hex if self.is_root else None)
         token = out / f".autotrans-{nonce}-{self.link.rank}"
@@ -183,7 +164,6 @@ class MpiWorld(LocalWorld):
         return folder
 
     def execute(self, job: Compiled, folder, progress) -> list[dict]:
-        from runner.execute import LocalPool
         from runner.remote import RemotePool
 
         u = self.union
@@ -212,13 +192,11 @@ class MpiWorld(LocalWorld):
         return [f for part in everyone for f in part]
 
     def verify(self, job: Compiled) -> int:
-        from runner.log import warn
-
         u = self.union
         if self.groups > 1 or (u and any(len(s) < self.link.size for s in u.seers.values())):
             warn("verify skipped: under MPI it needs one output folder and every source file on every node")
             return 0
-        code = self.step("verify", lambda: job.verify() if self.is_root else 0)
+        code = self.step("verify", lambda: verify_compiled(job) if self.is_root else 0)
         return max(self.link.exchange(code))
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from runner import dtypes
-from runner.errors import PlanError
+from runner.errors import PlanError, name_list
 from runner.formats.base import TensorInfo
 from runner.layout import Box, Shape
 from runner.strategy import Strategy
@@ -105,12 +105,7 @@ def check_headers(src: Strategy, headers: Mapping[int, Mapping[str, TensorInfo]]
 
 def name_mismatch(head: str, groups: Mapping[str, set[str]]) -> PlanError:
     """One error line for name sets that should match: each non-empty group, named."""
-    return PlanError(head + "; " + "; ".join(f"{label}: {_names(sorted(names))}" for label, names in groups.items() if names))
-
-
-def _names(names: list[str], most: int = 5) -> str:
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
+    return PlanError(head + "; " + "; ".join(f"{label}: {name_list(sorted(names))}" for label, names in groups.items() if names))
 
 
 def plan_rank(

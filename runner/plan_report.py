@@ -18,11 +18,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from runner import plan as planner, strategy as strat
-from runner.compile import Compiled, compile_job, from_job
+from runner import plan as planner, strategy as strat, strategy_files
+from runner.compile import compile_job, from_job
 from runner.config import JobConfig
 from runner.errors import ConfigError
 from runner.job import Job, destination_strategy
+from runner.log import warn
+from runner.units import Compiled
 
 MAX_GROUPS = 40  # text output: more runs of equal ranks than this are shown per stage
 
@@ -38,13 +40,11 @@ def plan_job(cfg: JobConfig) -> Compiled:
         raise ConfigError(f"load_checkpoint {cfg.load_checkpoint or '(not set)'} does not exist: "
                           "conversions are planned from their checkpoint's headers")
     if cfg.load_checkpoint:
-        from runner.log import warn
-
         warn(f"load_checkpoint {cfg.load_checkpoint} does not exist yet: planned from the strategies alone")
         cfg = replace(cfg, load_checkpoint="")
     if not cfg.src_strategy_path_or_dir:
         raise ConfigError("autotrans plan needs load_checkpoint, or src_strategy_path_or_dir naming native strategy files")
-    src = strat.load(Path(cfg.src_strategy_path_or_dir))
+    src = strategy_files.load(Path(cfg.src_strategy_path_or_dir))
     if src.origin == "mindspore":
         raise ConfigError(
             f"src_strategy_path_or_dir {cfg.src_strategy_path_or_dir} holds MindSpore strategy files, which carry "

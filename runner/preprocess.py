@@ -45,6 +45,7 @@ import numpy as np
 
 from runner import log
 from runner.errors import AutotransError, ConfigError, FormatError
+from runner.launch import launched_size
 
 
 SECTION = "preprocess_data"
@@ -733,8 +734,6 @@ def run_preprocess(cfg: PreprocessConfig, *, show_progress: bool = True) -> dict
     files (the outputs written). Raises ConfigError or FormatError with a one-line message
     for a missing input or tokenizer, an unreadable tokenizer, or (with on_bad_line=fail)
     a bad line, named as file:line; AutotransError when an output cannot be written."""
-    from runner.mpi import launched_size
-
     if launched_size() > 1:
         return _run_mpi(cfg, show_progress)
     start = time.perf_counter()

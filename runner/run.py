@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from runner import __version__
-from runner.compile import STRATEGY_DIR, Compiled, Unit, compile_job, digest, stamp, write_strategies
+from runner.compile import compile_job, write_strategies
 from runner.config import JobConfig
 from runner.execute import LocalPool, SlicePool, WrittenFile
 from runner.log import debug, say
 from runner.outputs import OutputFolder, check_no_overlap, file_crc32
+from runner.progress import Progress
+from runner.units import Compiled, STRATEGY_DIR, Unit, digest, stamp
+from runner.verify import verify_compiled
 
 T = TypeVar("T")
 
@@ -182,14 +185,12 @@ class LocalWorld:
         return files
 
     def verify(self, job: Compiled) -> int:
-        return job.verify()
+        return verify_compiled(job)
 
 
 def run(cfg: JobConfig, show_progress: bool = True, world: LocalWorld | None = None) -> int:
     """Run any job in this process (and its local workers), or as one MPI rank of many
     (`world`); the exit code."""
-    from runner.progress import Progress
-
     world = world or LocalWorld()
     job = world.step("prepare", lambda: world.compile(cfg))
     debug(f"compiled a {job.kind}: {len(job.units)} unit(s), {sum(u.write_bytes for u in job.units)} tensor bytes, "

@@ -130,3 +130,15 @@ class RankReader:
     def close(self) -> None:
         for r in self._readers:
             r.close()
+
+
+def read_headers(source: Source) -> dict[int, dict[str, TensorInfo]]:
+    """Every source rank's tensor headers (and file sizes, checked by the readers)."""
+    out = {}
+    for r in source.ranks:
+        reader = source.open(r)
+        try:
+            out[r] = dict(reader.tensors())
+        finally:
+            reader.close()
+    return out

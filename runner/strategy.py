@@ -225,18 +225,8 @@ def strategy_files(path: Path) -> list[Path]:
     return files
 
 
-def load(path: Path) -> Strategy:
-    """Read a strategy file or folder (native JSON or MindSpore protobuf), merged.
-
-    MindSpore strategies carry no shapes; the job fills them in from checkpoint headers."""
-    files = strategy_files(path)
-    kinds = {f.suffix for f in files}
-    if kinds == {".ckpt"}:
-        from runner.formats import mindspore_strategy
-
-        return mindspore_strategy.load(files, str(path))
-    if kinds != {".json"}:
-        raise FormatError(f"strategy folder {path} mixes .json and .ckpt strategy files")
+def load_native(files: list[Path], path: Path) -> Strategy:
+    """Native JSON strategy files (of strategy path `path`), merged."""
     parts = []
     for f in files:
         try:

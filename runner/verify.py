@@ -9,11 +9,16 @@ from typing import Callable
 
 import numpy as np
 
-from runner import dtypes, plan as planner, strategy as strat
-from runner.errors import AutotransError, ConfigError
+from runner import dtypes, plan as planner, strategy as strat, strategy_files
+from runner.convert.job import megatron_as_hf
+from runner.errors import AutotransError, ConfigError, name_list
 from runner.execute import LocalPool, tensor_bits
-from runner.source import Source, discover
+from runner.formats.mindspore_strategy import fill_shapes
+from runner.job import Job
+from runner.log import warn
+from runner.source import Source, discover, read_headers
 from runner.strategy import Strategy
+from runner.units import Compiled
 
 
 @dataclass
@@ -30,12 +35,8 @@ class Checkpoint:
 
     @staticmethod
     def open(path: str | Path, strategy_path: str | Path = "") -> "Checkpoint":
-        from runner.job import read_headers
-
         source = discover(Path(path))
         if source.kind == "megatron":  # compared under HF names, as the conversion reads it
-            from runner.convert.job import megatron_as_hf
-
             infos, make_pool = megatron_as_hf(Path(path))
             return Checkpoint(source, Strategy.full(infos), {0: infos}, make_pool)
         headers = read_headers(source)
@@ -45,10 +46,8 @@ class Checkpoint:
                 raise ConfigError(f"{path} is distributed: give its strategy (--strategy-a/--strategy-b)")
             strategy_path = guess
         if strategy_path:
-            s = strat.load(Path(strategy_path))
+            s = strategy_files.load(Path(strategy_path))
             if s.origin == "mindspore":
-                from runner.formats.mindspore_strategy import fill_shapes
-
                 s = fill_shapes(s, headers)
         else:
             s = Strategy.full(headers[0])
@@ -63,6 +62,7 @@ class Checkpoint:
 def replica_differences(c: Checkpoint, label: str) -> list[str]:
     """Replicated copies of a parameter that disagree. A transform reads each piece
     from one holder only, so this is where disagreeing replicas are found."""
+
     problems = []
     pool = LocalPool(c.source)
     try:
@@ -92,9 +92,9 @@ def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[st
     names_a, names_b = set(a.strategy.params), set(b.strategy.params)
     if names_a != names_b:
         if names_a - names_b:
-            problems.append(f"only in A: {planner._names(sorted(names_a - names_b))}")
+            problems.append(f"only in A: {name_list(sorted(names_a - names_b))}")
         if names_b - names_a:
-            problems.append(f"only in B: {planner._names(sorted(names_b - names_a))}")
+            problems.append(f"only in B: {name_list(sorted(names_b - names_a))}")
     common = sorted(names_a & names_b)
     plan_a, plan_b = a.full_plan(common), b.full_plan(common)
     pool_a, pool_b = a.pool(), b.pool()
@@ -133,7 +133,25 @@ def verify_paths(a: str, b: str, strategy_a: str = "", strategy_b: str = "") -> 
     return report(compare(Checkpoint.open(a, strategy_a), Checkpoint.open(b, strategy_b)), f"{a} and {b}")
 
 
-def verify_job(job) -> int:
+def verify_compiled(job: Compiled) -> int:
+    """`verify: true` after any job: compare its output with its source."""
+    return verify_job(job.job) if job.kind == "reshard" else verify_conversion(job)
+
+
+def verify_conversion(job: Compiled) -> int:
+    """HF and Megatron checkpoints are both read under HF names, so the output is compared
+    with the source tensor by tensor. A MindFormers side, or a LoRA merge, changes names
+    or values by design: said, not compared."""
+    cfg = job.cfg
+    mindformers_side = cfg.output_format == "mindformers" or job.source.kind not in ("hf", "megatron")
+    if mindformers_side or cfg.lora is not None:
+        warn("verify: not run; this conversion renames tensors (MindFormers) or merges LoRA, so outputs differ from the source by design")
+        return 0
+    cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
+    return report(compare(Checkpoint.open(cfg.load_checkpoint), Checkpoint.open(job.out_dir), cast_to), "source and output")
+
+
+def verify_job(job: Job) -> int:
     """Compare a finished job's output with its source (after the job's cast)."""
     if job.cfg.lora:
         raise AutotransError("verify compares outputs with sources; a LoRA merge changes the weights by design")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from runner import strategy as strat
+from runner import strategy as strat, strategy_files
 from runner.errors import AutotransError
 from runner.formats.base import Entry
 from runner.formats.safetensors_io import SafetensorsReader, read_header
@@ -196,7 +196,7 @@ def test_strategy_reader_one_field_replaced(where: str, key: str, value, name: s
 def test_strategy_file_mutated_bytes(scratch: Path, data) -> None:
     path = scratch / "merged_ckpt_strategy.json"
     path.write_bytes(data.draw(mutated(json.dumps(VALID).encode())))
-    only_our_errors(lambda: strat.load(path).validate())
+    only_our_errors(lambda: strategy_files.load(path).validate())
 
 
 def test_deeply_nested_strategy_json_is_a_format_error(scratch: Path) -> None:
@@ -204,7 +204,7 @@ def test_deeply_nested_strategy_json_is_a_format_error(scratch: Path) -> None:
     path.parent.mkdir(exist_ok=True)
     path.write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(AutotransError):
-        strat.load(path)
+        strategy_files.load(path)
 
 
 # -- MindSpore .ckpt and protobuf strategy files ------------------------------------------
@@ -341,7 +341,7 @@ def test_huge_numbers_in_json_are_format_errors(scratch: Path) -> None:
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(VALID).replace('"version": 1', f'"version": {digits}'))
     with no_hang(), pytest.raises(AutotransError):
-        strat.load(path)
+        strategy_files.load(path)
     raw = ('{"a": {"dtype": "F32", "shape": [%s], "data_offsets": [0, 4]}}' % digits).encode()
     path = scratch / "digits.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))

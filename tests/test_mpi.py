@@ -320,7 +320,7 @@ def test_ranks_must_run_the_same_job(world):
 
 
 def test_launched_size_reads_the_launcher_environment():
-    from runner.mpi import launched_size
+    from runner.launch import launched_size
 
     assert launched_size({}) == 1
     assert launched_size({"PMI_SIZE": "4", "PMI_RANK": "2"}) == 4

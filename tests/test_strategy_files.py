@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import strategy as strat
+from runner import strategy as strat, strategy_files
 from runner.errors import FormatError, LayoutError
 from tests import oracle
 
@@ -31,11 +31,11 @@ def test_write_then_load_round_trips(tmp_path: Path) -> None:
     assert rank2["params"]["emb"]["stage"] == [0, 1]
     merged = json.loads((tmp_path / "merged_ckpt_strategy.json").read_text())
     assert "rank" not in merged and sorted(merged["params"]) == ["emb", "l0", "l1"]
-    back = strat.load(tmp_path)
+    back = strategy_files.load(tmp_path)
     assert back.params == s.params and back.stages == s.stages
     # per-rank files alone merge to the same strategy
     (tmp_path / "merged_ckpt_strategy.json").unlink()
-    assert strat.load(tmp_path).params == s.params
+    assert strategy_files.load(tmp_path).params == s.params
 
 
 def test_differences_and_diff_command(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_differences_and_diff_command(tmp_path: Path) -> None:
     changed = {**PARAMS, "l1": oracle.param((4, 4), "F32", stage=1, dev_matrix=[2], tensor_map=[0, -1])}
     b = oracle.write_strategy(oracle.strategy(STAGES, changed), tmp_path / "b")
     same = oracle.write_strategy(oracle.strategy(STAGES, {**PARAMS}), tmp_path / "same")
-    lines = strat.differences(strat.load(a), strat.load(b))
+    lines = strat.differences(strategy_files.load(a), strategy_files.load(b))
     assert len(lines) == 1 and lines[0].startswith("l1: ") and "tensor_map [-1, 0]" in lines[0] and "tensor_map [0, -1]" in lines[0]
     run = lambda x, y: subprocess.run([sys.executable, "-m", "runner", "diff", str(x), str(y)], capture_output=True, text=True)
     assert run(a, same).returncode == 0
@@ -69,7 +69,7 @@ def test_malformed_files_are_named(tmp_path: Path, doc, message) -> None:
     f = tmp_path / "s.json"
     f.write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=message) as e:
-        strat.load(f)
+        strategy_files.load(f)
     assert str(f) in str(e.value)
 
 
@@ -79,4 +79,4 @@ def test_per_rank_files_that_disagree_are_refused(tmp_path: Path) -> None:
     (tmp_path / "ckpt_strategy_rank_0.json").write_text(json.dumps(one))
     (tmp_path / "ckpt_strategy_rank_1.json").write_text(json.dumps(two))
     with pytest.raises(LayoutError, match="disagree on parameter w"):
-        strat.load(tmp_path)
+        strategy_files.load(tmp_path)

@@ -4,6 +4,7 @@ reversible permutations between them, and their folder formats."""
 from __future__ import annotations
 
 from pathlib import Path
+from runner.source import discover
 
 
 def wants_conversion(cfg) -> bool:
@@ -14,6 +15,4 @@ def wants_conversion(cfg) -> bool:
         return False
     if cfg.output_format in ("megatron", "hf", "mindformers"):
         return True
-    from runner.source import discover
-
     return discover(Path(cfg.load_checkpoint)).kind == "megatron"

@@ -15,22 +15,23 @@ from pathlib import Path
 from typing import Callable
 
 from runner import dtypes, lora as lora_merge, plan as planner
-from runner.compile import TRANSFORMED, Compiled, Unit, protected_paths
-from runner.config import JobConfig
+from runner.config import JobConfig, from_mapping
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, open_rank_file, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import CHECKPOINT_VERSION, CKPT, MegatronFolder, MegatronSource, is_weight, megatron_args, open_rank_file, write_iteration_marker, write_rank
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
-from runner.errors import ConfigError, FormatError
+from runner.errors import ConfigError, FormatError, name_list
 from runner.execute import LocalPool, SlicePool, WrittenFile, tensor_bits, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat
+from runner.job import destination_strategy
 from runner.layout import Box, ParamLayout
 from runner.log import warn
 from runner.plan import FilePlan, ReadItem
 from runner.source import Source, discover
 from runner.strategy import Strategy
+from runner.units import Compiled, Unit, protected_paths
 
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
 _IGNORABLE = (".rotary_emb.inv_freq",)
@@ -92,8 +93,8 @@ class HFInput:
             held.discard("lm_head.weight")  # a tied copy some savers keep
         unmapped, missing = sorted(held - set(nmap.hf_shapes)), sorted(set(nmap.hf_shapes) - held)
         if unmapped or missing:
-            parts = [f"not in the {self.spec.family} map: {planner._names(unmapped)}"] if unmapped else []
-            parts += [f"missing from the checkpoint: {planner._names(missing)}"] if missing else []
+            parts = [f"not in the {self.spec.family} map: {name_list(unmapped)}"] if unmapped else []
+            parts += [f"missing from the checkpoint: {name_list(missing)}"] if missing else []
             raise FormatError(f"{self.source.root}: tensors do not match config.json; " + "; ".join(parts))
         for n, shape in nmap.hf_shapes.items():
             if self.infos[n].shape != shape:
@@ -311,8 +312,6 @@ def megatron_hf_recipes(src: MegatronInput) -> tuple[dict[str, TensorInfo], dict
 def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows.RecipePool]]:
     """A Megatron folder seen as whole tensors under HF names (`autotrans verify`):
     the tensors, and a pool factory serving them."""
-    from runner.config import from_mapping
-
     src = MegatronInput.open(from_mapping({"load_checkpoint": str(path), "output_format": "hf"}), Path(path))
     infos, recipes = megatron_hf_recipes(src)
     return infos, lambda: src.pool(recipes, LocalPool(src.source))
@@ -358,8 +357,6 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 
 def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dict[str, TensorInfo],
                         recipes: dict[str, rows.Recipe], cast_to: str | None) -> Target:
-    from runner.job import destination_strategy
-
     mf, to_mf = scheme_tensors(src.spec.with_job(cfg.model), "mindformers", infos)
     mf_recipes = rows.compose(to_mf, recipes)
     full = Strategy.full(mf)
@@ -403,21 +400,6 @@ def compile_conversion(cfg: JobConfig) -> Compiled:
         cfg, "conversion", source, target.dst, target.units, content,
         plan=lambda unit, prefer: target.plan(unit), write=target.write, wrap=target.wrap,
         changes=(f"format: {src.kind} -> {cfg.output_format}",),
-        verify=lambda: verify_conversion(cfg, src, cfg.output_path / TRANSFORMED),
         finish=target.finish, extra_files=lora_files, whole_source=True, source_bytes=nbytes,
         protected=tuple(protected_paths(cfg)),
     )
-
-
-def verify_conversion(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> int:
-    """`verify: true`: HF and Megatron checkpoints are both read under HF names, so the
-    output is compared with the source tensor by tensor. A MindFormers side, or a LoRA
-    merge, changes names or values by design: said, not compared."""
-    mindformers_side = cfg.output_format == "mindformers" or (isinstance(src, HFInput) and src.source.kind != "hf")
-    if mindformers_side or cfg.lora is not None:
-        warn("verify: not run; this conversion renames tensors (MindFormers) or merges LoRA, so outputs differ from the source by design")
-        return 0
-    from runner.verify import Checkpoint, compare, report
-
-    cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
-    return report(compare(Checkpoint.open(cfg.load_checkpoint), Checkpoint.open(out), cast_to), "source and output")

@@ -31,6 +31,7 @@ from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA
 from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
+from runner.formats.torch_pt import TorchReader
 from runner.outputs import file_crc32
 from runner.plan import FilePlan
 from runner.source import Source, natural_key
@@ -77,8 +78,6 @@ def open_rank_file(path: Path):
     (the whole model as one rank file)."""
     if Path(path).name == METADATA:
         return torch_dist.TorchDistReader(Path(path).parent)
-    from runner.formats.torch_pt import TorchReader
-
     return TorchReader(path)
 
 

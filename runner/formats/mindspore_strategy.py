@@ -20,7 +20,8 @@ import math
 import re
 from pathlib import Path
 
-from runner.errors import FormatError, LayoutError
+from runner.dtypes import cast_dtype
+from runner.errors import FormatError, LayoutError, name_list
 from runner.formats.base import TensorInfo
 from runner.formats.mindspore_proto import message
 from runner.layout import ParamLayout
@@ -35,9 +36,7 @@ _STAGE_NODE = "autotrans_pipeline_stage"  # the one op strategy item our files c
 
 
 def _warn(what: str, names: list[str]) -> None:
-    from runner.plan import _names
-
-    warn(f"{len(names)} parameters {what} and are skipped: {_names(sorted(names))}")
+    warn(f"{len(names)} parameters {what} and are skipped: {name_list(sorted(names))}")
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -169,8 +168,6 @@ def fill_shapes(strategy: Strategy, headers: dict[int, dict[str, TensorInfo]]) -
 def fill_from(strategy: Strategy, src: Strategy, cast_to: str | None = None) -> Strategy:
     """A MindSpore destination strategy with the source's global shapes and dtypes (after
     the job's cast); parameters the source lacks are dropped, as MindSpore does."""
-    from runner.dtypes import cast_dtype
-
     params = {}
     for name, p in strategy.params.items():
         s = src.params.get(name)

@@ -21,6 +21,7 @@ import numpy as np
 from runner.errors import FormatError
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA, DcpReader
+from runner.formats.torch_pt import load
 from runner.layout import Box
 
 COMMON = "common.pt"
@@ -49,8 +50,6 @@ def backend(folder: Path) -> str:
 
 def common(folder: Path) -> dict[str, Any]:
     """common.pt: args, checkpoint_version, iteration (same allow-list as rank files)."""
-    from runner.formats.torch_pt import load
-
     path = Path(folder) / COMMON
     if not path.is_file():
         raise FormatError(f"{folder}: no {COMMON}; not a complete torch_dist checkpoint")
