@@ -100,8 +100,8 @@ class HFInput:
                 raise FormatError(f"{self.source.root}: tensor {n} has shape {list(self.infos[n].shape)}, config.json implies {list(shape)}")
 
     def pool(self, recipes: dict[str, rows.Recipe], base: SlicePool) -> rows.RecipePool:
-        """Recipes over whole tensors as the files hold them, read from `base` (LoRA
-        merged as they are read)."""
+        """Recipes over whole tensors as the files name them, read from `base` (LoRA merged
+        as they are read)."""
         recipes = rows.compose(recipes, self.built)  # read the files' own tensors
         whole = WholeTensors(lora_merge.wrap(base, self.lora), self.held)
         return rows.RecipePool(recipes, whole, owned=whole)
@@ -117,8 +117,9 @@ class HFInput:
 
 
 class WholeTensors:
-    """Whole HF tensors from a SlicePool (with LoRA adapters merged, runner.lora); keeps
-    the last one, since consecutive reads come from the same tensor (q, k, v of one layer)."""
+    """Whole tensors, as the files name them, from a SlicePool (with LoRA adapters merged,
+    runner.lora); keeps the last one, since consecutive reads come from the same tensor
+    (q, k, v of one layer)."""
 
     def __init__(self, pool, infos: dict[str, TensorInfo]):
         self.pool, self.infos = pool, infos
