@@ -120,14 +120,18 @@ def main() -> None:
     naive = root / "naive.py"
     naive.write_text(NAIVE.format(layers=BENCH_LAYERS, heads=HEADS, kv=KV_HEADS))
     rows.append(("naive HF -> Megatron TP1 (load all, torch.save)", *measured([sys.executable, str(naive), str(hf), str(root / "naive.pt")])))
-    check = subprocess.run([sys.executable, "-m", "runner", "verify", str(hf), str(root / "back" / "transformed_checkpoint")],
-                           capture_output=True, text=True)
     print(f"model: {size / 1e9:.2f} GB bf16 (hidden {HIDDEN}, {BENCH_LAYERS} layers, ffn {FFN}, vocab {VOCAB}); largest tensor "
           f"{VOCAB * HIDDEN * 2 / 1e6:.0f} MB")
+    report(rows, "round trip", hf, root / "back" / "transformed_checkpoint")
+
+
+def report(rows: list[tuple[str, float, int, int]], what: str, original: Path, back: Path) -> None:
+    """The measured runs as a table, then whether `back` verifies against `original`."""
+    check = subprocess.run([sys.executable, "-m", "runner", "verify", str(original), str(back)], capture_output=True, text=True)
     print("| run | time s | peak RssAnon MB | peak VmRSS MB |\n|---|---|---|---|")
     for label, t, anon, rss in rows:
         print(f"| {label} | {t:.1f} | {anon / 1e6:.0f} | {rss / 1e6:.0f} |")
-    print(f"round trip: {check.stdout.strip() or check.stderr.strip()}")
+    print(f"{what}: {check.stdout.strip() or check.stderr.strip()}")
 
 
 if __name__ == "__main__":

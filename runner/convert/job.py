@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,12 +27,14 @@ from runner.convert.model import Model, candidates, hf_config, megatron_config, 
 from runner.convert.names import NameMap, renames, scheme_map
 from runner.errors import ConfigError, FormatError
 from runner.execute import LocalPool, WrittenFile, tensor_bits, write_file
+from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
+from runner.formats.dcp import METADATA
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.layout import Box, ParamLayout
 from runner.log import say, warn
 from runner.plan import ReadItem
-from runner.outputs import OutputFolder, check_no_overlap
+from runner.outputs import OutputFolder, check_no_overlap, file_crc32
 from runner.source import Source, discover
 from runner.strategy import Strategy
 
@@ -257,7 +260,13 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
     lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel)
     spec = src.spec
     padded = spec.padded_vocab(cfg.make_vocab_size_divisible_by, lay.tp)
-    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), lay, padded)
+    dist = cfg.megatron_format == "torch_dist"
+    if dist and (cfg.megatron_naming == "legacy" or spec.experts):
+        raise ConfigError("megatron_format: torch_dist is written for dense models with Megatron-Core names (megatron_naming: core)")
+    # torch_dist holds whole tensors under TransformerEngine's names whatever the layer
+    # spec, as Megatron-Core saves them; its loader cuts them for any TP / PP
+    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, "transformer_engine" if dist else cfg.transformer_impl),
+                      MegatronLayout(1, 1, 1) if dist else lay, padded)
     nmap = mm.nmap
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if isinstance(src, HFInput):
@@ -276,6 +285,10 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
                          cfg.megatron_naming, out_dtype, cfg.iteration)
     head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": cfg.iteration}
     iter_dir = out / f"iter_{cfg.iteration:07d}"
+    if dist:
+        local = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), MegatronLayout(1, 1, 1), padded)
+        objects = [n for n in local.extra_state(0) if n.startswith(torch_dist.LAYERS)]
+        return _torch_dist_target(cfg, mm, plan_src, dst, make_pool, objects, head, iter_dir, cast_to, out)
 
     def path(rank: int) -> Path:
         return iter_dir / lay.folder(rank) / CKPT
@@ -287,6 +300,31 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
 
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
     return Target(dst, dst.ranks, path, write, make_pool, dst.rank_bytes, doc,
+                  finish=lambda: write_iteration_marker(out, cfg.iteration))
+
+
+def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, make_pool, objects: list[str], head: dict,
+                       iter_dir: Path, cast_to: str | None, out: Path) -> Target:
+    """One unit: the whole model streamed, one tensor at a time, into a torch_dist folder."""
+    import torch
+
+    def write(unit: int, pool) -> WrittenFile:
+        fp = planner.plan_rank(plan_src, dst, 0, cast_to=cast_to)
+        names = mm.file_names(0, [t.name for t in fp.tensors])
+
+        def tensors():
+            for t in fp.tensors:
+                bits = tensor_bits(t, pool).reshape(t.stored_shape)
+                yield names[t.name][0], torch.from_numpy(bits).view(dtypes.torch_dtype(t.out_dtype))
+                pool.release()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tensors over read-only mappings: torch warns, never writes
+            path = torch_dist.write_folder(iter_dir, tensors(), mm.nmap.env.int("num_layers"), objects, head)
+        return WrittenFile(path, path.stat().st_size, file_crc32(path))
+
+    doc = {"to": "megatron torch_dist", "dst": dst.to_json()}
+    return Target(dst, [0], lambda u: iter_dir / METADATA, write, make_pool, dst.rank_bytes, doc,
                   finish=lambda: write_iteration_marker(out, cfg.iteration))
 
 
