@@ -93,19 +93,26 @@ def measured(cmd: list[str]) -> tuple[float, int, int]:
     return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"]
 
 
+def work_folder(doc: str, prefix: str) -> tuple[Path, Path]:
+    """The bench's work folder (--keep, else a temporary one) and the bench model's HF
+    folder in it, built on first use."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    opts = ap.parse_args()
+    root = Path(opts.keep or tempfile.mkdtemp(prefix=prefix))
+    hf = root / "hf"
+    if not (hf / "model.safetensors").exists():
+        make_model(hf)
+    return root, hf
+
+
 def job(path: Path, **keys) -> Path:
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()) + "\n")
     return path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
-    opts = ap.parse_args()
-    root = Path(opts.keep or tempfile.mkdtemp(prefix="convert_bench_"))
-    hf = root / "hf"
-    if not (hf / "model.safetensors").exists():
-        make_model(hf)
+    root, hf = work_folder(__doc__, "convert_bench_")
     size = du(hf)
     exe = [sys.executable, "-m", "runner", "run"]
     rows = []

@@ -14,16 +14,14 @@ convert_bench (RssAnon: private memory; VmRSS: also mapped file pages).
 
 from __future__ import annotations
 
-import argparse
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import du  # noqa: E402
-from convert_bench import BENCH_LAYERS, HEADS, KV_HEADS, job, make_model, measured, report  # noqa: E402
+from convert_bench import BENCH_LAYERS, HEADS, KV_HEADS, job, measured, report, work_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,13 +105,7 @@ def make_torch_dist(root: Path, hf: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
-    opts = ap.parse_args()
-    root = Path(opts.keep or tempfile.mkdtemp(prefix="torch_dist_bench_"))
-    hf = root / "hf"
-    if not (hf / "model.safetensors").exists():
-        make_model(hf)
+    root, hf = work_folder(__doc__, "torch_dist_bench_")
     folder = make_torch_dist(root, hf)
     (root / "load.py").write_text(LOAD)
     to_hf = job(root / "to_hf.yaml", load_checkpoint=str(folder), output_format="hf", reference_hf_dir=str(hf), output_dir=str(root / "back"))
