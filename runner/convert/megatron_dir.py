@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from runner import dtypes
-from runner.convert.megatron_layout import MegatronLayout
-from runner.convert.model import Model
-from runner.errors import FormatError
+from runner.convert.megatron_layout import MegatronLayout, detect
+from runner.convert.model import Model, candidates, megatron_config
+from runner.errors import ConfigError, FormatError
 from runner.execute import PARTIAL, SlicePool, WrittenFile, fsync_dir, write_file
 from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
@@ -297,6 +297,16 @@ def write_iteration_marker(folder: Path, iteration: int) -> Path:
     return path
 
 
+def _naming(mf: MegatronFolder) -> str:
+    """The template and naming scheme whose names the first rank file holds."""
+    where = str(mf.files[0])
+    try:
+        model, scheme = detect(megatron_config(mf.args, where), candidates(None, None), mf.layout, mf.first_names, where)
+    except (ConfigError, FormatError) as e:
+        return f"names of no template: {e}"
+    return f"template {model.family}, {scheme} names"
+
+
 def describe_folder(path: Path) -> str:
     """`autotrans inspect` of a Megatron folder: layout, naming, sizes, files."""
     mf = MegatronFolder.open(Path(path))
@@ -306,7 +316,7 @@ def describe_folder(path: Path) -> str:
         layout = (f"torch_dist saved at TP {getattr(a, 'tensor_model_parallel_size', '?')} PP {getattr(a, 'pipeline_model_parallel_size', '?')}, "
                   "global shapes read as one rank")
     lines = [
-        f"megatron checkpoint {mf.ckdir}: {layout}",
+        f"megatron checkpoint {mf.ckdir} ({_naming(mf)}): {layout}",
         f"model: {getattr(a, 'num_layers', '?')} layers, hidden {getattr(a, 'hidden_size', '?')}, "
         f"ffn {getattr(a, 'ffn_hidden_size', '?')}, heads {getattr(a, 'num_attention_heads', '?')}, "
         f"query groups {getattr(a, 'num_query_groups', None) or getattr(a, 'num_attention_heads', '?')}, "
