@@ -131,6 +131,25 @@ def test_dcp_save_reads_like_dcp_to_torch_save(tmp_path):
         reader.close()
 
 
+def test_plain_dcp_folder_is_a_full_checkpoint_source(tmp_path):
+    """A torchtitan-style DCP folder (weights under `model.`) is read as one full
+    checkpoint: a job writes its tensors, names as stored, equal to dcp_to_torch_save's."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    state = {"model": {"tok_embeddings.weight": torch.randn(50, 8, dtype=torch.bfloat16),
+                       "layers.0.attention.wq.weight": torch.randn(8, 8, dtype=torch.bfloat16),
+                       "norm.weight": torch.randn(8)}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ck"))
+    assert run(load_checkpoint=str(tmp_path / "ck"), use_parallel=False, output_dir=str(tmp_path / "out")) == 0
+    got = load_file(tmp_path / "out" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors")
+    want = _reference(tmp_path / "ck", tmp_path)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
 def test_torch_dist_chunks_read_like_dcp_to_torch_save(tmp_path, torch_dist):
     """Megatron's TP2 save: every tensor in several chunks over two ranks' files (fc1's
     gate and up halves apart), read back as torch reassembles them."""
