@@ -6,6 +6,7 @@ from pathlib import Path
 
 from runner.errors import ConfigError, FormatError
 from runner.formats.base import CheckpointReader, FileFormat
+from runner.formats.dcp import DcpReader
 from runner.formats.mindspore_ckpt import CkptFormat, CkptReader
 from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
 from runner.formats.torch_pt import TorchReader
@@ -16,8 +17,6 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 def open_reader(path: Path) -> CheckpointReader:
     """Open a checkpoint file for header-only metadata and slice reads."""
     if Path(path).name == ".metadata":  # a PyTorch distributed checkpoint (DCP) folder
-        from runner.formats.dcp import DcpReader
-
         return DcpReader(Path(path).parent)
     suffix = Path(path).suffix
     if suffix == ".safetensors":
