@@ -7,6 +7,7 @@ against the types below and errors name the key. Sections only the runner has
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -215,6 +216,8 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
             hint = closest(k, TOP_KEYS)
             if hint is not None:
                 raise ConfigError(f"config key {k} is unknown; did you mean {hint}?")
+    if raw.get("transform_process_num") == "auto":  # one worker per core this process may run on
+        raw = {**raw, "transform_process_num": len(os.sched_getaffinity(0))}
     values: dict[str, Any] = {}
     for k, (types, default, allowed) in TOP_KEYS.items():
         if k in raw and raw[k] is not None or k in ("dtype", "lora", "preprocess_data"):
@@ -232,7 +235,7 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
         if getattr(parallel, k) < 1:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
     if values["transform_process_num"] < 1:
-        raise ConfigError("config key transform_process_num: must be >= 1")
+        raise ConfigError("config key transform_process_num: must be >= 1 or auto")
     if any(c in values["prefix"] for c in "/\\\0"):  # it becomes part of each rank file's name
         raise ConfigError(f"config key prefix: {values['prefix']!r} must be a file name stem, without '/', '\\' or NUL")
     values["parallel_config"] = parallel
