@@ -135,7 +135,8 @@ def reshard_inputs():
     """The options of the reshard benches (--size among them), and the bench checkpoint
     (2-way, with its strategy and a 4-way one) under --dir, built on first use."""
     args, root = bench_inputs("/tmp/autotrans-bench-{size}", "ckpt/rank_1", lambda r, a: write_tp_checkpoint(r, 2, size=a.size),
-                              lambda ap: ap.add_argument("--size", choices=SIZES, default="1gb"))
+                              lambda ap: (ap.add_argument("--size", choices=SIZES, default="1gb"),
+                                          ap.add_argument("--no-naive", action="store_true", help="skip the slow naive method")))
     write_tp_strategy(root, 4, args.size)
     return args, root
 

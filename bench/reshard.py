@@ -9,7 +9,7 @@ Every run starts after a `sync`, so that none pays for the writeback of another.
 Prints a markdown table of median wall, user and system times, ratios to cp + sync and
 peak RSS, then every run's wall time (the noise of a shared machine).
 
-  python bench/reshard.py [--size 1gb|6.6gb] [--runs 5] [--dir /tmp/autotrans-bench-SIZE]
+  python bench/reshard.py [--size 1gb|6.6gb] [--runs 5] [--no-naive] [--dir /tmp/autotrans-bench-SIZE]
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def main() -> None:
         "autotrans": lambda: autotrans,
         f"autotrans, transform_process_num=auto ({len(os.sched_getaffinity(0))})": lambda: [*autotrans, "transform_process_num=auto"],
     }
+    if args.no_naive:
+        del methods["naive load-concat-split-save"]
     results = alternating(methods, args.runs, clean)
     largest = max(2 * s[0] * (s[1] if len(s) > 1 else 1) for s, _ in weights.values())
     print(f"\nsource {size / 1e9:.2f} GB bf16 (2-way model parallel) -> 4-way; median of {args.runs} alternating runs; "
