@@ -7,7 +7,7 @@ against the types below and errors name the key. Sections only the runner has
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +31,8 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "transform_by_rank": ((bool,), False, None),
     "shared_disk": ((str, bool), "auto", ("auto", True, False)),
     "output_dir": ((str,), "./output", None),
-    "output_format": ((str,), "safetensors", OUTPUT_FORMATS),
+    "output_format": ((str,), "", ("",) + OUTPUT_FORMATS),  # "": as the source (output_format_for)
+    "load_ckpt_format": ((str,), "", ("", "ckpt", "safetensors")),
     "strategy_format": ((str,), "json", ("json", "mindspore")),
     "prefix": ((str,), "checkpoint_", None),
     "dtype": ((str, type(None)), None, (None, "bf16", "fp16", "fp32")),
@@ -57,7 +58,7 @@ PARALLEL_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
 
 # Top-level keys of MindSpore Transformers training YAMLs: never taken for typos.
 TRAINING_YAML_KEYS = frozenset("""
-seed run_mode output_dir load_checkpoint load_ckpt_format src_strategy_path_or_dir auto_trans_ckpt
+seed run_mode output_dir load_checkpoint src_strategy_path_or_dir auto_trans_ckpt
 only_save_strategy resume_training use_parallel trainer do_eval eval_step_interval eval_epoch_interval
 runner_config runner_wrapper optimizer lr_schedule train_dataset train_dataset_task eval_dataset
 eval_dataset_task context parallel parallel_config micro_batch_interleave_num model moe_config
@@ -101,7 +102,8 @@ class JobConfig:
     transform_by_rank: bool = False
     shared_disk: str | bool = "auto"
     output_dir: str = "./output"
-    output_format: str = "safetensors"
+    output_format: str = ""
+    load_ckpt_format: str = ""
     strategy_format: str = "json"
     prefix: str = "checkpoint_"
     dtype: str | None = None
@@ -127,6 +129,19 @@ class JobConfig:
         out = {k: getattr(self, k) for k in keys}
         out["lora"] = {k: v for k, v in (self.lora or {}).items() if k != "adapter"}
         return out
+
+
+def output_format_for(cfg: JobConfig, suffixes: set[str]) -> JobConfig:
+    """`cfg` with its output_format settled for a source whose files have `suffixes`
+    (SPEC 3): as given; else load_ckpt_format; else ckpt for a .ckpt source; else safetensors.
+    A load_ckpt_format the source's files do not have is an error naming the key."""
+    if cfg.load_ckpt_format and suffixes != {f".{cfg.load_ckpt_format}"}:
+        raise ConfigError(f"config key load_ckpt_format: {cfg.load_ckpt_format}, but load_checkpoint {cfg.load_checkpoint} "
+                          f"holds {', '.join(sorted(suffixes))} files; set it to the source's format or leave it out")
+    if cfg.output_format:
+        return cfg
+    fmt = cfg.load_ckpt_format or ("ckpt" if suffixes == {".ckpt"} else "safetensors")
+    return replace(cfg, output_format=fmt)
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -255,6 +270,11 @@ def _yaml_value(value: Any) -> str:
     return repr(value) if value == "" else str(value)
 
 
+# Defaults that depend on the source, as --help shows them.
+COMPUTED_DEFAULTS = {"output_format": "the source's: ckpt for .ckpt files, else safetensors",
+                     "load_ckpt_format": "any (MindSpore Transformers': read only files of this format)"}
+
+
 def describe_keys() -> str:
     """The job keys with their defaults and allowed values, from the schemas (for --help)."""
     from runner.lora import SECTION_KEYS as LORA_KEYS
@@ -271,6 +291,7 @@ def describe_keys() -> str:
         elif key == "model":
             rows.append(("model.arch, model.model_config.*", "from config.json for an HF source; else a template of strategies/"))
         elif key not in ("parallel", "moe_config"):  # read from training YAMLs, never needed
-            rows.append((key, _yaml_value(default) + (f"  (one of: {', '.join(map(_yaml_value, allowed))})" if allowed else "")))
+            shown = COMPUTED_DEFAULTS.get(key, _yaml_value(default))
+            rows.append((key, shown + (f"  (one of: {', '.join(_yaml_value(v) for v in allowed if v != '')})" if allowed else "")))
     width = max(len(k) for k, _ in rows)
     return "job keys (in the job file or as key=value), with their defaults:\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -108,11 +108,11 @@ def check_sizes(template: Template, env: Env) -> None:
     for key, by in template.divisible:
         n, d = env.int(key), env.int(by)
         if n % d:
-            raise LayoutError(f"model_config.{key} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
+            raise ConfigError(f"model_config.{key} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
     if any(w.experts == "stacked" for w in template.weights):
         dp, ep = env.int("data_parallel"), env.int("expert_parallel")
         if dp % ep:
-            raise LayoutError(f"parallel_config.expert_parallel = {ep} must divide data_parallel = {dp} (experts are split within data parallel)")
+            raise ConfigError(f"parallel_config.expert_parallel = {ep} must divide data_parallel = {dp} (experts are split within data parallel)")
 
 
 def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1) -> list[int]:
@@ -125,14 +125,14 @@ def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1)
     total = sum(map(sum, rows))
     if total != remainder:
         if not any(map(any, rows)):
-            raise LayoutError(
+            raise ConfigError(
                 f"num_layers {num_layers} is not divisible by pipeline_stage {pp}"
                 + (f" x pp_interleave_num {interleave}" if interleave > 1 else "")
                 + f": set model_config.offset to per-stage extra layers adding up to {remainder} (e.g. {_example(remainder, pp)})")
-        raise LayoutError(f"model_config.offset {offset} adds up to {total}, but must add up to num_layers {num_layers} % {chunks} = {remainder}")
+        raise ConfigError(f"model_config.offset {offset} adds up to {total}, but must add up to num_layers {num_layers} % {chunks} = {remainder}")
     counts = [[num_layers // chunks + o for o in row] for row in rows]
     if any(c < 0 for row in counts for c in row):
-        raise LayoutError(f"model_config.offset {offset} leaves a pipeline stage with a negative layer count {counts}")
+        raise ConfigError(f"model_config.offset {offset} leaves a pipeline stage with a negative layer count {counts}")
     out = []
     for row in counts:  # interleaved chunks visit the stages in turn
         for stage, n in enumerate(row):
@@ -228,7 +228,7 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
     else:
         dev_matrix = (dp, tp)
     if w.experts == "each" and ep > 1:
-        raise LayoutError(
+        raise ConfigError(
             f"parameter {name}: experts stored one tensor each cannot be split over expert_parallel {ep} "
             "(every rank of a stage holds every parameter of it); use expert_parallel: 1, or MindSpore Transformers' stacked expert names")
     tp_split = w.split in ("column", "row") or (w.split == "vocab" and not pc.vocab_emb_dp)
@@ -236,10 +236,10 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
         if shape[w.dim] % tp:
             what = "the vocabulary" if w.split == "vocab" else f"dim {w.dim}"
             hint = "; set vocab_emb_dp: true to keep embeddings whole" if w.split == "vocab" else ""
-            raise LayoutError(f"parameter {name}: {what} ({shape[w.dim]}) is not divisible by model_parallel {tp}{hint}")
+            raise ConfigError(f"parameter {name}: {what} ({shape[w.dim]}) is not divisible by model_parallel {tp}{hint}")
         tmap[w.dim] = (0,)
     if w.experts == "stacked" and shape[0] % ep:
-        raise LayoutError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
+        raise ConfigError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
     p = ParamLayout(shape, dtype, stages, dev_matrix, tuple(tmap))
     if pc.optimizer_shard and shape and p.replicas > 1 and p.chunk[0] % p.replicas == 0:
         p = replace(p, opt_shard=p.replicas)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from runner import __version__, dtypes, lora, plan as planner, strategy as strat
-from runner.config import JobConfig
+from runner.config import JobConfig, output_format_for
 from runner.errors import ConfigError
 from runner.execute import LocalPool, SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
@@ -182,7 +182,8 @@ def prepare(cfg: JobConfig, source: Source | None = None,
         if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or cfg.model.get("arch")):
             return Job(cfg, None, None, destination_strategy(cfg, None)[0])
         raise ConfigError("config key load_checkpoint is required")
-    source = source or discover(Path(cfg.load_checkpoint))
+    source = source or discover(Path(cfg.load_checkpoint), file_format=cfg.load_ckpt_format)
+    cfg = output_format_for(cfg, {p.suffix for files in source.files.values() for p in files})
     headers = headers if headers is not None else read_headers(source)
     src = source_strategy(cfg, source, headers)
     merge = None

@@ -191,7 +191,7 @@ def open_adapter(path: Path) -> tuple[Source, dict[str, TensorInfo], dict]:
     from runner.job import read_headers
 
     if not path.exists():
-        raise ConfigError(f"config key lora.adapter: {path} does not exist")
+        raise FormatError(f"lora.adapter {path} does not exist")
     folder = path if path.is_dir() else path.parent
     config_path = folder / "adapter_config.json"
     config = {}

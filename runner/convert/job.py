@@ -421,7 +421,8 @@ def run_conversion(cfg: JobConfig, show_progress: bool = True) -> int:
     elif cfg.output_format in ("hf", "mindformers"):
         target = hf_target(cfg, src, out)
     else:
-        raise ConfigError(f"a Megatron checkpoint converts to output_format megatron, hf or mindformers, not {cfg.output_format!r}")
+        raise ConfigError("a Megatron checkpoint converts to output_format megatron, hf or mindformers"
+                          + (f", not {cfg.output_format!r}" if cfg.output_format else "; set output_format"))
     protected = [Path(cfg.load_checkpoint)] + ([Path(cfg.reference_hf_dir)] if cfg.reference_hf_dir else [])
     check_no_overlap(cfg.output_path, protected)
     if cfg.only_save_strategy:

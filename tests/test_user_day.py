@@ -1,0 +1,97 @@
+"""What users coming from MindSpore Transformers, Megatron-LM and Hugging Face expect
+(issue 18): formats read as MindSpore Transformers reads them, messages that name the
+right thing, one exit-code rule. Jobs run through the CLI entry point in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from runner.cli import main
+from runner.formats.mindspore_proto import message
+from tests.test_mindspore_formats import ckpt_bytes
+
+W = np.arange(32, dtype=np.float32).reshape(8, 4)
+B = np.arange(8, dtype=np.float32) - 3
+
+
+def job(tmp: Path, **keys) -> Path:
+    path = tmp / "job.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([*args, "--no-progress"] if args[0] == "run" else list(args))
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def tp2_strategy(folder: Path) -> Path:
+    """A native 2-rank tensor-parallel strategy for W and B, written by hand."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"w": {"shape": [8, 4], "dtype": "F32", "stage": 0, "dev_matrix": [2], "tensor_map": [0, -1]},
+              "b": {"shape": [8], "dtype": "F32", "stage": 0, "dev_matrix": [2], "tensor_map": [0]}}
+    for r in (0, 1):
+        (folder / f"ckpt_strategy_rank_{r}.json").write_text(json.dumps(
+            {"format": "autotrans-strategy", "version": 1, "rank": r, "stages": [[0, 1]], "params": params}))
+    return folder
+
+
+def ckpt_tensors(path: Path) -> dict[str, np.ndarray]:
+    """A MindSpore .ckpt read by protobuf itself (float32 tensors)."""
+    c = message("Checkpoint")()
+    c.ParseFromString(path.read_bytes())
+    return {v.tag: np.frombuffer(v.tensor.tensor_content, np.float32).reshape(list(v.tensor.dims)) for v in c.value}
+
+
+# -- item 3: load_ckpt_format and the output format of a .ckpt source ---------------------
+def test_ckpt_source_without_output_format_stays_ckpt(tmp_path: Path, capsys) -> None:
+    (tmp_path / "full.ckpt").write_bytes(ckpt_bytes([("w", W, None), ("b", B, None)]))
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "full.ckpt"),
+              dst_strategy_path_or_dir=str(tp2_strategy(tmp_path / "strategy")), output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    out = tmp_path / "out" / "transformed_checkpoint"
+    assert sorted(p.name for p in out.rglob("checkpoint_*")) == ["checkpoint_0.ckpt", "checkpoint_1.ckpt"]
+    got = ckpt_tensors(out / "rank_1" / "checkpoint_1.ckpt")
+    assert np.array_equal(got["w"], W[4:]) and np.array_equal(got["b"], B[4:])
+
+
+def test_check_only_on_a_ckpt_source_reports_no_format_change(tmp_path: Path, capsys) -> None:
+    """auto_trans_ckpt: false on a .ckpt that already has the layout: it matches."""
+    (tmp_path / "full.ckpt").write_bytes(ckpt_bytes([("w", W, None), ("b", B, None)]))
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "full.ckpt"), use_parallel=False, auto_trans_ckpt=False,
+              output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    assert "already matches" in err and "format" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_ckpt_format_picks_the_files_mindspore_transformers_reads(tmp_path: Path, capsys) -> None:
+    """A rank folder holding both formats: load_ckpt_format chooses, and the output keeps it."""
+    rank = tmp_path / "ckpt" / "rank_0"
+    rank.mkdir(parents=True)
+    save_file({"w": W, "b": B}, str(rank / "llama-9_1.safetensors"))
+    (rank / "llama-10_1.ckpt").write_bytes(ckpt_bytes([("w", W + 1, None), ("b", B + 1, None)]))
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "ckpt"), load_ckpt_format="safetensors", use_parallel=False,
+              dtype="fp16", output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    got = load_file(str(tmp_path / "out" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"))
+    assert np.array_equal(got["w"], W.astype(np.float16))  # the .safetensors file, not the newer .ckpt
+
+
+def test_load_ckpt_format_the_source_lacks_names_the_key(tmp_path: Path, capsys) -> None:
+    save_file({"w": W}, str(tmp_path / "full.safetensors"))
+    cfg = job(tmp_path, load_checkpoint=str(tmp_path / "full.safetensors"), load_ckpt_format="ckpt", use_parallel=False,
+              output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 2
+    assert err.splitlines() == [f"autotrans: error: config key load_ckpt_format: ckpt, but load_checkpoint "
+                                f"{tmp_path / 'full.safetensors'} holds .safetensors files; set it to the source's format or leave it out"]
