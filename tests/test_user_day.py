@@ -95,3 +95,57 @@ def test_load_ckpt_format_the_source_lacks_names_the_key(tmp_path: Path, capsys)
     assert code == 2
     assert err.splitlines() == [f"autotrans: error: config key load_ckpt_format: ckpt, but load_checkpoint "
                                 f"{tmp_path / 'full.safetensors'} holds .safetensors files; set it to the source's format or leave it out"]
+
+
+# -- item 8: one exit-code rule (2: bad config or usage, 1: bad or missing input) ----------
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory) -> Path:
+    from tests.convert_util import make_hf
+
+    return make_hf(tmp_path_factory.mktemp("hf") / "llama", "llama")  # 8 heads, 4 query groups
+
+
+@pytest.mark.parametrize("command, keys", [
+    ("run", {"model": {"arch": "llama"}}),                       # a reshard of the HF weights
+    ("run", {"output_format": "megatron"}),                      # a conversion
+    ("plan", {"model": {"arch": "llama"}}),
+    ("run", {"model": {"arch": "llama"}, "lora": {"adapter": "{adapter}"}}),  # a LoRA merge
+])
+def test_tensor_parallel_that_does_not_divide_is_exit_2_in_every_job(hf_llama: Path, tmp_path: Path, capsys, command, keys) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{q}.lora_A.weight": np.ones((2, 64), np.float32), f"{q}.lora_B.weight": np.ones((64, 2), np.float32)},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    keys = json.loads(json.dumps(keys).replace("{adapter}", str(adapter)))
+    cfg = job(tmp_path, load_checkpoint=str(hf_llama), parallel_config={"model_parallel": 3},
+              output_dir=str(tmp_path / "out"), **keys)
+    code, _, err = cli(capsys, command, str(cfg))
+    assert code == 2, err
+    assert "model_parallel" in err and "3" in err and len(err.splitlines()) == 1
+
+
+def test_tensor_parallel_that_does_not_divide_is_exit_2_in_a_dry_run(tmp_path: Path, capsys) -> None:
+    mc = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "n_kv_heads": 2, "intermediate_size": 64, "vocab_size": 64}
+    cfg = job(tmp_path, model={"arch": "llama", "model_config": mc}, parallel_config={"model_parallel": 4},
+              output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "strategy", str(cfg))
+    assert code == 2 and "n_kv_heads = 2 is not divisible by parallel_config.model_parallel = 4" in err
+
+
+@pytest.mark.parametrize("keys, phrase", [
+    ({"load_checkpoint": "{t}/nope", "use_parallel": False}, "load_checkpoint {t}/nope does not exist"),
+    ({"load_checkpoint": "{t}/nope", "output_format": "megatron"}, "load_checkpoint {t}/nope does not exist"),
+    ({"load_checkpoint": "{t}/w.safetensors", "use_parallel": False, "lora": {"adapter": "{t}/no_adapter"}},
+     "lora.adapter {t}/no_adapter does not exist"),
+    ({"preprocess_data": {"input": "{t}/nope.jsonl", "tokenizer": "{t}/tok.json", "output_prefix": "{t}/ds"}},
+     "preprocess_data.input: no such file: {t}/nope.jsonl"),
+])
+def test_missing_input_is_exit_1_in_every_job(tmp_path: Path, capsys, keys: dict, phrase: str) -> None:
+    save_file({"w": W}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "tok.json").write_text("{}")
+    cfg = job(tmp_path, output_dir=str(tmp_path / "out"), **json.loads(json.dumps(keys).replace("{t}", str(tmp_path))))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 1, err
+    assert err.splitlines() == [f"autotrans: error: {phrase.format(t=tmp_path)}"]
