@@ -96,9 +96,12 @@ def load_job(path: str, overrides: list[str]):
     from runner.mpi import launched_size
 
     if launched_size() > 1:
+        from runner import log
         from runner.collective import Link
 
-        return Link().step("read the job file", lambda: config.load(path, overrides))
+        link = Link()
+        log.configure(quiet=link.rank != 0)  # a warning about the job file is said once
+        return link.step("read the job file", lambda: config.load(path, overrides))
     return config.load(path, overrides)
 
 

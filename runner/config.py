@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, shown
+from runner.log import warn
 
 OUTPUT_FORMATS = ("safetensors", "ckpt", "hf", "megatron", "mindformers")
 
@@ -55,6 +56,12 @@ PARALLEL_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "vocab_emb_dp": ((bool,), True),
     "optimizer_shard": ((bool,), False),
 }
+
+# parallel_config keys of MindSpore Transformers the runner does not read: never typos.
+TRAINING_PARALLEL_KEYS = frozenset("""
+micro_batch_num seq_split_num use_seq_parallel gradient_aggregation_group context_parallel_algo
+ulysses_degree_in_cp mem_coeff micro_batch_interleave_num pipeline_interleave pipeline_scheduler
+""".split())
 
 # Top-level keys of MindSpore Transformers training YAMLs: never taken for typos.
 TRAINING_YAML_KEYS = frozenset("""
@@ -201,7 +208,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     try:
         cfg = OmegaConf.load(str(path)) if path is not None else OmegaConf.create({})
     except FileNotFoundError:
-        raise ConfigError(f"job file {path} does not exist") from None
+        raise ConfigError(f"job file {shown(path)} does not exist") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -239,6 +246,10 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
     values["dtype"] = values["dtype"] or None
     pc = {k: check_value(f"parallel_config.{k}", values["parallel_config"][k], t)
           for k, (t, _d) in PARALLEL_KEYS.items() if k in values["parallel_config"]}
+    for k in values["parallel_config"]:  # other keys are ignored, as a training YAML has many
+        hint = closest(str(k), PARALLEL_KEYS) if k not in PARALLEL_KEYS and k not in TRAINING_PARALLEL_KEYS else None
+        if hint:
+            warn(f"config key parallel_config.{k} is not one the runner reads and is ignored; did you mean parallel_config.{hint}?")
     opt = values.pop("parallel").get("enable_parallel_optimizer")
     if opt is not None and "optimizer_shard" not in pc:
         pc["optimizer_shard"] = check_value("parallel.enable_parallel_optimizer", opt, (bool,))

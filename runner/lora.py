@@ -24,7 +24,7 @@ import numpy as np
 
 from runner import dtypes, plan as planner
 from runner.config import check_section
-from runner.errors import ConfigError, FormatError, PlanError
+from runner.errors import ConfigError, FormatError, PlanError, shown
 from runner.formats.base import TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES
 from runner.layout import Box, ParamLayout
@@ -191,7 +191,7 @@ def open_adapter(path: Path) -> tuple[Source, dict[str, TensorInfo], dict]:
     from runner.job import read_headers
 
     if not path.exists():
-        raise FormatError(f"lora.adapter {path} does not exist")
+        raise FormatError(f"lora.adapter {shown(path)} does not exist")
     folder = path if path.is_dir() else path.parent
     config_path = folder / "adapter_config.json"
     config = {}

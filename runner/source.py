@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.errors import FormatError
+from runner.errors import FormatError, shown
 from runner.formats.base import CheckpointReader, TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES, open_reader
 from runner.ranks import gaps
@@ -70,7 +70,7 @@ def discover(path: Path, ranks: dict[int, Path] | None = None, file_format: str 
     suffixes = (f".{file_format}",) if file_format else CHECKPOINT_SUFFIXES
     root = Path(path)
     if not root.exists():
-        raise FormatError(f"load_checkpoint {root} does not exist")
+        raise FormatError(f"load_checkpoint {shown(root)} does not exist")
     if root.is_file():
         return Source(root, "full", {0: (root,)})
     if (root / "latest_checkpointed_iteration.txt").exists() or any(
@@ -106,7 +106,8 @@ class RankReader:
                 self._readers.append(r)
                 for name, info in r.tensors().items():
                     if name in self._owner:
-                        raise FormatError(f"tensor {name} appears in both {self._owner[name].path} and {p}")
+                        raise FormatError(f"tensor {name} appears in both {self._owner[name].path} and {p}: loose files "
+                                          "are parts of one checkpoint; put per-rank files in rank_0/ ... rank_N/ folders")
                     self._owner[name] = r
                     self._tensors[name] = info
         except BaseException:
