@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         build_parser().print_help()
         return 2
+    from runner import log
     from runner.errors import AutotransError, one_line
 
+    log.hold()  # until the job gets going: a failure's line comes before the warnings leading to it
     try:
         return dispatch(args)
     except AutotransError as e:
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"autotrans: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        log.release()
 
 
 if __name__ == "__main__":

@@ -149,3 +149,143 @@ def test_missing_input_is_exit_1_in_every_job(tmp_path: Path, capsys, keys: dict
     code, _, err = cli(capsys, "run", str(cfg))
     assert code == 1, err
     assert err.splitlines() == [f"autotrans: error: {phrase.format(t=tmp_path)}"]
+
+
+# -- item 7: messages that name the right thing ---------------------------------------------
+@pytest.fixture
+def dist(tmp_path: Path) -> Path:
+    """tmp/ckpt/rank_{0,1} (W and B split in two on dim 0) and tmp/strategy beside it."""
+    for r in (0, 1):
+        (tmp_path / "ckpt" / f"rank_{r}").mkdir(parents=True)
+        save_file({"w": W[4 * r:4 * r + 4], "b": B[4 * r:4 * r + 4]}, str(tmp_path / "ckpt" / f"rank_{r}" / f"ckpt_{r}.safetensors"))
+    tp2_strategy(tmp_path / "strategy")
+    return tmp_path
+
+
+def merge(tmp: Path, **keys) -> Path:
+    return job(tmp, **{"load_checkpoint": str(tmp / "ckpt"), "src_strategy_path_or_dir": str(tmp / "strategy"),
+                       "use_parallel": False, "output_dir": str(tmp / "out"), **keys})
+
+
+def error_line(capsys, *args: str, code: int = 1) -> str:
+    got, _, err = cli(capsys, *args)
+    assert got == code, err
+    assert len(err.splitlines()) == 1 and err.startswith("autotrans: error: "), err
+    return err.strip()[len("autotrans: error: "):]
+
+
+def test_a_missing_last_rank_folder_is_named_not_blamed_on_the_strategy(dist: Path, capsys) -> None:
+    for p in (dist / "ckpt" / "rank_1").iterdir():
+        p.unlink()
+    (dist / "ckpt" / "rank_1").rmdir()
+    assert error_line(capsys, "run", str(merge(dist))) == (
+        "the source checkpoint lacks rank folder(s) rank_1: its strategy has 2 ranks, the checkpoint 1; copy in the missing ones")
+
+
+def test_verify_names_the_checkpoint_that_is_missing(dist: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(dist)
+    assert error_line(capsys, "verify", "ckpt", "nowhere") == (
+        f"verify: checkpoint B, nowhere (relative to the current folder {dist}), does not exist")
+
+
+def test_relative_paths_say_what_they_are_relative_to(dist: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(dist)
+    assert error_line(capsys, "run", str(merge(dist, load_checkpoint="nope"))) == (
+        f"load_checkpoint nope (relative to the current folder {dist}) does not exist")
+    assert error_line(capsys, "run", "missing.yaml", code=2) == (
+        f"job file missing.yaml (relative to the current folder {dist}) does not exist")
+    assert error_line(capsys, "run", str(merge(dist, load_checkpoint=str(dist / "abs")))) == f"load_checkpoint {dist}/abs does not exist"
+
+
+def test_inspect_a_dataset_file_says_what_it_is(tmp_path: Path, capsys) -> None:
+    import struct
+
+    # Megatron's .idx header: magic, version, dtype code (4: int32), sequence count, document count + 1
+    (tmp_path / "ds_text_document.idx").write_bytes(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 4, 5, 6))
+    (tmp_path / "ds_text_document.bin").write_bytes(bytes(40))
+    code, out, err = cli(capsys, "inspect", str(tmp_path / "ds_text_document.bin"))
+    assert code == 0, err
+    assert out.strip() == (f"Megatron indexed dataset {tmp_path}/ds_text_document.bin + ds_text_document.idx "
+                           "(version 1, int32 tokens, 5 sequences, 5 documents); not a checkpoint")
+
+
+def test_diff_given_checkpoints_says_to_use_verify(dist: Path, capsys) -> None:
+    line = error_line(capsys, "diff", str(dist / "ckpt"), str(dist / "strategy"), code=2)
+    assert line == (f"{dist}/ckpt is not a strategy file or folder (its strategy may be {dist}/strategy): "
+                    "autotrans diff compares layouts; compare checkpoints tensor by tensor with autotrans verify A B")
+
+
+def test_loose_per_rank_files_hint_rank_folders(dist: Path, capsys) -> None:
+    (dist / "loose").mkdir()
+    for r in (0, 1):
+        (dist / "ckpt" / f"rank_{r}" / f"ckpt_{r}.safetensors").rename(dist / "loose" / f"ckpt_{r}.safetensors")
+    line = error_line(capsys, "run", str(merge(dist, load_checkpoint=str(dist / "loose"))))
+    assert line.endswith("loose files are parts of one checkpoint; put per-rank files in rank_0/ ... rank_N/ folders")
+
+
+def test_inspect_knows_a_mindspore_strategy_by_its_content(dist: Path, capsys) -> None:
+    """A merged strategy renamed as users do (strategy_8_npus.ckpt) is still a strategy."""
+    code, _, err = cli(capsys, "strategy", str(job(dist, dst_strategy_path_or_dir=str(dist / "strategy"),
+                                                   strategy_format="mindspore", output_dir=str(dist / "ms"))))
+    assert code == 0, err
+    renamed = dist / "strategy_8_npus.ckpt"
+    (dist / "ms" / "strategy" / "ckpt_strategy_rank_0.ckpt").rename(renamed)
+    code, out, err = cli(capsys, "inspect", str(renamed))
+    assert code == 0, err
+    assert out.splitlines()[0] == "strategy (mindspore): 2 ranks in 1 stage(s): [[0, 1]]"
+    assert "  w: shape [-1, -1] ? stage [0] dev_matrix [2] tensor_map [0, -1]" in out.splitlines()
+
+
+def test_inspect_shows_the_layouts_of_a_strategy_folder_beside_the_checkpoint(dist: Path, capsys) -> None:
+    code, out, err = cli(capsys, "inspect", str(dist / "ckpt"))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"layouts, from the strategy beside it ({dist}/strategy):" in lines
+    assert "  w: shape [8, 4] F32 stage [0] dev_matrix [2] tensor_map [0, -1]" in lines
+
+
+def test_a_typo_inside_parallel_config_is_warned(dist: Path, capsys) -> None:
+    cfg = job(dist, dst_strategy_path_or_dir=str(dist / "strategy"), output_dir=str(dist / "out"),
+              parallel_config={"model_paralel": 2, "micro_batch_num": 4, "use_seq_parallel": True})
+    code, _, err = cli(capsys, "strategy", str(cfg))
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == ["autotrans: warning: config key parallel_config.model_paralel is not one the runner reads and is "
+                        "ignored; did you mean parallel_config.model_parallel?"]
+
+
+def test_the_error_comes_before_the_warnings_that_led_to_it(dist: Path, capsys) -> None:
+    cfg = merge(dist, load_checkpoint=str(dist / "nope"), parallel_config={"model_paralel": 2})
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0] == f"autotrans: error: load_checkpoint {dist}/nope does not exist"
+    assert lines[1].startswith("autotrans: warning: config key parallel_config.model_paralel") and len(lines) == 2
+
+
+def test_sizes_from_config_json_are_named_as_config_json(hf_llama: Path, tmp_path: Path, capsys) -> None:
+    cfg = job(tmp_path, load_checkpoint=str(hf_llama), model={"arch": "llama"}, parallel_config={"model_parallel": 16},
+              output_dir=str(tmp_path / "out"))
+    assert error_line(capsys, "run", str(cfg), code=2) == (
+        f"{hf_llama}/config.json's num_attention_heads = 8 is not divisible by parallel_config.model_parallel = 16; "
+        "choose a model_parallel that divides it")
+
+
+@pytest.mark.parametrize("keys", [{"model": {"arch": "llama"}}, {"output_format": "megatron"}])
+def test_a_vocab_size_that_disagrees_with_config_json_is_an_error(hf_llama: Path, tmp_path: Path, capsys, keys: dict) -> None:
+    model = {**keys.get("model", {}), "model_config": {"vocab_size": 512}}
+    cfg = job(tmp_path, load_checkpoint=str(hf_llama), output_dir=str(tmp_path / "out"), **{**keys, "model": model})
+    assert error_line(capsys, "run", str(cfg), code=2) == (
+        f"model.model_config.vocab_size = 512 disagrees with {hf_llama}/config.json's vocab_size = 300; "
+        "the HF folder gives the sizes: leave it out or give the right one")
+    assert not (tmp_path / "out" / "transformed_checkpoint").exists()
+
+
+def test_a_vocab_size_that_disagrees_with_the_checkpoint_is_an_error(hf_llama: Path, tmp_path: Path, capsys) -> None:
+    mc = {"num_layers": 4, "hidden_size": 64, "num_heads": 8, "n_kv_heads": 4, "intermediate_size": 96}
+    for vocab in (512, 200):  # larger, and smaller (not a padding: HF names)
+        cfg = job(tmp_path, load_checkpoint=str(hf_llama / "model.safetensors"), output_dir=str(tmp_path / "out"),
+                  model={"arch": "llama", "model_config": {**mc, "vocab_size": vocab}}, parallel_config={"model_parallel": 2})
+        assert error_line(capsys, "run", str(cfg), code=2) == (
+            f"parameter model.embed_tokens.weight: the checkpoint holds shape [300, 64], but model_config gives [{vocab}, 64]; "
+            "check model.model_config")

@@ -34,6 +34,7 @@ from runner.plan import ReadItem
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
 from runner.strategy import Strategy
+from runner.templates import config_json_names
 
 TRANSFORMED = "transformed_checkpoint"
 STRATEGY_DIR = "strategy"
@@ -92,7 +93,8 @@ class HFInput:
             return HFInput(source, spec, infos, mindformers.to_mindformers, Path(cfg.reference_hf_dir))
         if source.kind != "hf":
             raise ConfigError(f"{source.root} is neither an HF folder (config.json + weights), a MindFormers checkpoint nor a Megatron folder")
-        _, spec = read_hf_config(source.root)
+        doc, spec = read_hf_config(source.root)
+        config_json_names(doc, (cfg.model or {}).get("model_config") or {}, source.root / "config.json")  # they must agree
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
         return HFInput(source, spec, held, lambda n: n, reference)
 
