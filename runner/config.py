@@ -43,7 +43,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "transformer_impl": ((str,), "transformer_engine", ("transformer_engine", "local")),
     "megatron_naming": ((str,), "core", ("core", "legacy")),
     "make_vocab_size_divisible_by": ((int,), 128, None),
-    "iteration": ((int,), 1, None),
+    "iteration": ((int, str), 1, None),  # or "release", as Megatron names a release checkpoint
     "reference_hf_dir": ((str,), "", None),
     "max_shard_size": ((str, int), "5GB", None),
 }
@@ -120,7 +120,7 @@ class JobConfig:
     transformer_impl: str = "transformer_engine"
     megatron_naming: str = "core"
     make_vocab_size_divisible_by: int = 128
-    iteration: int = 1
+    iteration: int | str = 1
     reference_hf_dir: str = ""
     max_shard_size: str | int = "5GB"
     source_file: str = ""  # the job file's own path, for messages and the manifest
@@ -140,9 +140,10 @@ class JobConfig:
 
 def output_format_for(cfg: JobConfig, suffixes: set[str]) -> JobConfig:
     """`cfg` with its output_format settled for a source whose files have `suffixes`
-    (SPEC 3): as given; else load_ckpt_format; else ckpt for a .ckpt source; else safetensors.
+    (SPEC 3; none: no checkpoint read): as given; else load_ckpt_format; else ckpt for
+    a .ckpt source; else safetensors.
     A load_ckpt_format the source's files do not have is an error naming the key."""
-    if cfg.load_ckpt_format and suffixes != {f".{cfg.load_ckpt_format}"}:
+    if cfg.load_ckpt_format and suffixes and suffixes != {f".{cfg.load_ckpt_format}"}:
         raise ConfigError(f"config key load_ckpt_format: {cfg.load_ckpt_format}, but load_checkpoint {cfg.load_checkpoint} "
                           f"holds {', '.join(sorted(suffixes))} files; set it to the source's format or leave it out")
     if cfg.output_format:
@@ -257,6 +258,9 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
     for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel"):
         if getattr(parallel, k) < 1:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
+    it = values["iteration"]
+    if it != "release" and (isinstance(it, str) or it < 0):
+        raise ConfigError(f"config key iteration: expected a number >= 0 or 'release', got {values['iteration']!r}")
     if values["transform_process_num"] < 1:
         raise ConfigError("config key transform_process_num: must be >= 1")
     if any(c in values["prefix"] for c in "/\\\0"):  # it becomes part of each rank file's name

@@ -19,9 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from runner import dtypes, plan as planner, strategy as strat
-from runner.config import JobConfig
-from runner.errors import ConfigError
+from runner.config import JobConfig, output_format_for
+from runner.errors import ConfigError, shown
 from runner.job import Job, destination_strategy, needs_change, prepare
+from runner.log import warn
 
 MAX_GROUPS = 40  # text output: more runs of equal ranks than this are shown per stage
 
@@ -35,8 +36,12 @@ def plan_job(cfg: JobConfig) -> Job:
 
     if cfg.output_format in ("hf", "megatron") or wants_conversion(cfg):
         raise ConfigError("autotrans plan covers layout transforms; HF / Megatron conversions (SPEC 6) are not planned")
-    if cfg.load_checkpoint:
+    if cfg.load_checkpoint and Path(cfg.load_checkpoint).exists():
         return prepare(cfg)
+    if cfg.load_checkpoint and cfg.src_strategy_path_or_dir:  # planning before the checkpoint is there (SPEC 10)
+        warn(f"load_checkpoint {shown(cfg.load_checkpoint)} does not exist (yet): planning from the strategies alone")
+    elif cfg.load_checkpoint:
+        return prepare(cfg)  # which says what is missing
     if not cfg.src_strategy_path_or_dir:
         raise ConfigError("autotrans plan needs load_checkpoint, or src_strategy_path_or_dir naming native strategy files")
     src = strat.load(Path(cfg.src_strategy_path_or_dir))
@@ -47,7 +52,7 @@ def plan_job(cfg: JobConfig) -> Job:
         )
     src.validate()
     dst, src = destination_strategy(cfg, src)
-    job = Job(cfg, None, src, dst)
+    job = Job(output_format_for(cfg, set()), None, src, dst)
     planner.check_compatible(job.src, job.dst, job.cast_to)
     return job
 

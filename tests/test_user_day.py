@@ -289,3 +289,38 @@ def test_a_vocab_size_that_disagrees_with_the_checkpoint_is_an_error(hf_llama: P
         assert error_line(capsys, "run", str(cfg), code=2) == (
             f"parameter model.embed_tokens.weight: the checkpoint holds shape [300, 64], but model_config gives [{vocab}, 64]; "
             "check model.model_config")
+
+
+# -- items 10 and 11 ---------------------------------------------------------------------------
+def test_iteration_release_writes_megatron_release_folder(hf_llama: Path, tmp_path: Path, capsys) -> None:
+    import torch
+    from safetensors.torch import load_file as load_torch
+
+    cfg = job(tmp_path, load_checkpoint=str(hf_llama), output_format="megatron", iteration="release",
+              parallel_config={"model_parallel": 2}, output_dir=str(tmp_path / "m"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    out = tmp_path / "m" / "transformed_checkpoint"
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert sorted(p.parent.name for p in (out / "release").glob("mp_rank_*/model_optim_rng.pt")) == ["mp_rank_00", "mp_rank_01"]
+    head = torch.load(out / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    assert head["iteration"] == 0 and head["args"].iteration == 0  # Megatron loads a release checkpoint as iteration 0
+    back = job(tmp_path, load_checkpoint=str(out), output_format="hf", reference_hf_dir=str(hf_llama), output_dir=str(tmp_path / "h"))
+    code, _, err = cli(capsys, "run", str(back))
+    assert code == 0, err
+    got = load_torch(str(tmp_path / "h" / "transformed_checkpoint" / "model-00001-of-00001.safetensors"))
+    want = load_torch(str(hf_llama / "model.safetensors"))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_iteration_other_words_are_config_errors(tmp_path: Path, capsys) -> None:
+    assert error_line(capsys, "run", str(job(tmp_path, load_checkpoint="x", iteration="latest")), code=2) == (
+        "config key iteration: expected a number >= 0 or 'release', got 'latest'")
+
+
+def test_plan_from_native_strategies_before_the_checkpoint_exists(dist: Path, capsys) -> None:
+    cfg = merge(dist, load_checkpoint=str(dist / "not_yet"))
+    code, out, err = cli(capsys, "plan", str(cfg), "--json")
+    assert code == 0, err
+    assert err.splitlines() == [f"autotrans: warning: load_checkpoint {dist}/not_yet does not exist (yet): planning from the strategies alone"]
+    assert json.loads(out)["total"]["write_bytes"] == W.nbytes + B.nbytes

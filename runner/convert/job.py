@@ -20,7 +20,7 @@ from typing import Callable
 from runner import __version__, dtypes, lora as lora_merge, plan as planner, strategy as strat
 from runner.config import JobConfig
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, iteration_folder, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, renames, scheme_map
@@ -276,10 +276,11 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
     dst = mm.strategy(infos)
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
+    step = 0 if cfg.iteration == "release" else cfg.iteration  # Megatron loads a release checkpoint as iteration 0
     args = megatron_args(spec, lay, padded, cfg.make_vocab_size_divisible_by, cfg.transformer_impl,
-                         cfg.megatron_naming, out_dtype, cfg.iteration)
-    head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": cfg.iteration}
-    iter_dir = out / f"iter_{cfg.iteration:07d}"
+                         cfg.megatron_naming, out_dtype, step)
+    head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}
+    iter_dir = out / iteration_folder(cfg.iteration)
 
     def path(rank: int) -> Path:
         return iter_dir / lay.folder(rank) / CKPT
