@@ -188,7 +188,7 @@ def prepare(cfg: JobConfig, source: Source | None = None,
     src = source_strategy(cfg, source, headers)
     merge = None
     if cfg.lora is not None:
-        merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers)
+        merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers, source.root)
     dst, src = destination_strategy(cfg, src)
     if merge:
         dst = merge.exclude(dst)

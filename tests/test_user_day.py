@@ -324,3 +324,44 @@ def test_plan_from_native_strategies_before_the_checkpoint_exists(dist: Path, ca
     assert code == 0, err
     assert err.splitlines() == [f"autotrans: warning: load_checkpoint {dist}/not_yet does not exist (yet): planning from the strategies alone"]
     assert json.loads(out)["total"]["write_bytes"] == W.nbytes + B.nbytes
+
+
+@pytest.fixture(scope="module")
+def hf_qwen2(tmp_path_factory) -> Path:
+    from tests.convert_util import make_hf
+
+    return make_hf(tmp_path_factory.mktemp("hf") / "qwen2", "qwen2")  # hidden 64, like the Llama above
+
+
+def q_proj_adapter(folder: Path, trained_on: str) -> Path:
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    folder.mkdir()
+    save_file({f"{q}.lora_A.weight": np.full((2, 64), 0.5, np.float32), f"{q}.lora_B.weight": np.full((64, 2), 0.25, np.float32)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "base_model_name_or_path": trained_on}))
+    return folder
+
+
+@pytest.mark.parametrize("trained_on, why", [
+    ("meta-llama/Llama-3.2-1B", " (base_model_name_or_path), a llama model, but load_checkpoint {base} is a qwen2 model"),
+    ("{llama}", ", whose model_type is 'llama', but load_checkpoint {base} has 'qwen2'"),
+])
+def test_an_adapter_trained_on_another_model_is_refused(hf_qwen2: Path, hf_llama: Path, tmp_path: Path, capsys,
+                                                        trained_on: str, why: str) -> None:
+    """The shapes fit (q_proj is [64, 64] in both): only the adapter's config tells."""
+    named = trained_on.format(llama=hf_llama)
+    adapter = q_proj_adapter(tmp_path / "adapter", named)
+    cfg = job(tmp_path, load_checkpoint=str(hf_qwen2), use_parallel=False, lora={"adapter": str(adapter)},
+              output_dir=str(tmp_path / "out"))
+    assert error_line(capsys, "run", str(cfg)) == (
+        f"adapter {adapter} was trained on {named}" + why.format(base=hf_qwen2) + "; merge an adapter trained on this model")
+    assert not (tmp_path / "out" / "transformed_checkpoint").exists()
+
+
+def test_an_adapter_trained_on_the_base_family_merges(hf_qwen2: Path, tmp_path: Path, capsys) -> None:
+    adapter = q_proj_adapter(tmp_path / "adapter", "Qwen/Qwen2-0.5B")
+    cfg = job(tmp_path, load_checkpoint=str(hf_qwen2), use_parallel=False, lora={"adapter": str(adapter)},
+              output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err

@@ -68,7 +68,7 @@ class HFInput:
             reader.close()
         merge = None
         if cfg.lora is not None:
-            merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held})
+            merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}, source.root)
             held = base[0]
         inp = HFInput._open(cfg, source, held)
         inp.lora = merge
