@@ -365,3 +365,37 @@ def test_an_adapter_trained_on_the_base_family_merges(hf_qwen2: Path, tmp_path: 
               output_dir=str(tmp_path / "out"))
     code, _, err = cli(capsys, "run", str(cfg))
     assert code == 0, err
+
+
+def test_fp32_merge_and_peft_merge_and_unload_agree_within_fp32_rounding(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The relation the README states: ours sums B @ A over the rank in a fixed order,
+    PEFT's merge_and_unload in BLAS order; both are within the fp32 error bound of a
+    dot product of the exact (float64) merge, and weights without LoRA are bit-identical."""
+    import peft
+    import torch
+    from safetensors.torch import load_file as load_torch
+
+    from tests.test_lora import peft_case, tiny_llama
+
+    r, alpha = 8, 16
+    want = peft_case(tmp_path, tiny_llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "o_proj", "down_proj"]))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "run", str(job(tmp_path, load_checkpoint="base_hf", use_parallel=False,
+                                                  lora={"adapter": "adapter"}, output_dir="out")))
+    assert code == 0, err
+    got = load_torch("out/transformed_checkpoint/rank_0/checkpoint_0.safetensors")
+    base, adapter = load_torch("base.safetensors"), load_torch("adapter/adapter_model.safetensors")
+    merged = 0
+    for name, w in base.items():
+        a_name = f"base_model.model.{name.removesuffix('.weight')}.lora_A.weight"
+        if a_name not in adapter:
+            assert torch.equal(got[name], want[name]) and torch.equal(got[name], w), name
+            continue
+        merged += 1
+        a, b = adapter[a_name].double(), adapter[a_name.replace("lora_A", "lora_B")].double()
+        s = alpha / r
+        exact = w.double() + s * (b @ a)
+        bound = (r + 2) * 2.0 ** -24 * (w.double().abs() + s * (b.abs() @ a.abs()))
+        assert bool(((got[name].double() - exact).abs() <= bound).all()), name
+        assert bool(((want[name].double() - exact).abs() <= bound).all()), name
+    assert merged == 6  # q_proj, o_proj, down_proj in both layers
