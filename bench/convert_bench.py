@@ -93,19 +93,26 @@ def measured(cmd: list[str]) -> tuple[float, int, int]:
     return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"]
 
 
+def work_folder(doc: str, prefix: str) -> tuple[Path, Path]:
+    """The bench's work folder (--keep, else a temporary one) and the bench model's HF
+    folder in it, built on first use."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    opts = ap.parse_args()
+    root = Path(opts.keep or tempfile.mkdtemp(prefix=prefix))
+    hf = root / "hf"
+    if not (hf / "model.safetensors").exists():
+        make_model(hf)
+    return root, hf
+
+
 def job(path: Path, **keys) -> Path:
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()) + "\n")
     return path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
-    opts = ap.parse_args()
-    root = Path(opts.keep or tempfile.mkdtemp(prefix="convert_bench_"))
-    hf = root / "hf"
-    if not (hf / "model.safetensors").exists():
-        make_model(hf)
+    root, hf = work_folder(__doc__, "convert_bench_")
     size = du(hf)
     exe = [sys.executable, "-m", "runner", "run"]
     rows = []
@@ -120,14 +127,18 @@ def main() -> None:
     naive = root / "naive.py"
     naive.write_text(NAIVE.format(layers=BENCH_LAYERS, heads=HEADS, kv=KV_HEADS))
     rows.append(("naive HF -> Megatron TP1 (load all, torch.save)", *measured([sys.executable, str(naive), str(hf), str(root / "naive.pt")])))
-    check = subprocess.run([sys.executable, "-m", "runner", "verify", str(hf), str(root / "back" / "transformed_checkpoint")],
-                           capture_output=True, text=True)
     print(f"model: {size / 1e9:.2f} GB bf16 (hidden {HIDDEN}, {BENCH_LAYERS} layers, ffn {FFN}, vocab {VOCAB}); largest tensor "
           f"{VOCAB * HIDDEN * 2 / 1e6:.0f} MB")
+    report(rows, "round trip", hf, root / "back" / "transformed_checkpoint")
+
+
+def report(rows: list[tuple[str, float, int, int]], what: str, original: Path, back: Path) -> None:
+    """The measured runs as a table, then whether `back` verifies against `original`."""
+    check = subprocess.run([sys.executable, "-m", "runner", "verify", str(original), str(back)], capture_output=True, text=True)
     print("| run | time s | peak RssAnon MB | peak VmRSS MB |\n|---|---|---|---|")
     for label, t, anon, rss in rows:
         print(f"| {label} | {t:.1f} | {anon / 1e6:.0f} | {rss / 1e6:.0f} |")
-    print(f"round trip: {check.stdout.strip() or check.stderr.strip()}")
+    print(f"{what}: {check.stdout.strip() or check.stderr.strip()}")
 
 
 if __name__ == "__main__":

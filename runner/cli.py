@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from runner import log
     from runner.errors import AutotransError, one_line
 
+    log.configure(debug=bool(getattr(args, "debug", False)))
     log.hold()  # until the job gets going: a failure's line comes before the warnings leading to it
     try:
         return dispatch(args)

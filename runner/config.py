@@ -42,6 +42,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "preprocess_data": ((dict, type(None)), None, None),
     "transformer_impl": ((str,), "transformer_engine", ("transformer_engine", "local")),
     "megatron_naming": ((str,), "core", ("core", "legacy")),
+    "megatron_format": ((str,), "torch", ("torch", "torch_dist")),
     "make_vocab_size_divisible_by": ((int,), 128, None),
     "iteration": ((int, str), 1, None),  # or "release", as Megatron names a release checkpoint
     "reference_hf_dir": ((str,), "", None),
@@ -119,6 +120,7 @@ class JobConfig:
     preprocess_data: Mapping[str, Any] | None = None
     transformer_impl: str = "transformer_engine"
     megatron_naming: str = "core"
+    megatron_format: str = "torch"
     make_vocab_size_divisible_by: int = 128
     iteration: int | str = 1
     reference_hf_dir: str = ""
@@ -132,7 +134,7 @@ class JobConfig:
     def options(self) -> dict[str, Any]:
         """What the job does, independent of where files are (for the job digest)."""
         keys = ("auto_trans_ckpt", "use_parallel", "output_format", "strategy_format", "prefix", "dtype",
-                "transformer_impl", "megatron_naming", "make_vocab_size_divisible_by", "iteration", "max_shard_size")
+                "transformer_impl", "megatron_naming", "megatron_format", "make_vocab_size_divisible_by", "iteration", "max_shard_size")
         out = {k: getattr(self, k) for k in keys}
         out["lora"] = {k: v for k, v in (self.lora or {}).items() if k != "adapter"}
         return out

@@ -322,7 +322,7 @@ def test_plan_from_native_strategies_before_the_checkpoint_exists(dist: Path, ca
     cfg = merge(dist, load_checkpoint=str(dist / "not_yet"))
     code, out, err = cli(capsys, "plan", str(cfg), "--json")
     assert code == 0, err
-    assert err.splitlines() == [f"autotrans: warning: load_checkpoint {dist}/not_yet does not exist (yet): planning from the strategies alone"]
+    assert err.splitlines() == [f"autotrans: warning: load_checkpoint {dist}/not_yet does not exist yet: planned from the strategies alone"]
     assert json.loads(out)["total"]["write_bytes"] == W.nbytes + B.nbytes
 
 
