@@ -25,7 +25,7 @@ from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
 from runner.layout import ParamLayout
 from runner.strategy import Strategy
-from runner.templates import Env, Template, Weight, canonical_config, format_name, hf_config, instances, regroup, resolve
+from runner.templates import Env, Template, Weight, canonical_config, config_json_names, format_name, hf_config, instances, regroup, resolve
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -70,7 +70,7 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
         stored = env.shape(weight.stored) if weight.stored else None
         dtype = default_dtype
         if src is not None and name in src.params:
-            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to)
+            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to, scheme.startswith("megatron"))
             if logical is not None:
                 flat[name] = logical
         params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc)
@@ -91,6 +91,7 @@ def model_env(cfg: JobConfig) -> tuple[Template, Env]:
     if not isinstance(mc, dict):
         raise ConfigError("config key model.model_config: expected a mapping")
     hf = hf_config(Path(cfg.load_checkpoint)) if cfg.load_checkpoint and Path(cfg.load_checkpoint).is_dir() else {}
+    names = config_json_names(hf, mc, Path(cfg.load_checkpoint) / "config.json") if hf else {}
     values = canonical_config(hf, cfg.moe_config, mc)  # a training YAML's moe_config: expert_num ...
     template = resolve(model.get("arch"))
     for key, other in template.switch.items():
@@ -101,18 +102,18 @@ def model_env(cfg: JobConfig) -> tuple[Template, Env]:
     pc = cfg.parallel_config
     values.update(data_parallel=pc.data_parallel, model_parallel=pc.model_parallel,
                   pipeline_stage=pc.pipeline_stage, expert_parallel=pc.expert_parallel)
-    return template, Env(template, values)
+    return template, Env(template, values, names)
 
 
 def check_sizes(template: Template, env: Env) -> None:
     for key, by in template.divisible:
         n, d = env.int(key), env.int(by)
         if n % d:
-            raise LayoutError(f"model_config.{key} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
+            raise ConfigError(f"{env.names.get(key, f'model_config.{key}')} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
     if any(w.experts == "stacked" for w in template.weights):
         dp, ep = env.int("data_parallel"), env.int("expert_parallel")
         if dp % ep:
-            raise LayoutError(f"parallel_config.expert_parallel = {ep} must divide data_parallel = {dp} (experts are split within data parallel)")
+            raise ConfigError(f"parallel_config.expert_parallel = {ep} must divide data_parallel = {dp} (experts are split within data parallel)")
 
 
 def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1) -> list[int]:
@@ -125,14 +126,14 @@ def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1)
     total = sum(map(sum, rows))
     if total != remainder:
         if not any(map(any, rows)):
-            raise LayoutError(
+            raise ConfigError(
                 f"num_layers {num_layers} is not divisible by pipeline_stage {pp}"
                 + (f" x pp_interleave_num {interleave}" if interleave > 1 else "")
                 + f": set model_config.offset to per-stage extra layers adding up to {remainder} (e.g. {_example(remainder, pp)})")
-        raise LayoutError(f"model_config.offset {offset} adds up to {total}, but must add up to num_layers {num_layers} % {chunks} = {remainder}")
+        raise ConfigError(f"model_config.offset {offset} adds up to {total}, but must add up to num_layers {num_layers} % {chunks} = {remainder}")
     counts = [[num_layers // chunks + o for o in row] for row in rows]
     if any(c < 0 for row in counts for c in row):
-        raise LayoutError(f"model_config.offset {offset} leaves a pipeline stage with a negative layer count {counts}")
+        raise ConfigError(f"model_config.offset {offset} leaves a pipeline stage with a negative layer count {counts}")
     out = []
     for row in counts:  # interleaved chunks visit the stages in turn
         for stage, n in enumerate(row):
@@ -228,7 +229,7 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
     else:
         dev_matrix = (dp, tp)
     if w.experts == "each" and ep > 1:
-        raise LayoutError(
+        raise ConfigError(
             f"parameter {name}: experts stored one tensor each cannot be split over expert_parallel {ep} "
             "(every rank of a stage holds every parameter of it); use expert_parallel: 1, or MindSpore Transformers' stacked expert names")
     tp_split = w.split in ("column", "row") or (w.split == "vocab" and not pc.vocab_emb_dp)
@@ -236,10 +237,10 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
         if shape[w.dim] % tp:
             what = "the vocabulary" if w.split == "vocab" else f"dim {w.dim}"
             hint = "; set vocab_emb_dp: true to keep embeddings whole" if w.split == "vocab" else ""
-            raise LayoutError(f"parameter {name}: {what} ({shape[w.dim]}) is not divisible by model_parallel {tp}{hint}")
+            raise ConfigError(f"parameter {name}: {what} ({shape[w.dim]}) is not divisible by model_parallel {tp}{hint}")
         tmap[w.dim] = (0,)
     if w.experts == "stacked" and shape[0] % ep:
-        raise LayoutError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
+        raise ConfigError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
     p = ParamLayout(shape, dtype, stages, dev_matrix, tuple(tmap))
     if pc.optimizer_shard and shape and p.replicas > 1 and p.chunk[0] % p.replicas == 0:
         p = replace(p, opt_shard=p.replicas)
@@ -251,19 +252,20 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
     return p
 
 
-def _from_source(name: str, src: Strategy, shape, stored, cast_to) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
+def _from_source(name: str, src: Strategy, shape, stored, cast_to, padded: bool) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
     """Shape, full stored shape and dtype of a weight the source holds, and the source's
-    layout re-expressed with the logical shape when it stores the weight flat. The
-    source wins on the vocab padding of dim 0; otherwise the template's shape must agree."""
+    layout re-expressed with the logical shape when it stores the weight flat. A
+    Megatron source (`padded`) wins on the vocab padding of dim 0 (a larger dim 0);
+    otherwise the template's shape must agree."""
     s = src.params[name]
     dtype = dtypes.cast_dtype(s.dtype, cast_to)
     if s.shape == shape or (stored and s.shape == stored and not s.is_split):
         if s.shape != shape:  # a full checkpoint stores the fused weight flat
             return shape, stored, dtype, replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)
         return shape, stored, dtype, None
-    if len(s.shape) == len(shape) and s.shape[1:] == shape[1:] and stored is None:
+    if padded and len(s.shape) == len(shape) and s.shape[1:] == shape[1:] and s.shape[0] > shape[0] and stored is None:
         return s.shape, None, dtype, None  # e.g. a vocabulary padded for Megatron
-    raise LayoutError(f"parameter {name}: the checkpoint holds shape {list(s.shape)}, but model_config gives {list(stored or shape)}; check model.model_config")
+    raise ConfigError(f"parameter {name}: the checkpoint holds shape {list(s.shape)}, but model_config gives {list(stored or shape)}; check model.model_config")
 
 
 def _match_source(template: Template, scheme: str, src: Strategy, params: dict[str, ParamLayout],

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from runner import dtypes, lora, plan as planner, strategy as strat
-from runner.config import JobConfig
+from runner.config import JobConfig, output_format_for
 from runner.errors import ConfigError
 from runner.formats.base import TensorInfo
 from runner.formats.registry import output_format
@@ -172,14 +172,15 @@ def prepare(cfg: JobConfig, source: Source | None = None,
     of its arguments. Under MPI the source and its headers come from every rank (runner.mpi)."""
     if not cfg.load_checkpoint:
         if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or cfg.model.get("arch")):
-            return Job(cfg, None, None, destination_strategy(cfg, None)[0])
+            return Job(output_format_for(cfg, set()), None, None, destination_strategy(cfg, None)[0])
         raise ConfigError("config key load_checkpoint is required")
-    source = source or discover(Path(cfg.load_checkpoint))
+    source = source or discover(Path(cfg.load_checkpoint), file_format=cfg.load_ckpt_format)
+    cfg = output_format_for(cfg, {p.suffix for files in source.files.values() for p in files})
     headers = headers if headers is not None else read_headers(source)
     src = source_strategy(cfg, source, headers)
     merge = None
     if cfg.lora is not None:
-        merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers)
+        merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers, source.root)
     dst, src = destination_strategy(cfg, src)
     if merge:
         dst = merge.exclude(dst)

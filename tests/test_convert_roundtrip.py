@@ -67,19 +67,26 @@ def test_hf_output_shards_and_index(models, tmp_path):
     assert (out / "generation_config.json").exists()
 
 
-def test_missing_tokenizer_files_are_named(models, tmp_path, capsys):
+def test_tokenizer_files_the_reference_has_are_copied_without_a_false_warning(models, tmp_path, capsys):
+    """A transformers 5 / Llama 3 tokenizer is tokenizer.json (+ config, chat template):
+    no warning about the files such a model never had; a reference with none is warned about."""
     hf = models["llama"]
     (tmp_path / "ref").mkdir()
     for f in ("config.json", "generation_config.json"):
         (tmp_path / "ref" / f).write_bytes((hf / f).read_bytes())
-    (tmp_path / "ref" / "tokenizer.json").write_text("{}")
     run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"))
     capsys.readouterr()
-    run(load_checkpoint=str(tmp_path / "m" / "transformed_checkpoint"), output_format="hf",
-        reference_hf_dir=str(tmp_path / "ref"), output_dir=str(tmp_path / "h"))
-    err = capsys.readouterr().err
-    assert "tokenizer_config.json, special_tokens_map.json, tokenizer.model" in err
-    assert (tmp_path / "h" / "transformed_checkpoint" / "tokenizer.json").read_text() == "{}"
+    back = dict(load_checkpoint=str(tmp_path / "m" / "transformed_checkpoint"), output_format="hf",
+                reference_hf_dir=str(tmp_path / "ref"))
+    run(**back, output_dir=str(tmp_path / "none"))
+    assert f"the HF output has no tokenizer files (reference_hf_dir {tmp_path / 'ref'} holds none)" in capsys.readouterr().err
+    for f, text in (("tokenizer.json", "{}"), ("tokenizer_config.json", '{"a": 1}'), ("chat_template.jinja", "{{ x }}")):
+        (tmp_path / "ref" / f).write_text(text)
+    run(**back, output_dir=str(tmp_path / "h"))
+    assert "warning" not in capsys.readouterr().err
+    out = tmp_path / "h" / "transformed_checkpoint"
+    assert (out / "tokenizer.json").read_text() == "{}" and (out / "chat_template.jinja").read_text() == "{{ x }}"
+    assert not (out / "tokenizer.model").exists()
 
 
 @pytest.mark.parametrize("family,src,dst", [

@@ -174,14 +174,14 @@ def test_one_line_errors(mc, pc, message):
 
 
 def test_experts_not_divisible_by_expert_parallel():
-    with pytest.raises(LayoutError, match="model_config.num_experts = 4 is not divisible by parallel_config.expert_parallel = 8"):
+    with pytest.raises(ConfigError, match="model_config.num_experts = 4 is not divisible by parallel_config.expert_parallel = 8"):
         generate(dry("mixtral", MIXTRAL_MC, data_parallel=8, expert_parallel=8), None)
 
 
 def test_per_expert_names_refuse_expert_parallel():
     cfg = job(only_save_strategy=True, model={"arch": "mixtral", "model_config": MIXTRAL_MC, "naming": "hf"},
               parallel_config={"data_parallel": 2, "expert_parallel": 2})
-    with pytest.raises(LayoutError, match="block_sparse_moe.experts.0.w1.weight: experts stored one tensor each cannot be split over expert_parallel 2"):
+    with pytest.raises(ConfigError, match="block_sparse_moe.experts.0.w1.weight: experts stored one tensor each cannot be split over expert_parallel 2"):
         generate(cfg, None)
 
 

@@ -287,7 +287,12 @@ def nest_legacy(flat: dict) -> dict:
     return out
 
 
-def write_iteration_marker(folder: Path, iteration: int) -> Path:
+def iteration_folder(iteration: int | str) -> str:
+    """`iter_NNNNNNN`, or `release` for a release checkpoint (as Megatron names them)."""
+    return "release" if iteration == "release" else f"iter_{iteration:07d}"
+
+
+def write_iteration_marker(folder: Path, iteration: int | str) -> Path:
     path = folder / ITER_FILE
     tmp = path.with_name(path.name + PARTIAL)
     tmp.write_text(f"{iteration}")
