@@ -11,7 +11,9 @@ A template file holds:
   divisible: [[key, parallel key], ...] checked before generating,
   weights: {role: {names: {scheme: name template}, shape: [expr, ...], split, ...}},
   extends: another template whose defaults, divisible and weights this one starts
-  from (a weight set to null is removed; a weight given again replaces it).
+  from (a weight set to null is removed; a weight given again replaces it),
+  unmodelled: model_config keys the base models but this template does not (a job
+  setting one is refused).
 
 Weight fields: `split` is column | row | vocab | replicate | expert; `dim` the tensor
 dim that column/row/vocab split (defaults 0, 1, 0); `place` is layer | embedding
@@ -20,7 +22,11 @@ when tied) | first | last; `experts: each` repeats the weight per expert (`{expe
 in its name), `experts: stacked` means dim 0 counts experts (split over
 expert_parallel); `stored` is the full tensor's stored shape when the logical shape
 is a finer view of it (SwiGLU fc1 [2, ffn, h] stored [2*ffn, h], so that each
-tensor-parallel rank stores [gate_shard; up_shard]).
+tensor-parallel rank stores [gate_shard; up_shard]); `kind` is weight | norm | embedding |
+bias | router, which decides the dtype of a generated weight and whether MindSpore's
+parallel optimizer may shard it; `when: {scheme: expression}` keeps the weight's name
+in that scheme only while the expression is true (MindSpore Transformers' qkv_concat
+stores attention.w_qkv instead of wq, wk and wv).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def _template_dir() -> Path:
 TEMPLATE_DIR = _template_dir()
 SPLITS = ("column", "row", "vocab", "replicate", "expert")
 PLACES = ("layer", "embedding", "output", "first", "last")
+KINDS = ("weight", "norm", "embedding", "bias", "router")
 DEFAULT_DIM = {"column": 0, "row": 1, "vocab": 0}
 
 # Canonical model_config names (MindSpore Transformers') and the names HF and
@@ -74,6 +81,8 @@ class Weight:
     place: str
     experts: str | None  # None, "each", "stacked"
     stored: tuple[str, ...] | None
+    kind: str = "weight"
+    when: Mapping[str, str] | None = None  # scheme -> expression
 
 
 @dataclass(frozen=True)
@@ -86,9 +95,35 @@ class Template:
     defaults: Mapping[str, str]
     divisible: tuple[tuple[str, str], ...]
     weights: tuple[Weight, ...]
+    unmodelled: frozenset[str] = frozenset()  # keys its base models but it does not
 
     def weights_of(self, scheme: str) -> list[Weight]:
         return [w for w in self.weights if scheme in w.names]
+
+    def mentions(self) -> set[str]:
+        """The model_config keys the template models: those its expressions, defaults
+        and switch name."""
+        exprs = [*self.defaults.values(), *(e for pair in self.divisible for e in pair)]
+        for w in self.weights:
+            exprs += [*w.shape, *(w.stored or ()), *(w.when or {}).values()]
+        names = {n.id for e in exprs for n in ast.walk(ast.parse(e.strip(), mode="eval")) if isinstance(n, ast.Name)}
+        return (names | set(self.defaults) | set(self.switch)) - self.unmodelled
+
+    def switched(self, values: Mapping[str, Any]) -> "Template":
+        """Follow `switch` while a key is set (truthy, or a count above 1): LlamaForCausalLM
+        with qkv_has_bias is Qwen2, and Qwen2 with experts is Qwen2-MoE."""
+        seen, t = {self.name}, self
+        while True:
+            for key, other in t.switch.items():
+                v = values.get(key)
+                if v is True or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1):
+                    t = resolve(other)
+                    break
+            else:
+                return t
+            if t.name in seen:
+                raise ConfigError(f"template {t.name}: switch leads back to itself")
+            seen.add(t.name)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -148,6 +183,11 @@ def _parse(doc: Any, path: Path) -> Template:
             raise bad(f"weight {role}: place {place!r} is not one of {', '.join(PLACES)}")
         if experts not in (None, "each", "stacked") or (split == "expert" and experts != "stacked"):
             raise bad(f"weight {role}: experts must be 'each' or 'stacked' ('stacked' for split: expert)")
+        kind, when = w.get("kind", "weight"), w.get("when")
+        if kind not in KINDS:
+            raise bad(f"weight {role}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        if when is not None and (not isinstance(when, dict) or set(when) - set(w["names"])):
+            raise bad(f"weight {role}: when must map schemes the weight names to expressions")
         unknown = set(w["names"]) - set(schemes)
         if unknown:
             raise bad(f"weight {role}: scheme(s) {sorted(unknown)} not listed in 'schemes'")
@@ -156,12 +196,14 @@ def _parse(doc: Any, path: Path) -> Template:
             dim += 1  # dim 0 counts experts
         stored = w.get("stored")
         weights.append(Weight(role, dict(w["names"]), tuple(str(s) for s in w["shape"]), split, dim, place,
-                              experts, tuple(str(s) for s in stored) if stored is not None else None))
+                              experts, tuple(str(s) for s in stored) if stored is not None else None,
+                              kind, {k: str(v) for k, v in when.items()} if when else None))
     return Template(
         name=str(doc.get("name", path.stem)), path=path,
         architectures=tuple(doc.get("architectures") or ()), schemes=schemes,
         switch=dict(doc.get("switch") or {}), defaults={k: str(v) for k, v in (doc.get("defaults") or {}).items()},
         divisible=tuple(tuple(d) for d in doc.get("divisible") or ()), weights=tuple(weights),
+        unmodelled=frozenset(doc.get("unmodelled") or ()),
     )
 
 
@@ -273,7 +315,7 @@ def evaluate(expr: str, env: Env) -> Any:
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)):
             return node.value
         if isinstance(node, ast.Name):
             return env[node.id]
@@ -284,6 +326,10 @@ def evaluate(expr: str, env: Env) -> Any:
             return _BINOPS[type(node.op)](a, b)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return not ev(node.operand)
+        if isinstance(node, ast.IfExp):
+            return ev(node.body) if ev(node.test) else ev(node.orelse)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
             return _FUNCS[node.func.id](*(ev(a) for a in node.args))
         raise ConfigError(f"template {env.template.name}: unsupported syntax in expression {expr!r}")
