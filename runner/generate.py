@@ -44,7 +44,7 @@ DTYPE_NAMES = {"float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16
 DEFAULT_DTYPE = "F32"  # when neither the source, model_config nor `dtype` says
 SCHEME_BY_OUTPUT = {"mindformers": "mindformers", "megatron": "megatron", "hf": "hf"}
 # MindSpore Transformers' dtype of a kind of parameter: the model_config key naming it,
-# and its default there (None: param_init_type). Other schemes default to param_init_type.
+# and its default there (None: param_init_type).
 KIND_DTYPE = {"norm": ("layernorm_compute_type", "float32"), "embedding": ("embedding_init_type", None),
               "router": ("router_dense_type", "float32")}
 # Kinds MindSpore Transformers declares parallel_optimizer=False (embeddings unless
@@ -267,13 +267,10 @@ def default_scheme(cfg: JobConfig, template: Template) -> str:
 
 
 def kind_dtype(env: Env, kind: str, mindformers: bool) -> str:
-    """The dtype MindSpore Transformers gives a kind of parameter (norms
-    layernorm_compute_type, embeddings embedding_init_type, routers router_dense_type),
-    else param_init_type."""
-    key, default = KIND_DTYPE.get(kind, ("param_init_type", None))
-    v = env.get(key)
-    if v is None and mindformers:
-        v = default
+    """param_init_type; in MindSpore Transformers' models, norms take
+    layernorm_compute_type, embeddings embedding_init_type and routers router_dense_type."""
+    key, default = KIND_DTYPE.get(kind, ("param_init_type", None)) if mindformers else ("param_init_type", None)
+    v = env.get(key, default)
     if v is None:
         key, v = "param_init_type", env.get("param_init_type")
     if v is None:
@@ -367,11 +364,14 @@ def _match_source(template: Template, scheme: str, src: Strategy, params: dict[s
             continue
         dtype = dtypes.cast_dtype(s.dtype, cast_to)
         base = next((name[len(p):] for p in OPTIMIZER_PREFIXES if name.startswith(p)), None)
+        b = src.params.get(base) if base in params else None
+        if b is not None and s.shape != b.shape and s.shape == b.stored() and not s.is_split:
+            s = src.params[name] = replace(s, shape=b.shape, tensor_map=b.tensor_map, stored_shape=b.stored_shape)  # flat, as its weight
         if base in params and s.shape == params[base].shape:
             params[name] = replace(params[base], dtype=dtype)
         elif name in BOOKKEEPING:
             every = tuple(range(pc.pipeline_stage))
-            params[name] = ParamLayout(s.shape, dtype, every, (pc.data_parallel, pc.model_parallel), ((),) * len(s.shape))
+            params[name] = ParamLayout(s.shape, dtype, every, (pc.replicas, pc.model_parallel), ((),) * len(s.shape))
         else:
             unknown.append(name)
     if unknown:

@@ -18,6 +18,7 @@ from runner.errors import ConfigError
 from runner.execute import LocalPool, SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.registry import output_format
+from runner.generate import arch_of, generate
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
 from runner.layout import ParamLayout
@@ -134,9 +135,7 @@ def destination_strategy(cfg: JobConfig, src: Strategy | None) -> Strategy:
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")
         dst = Strategy(((0,),), {n: merged_layout(p, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype))) for n, p in src.params.items()}, "full")
-    elif cfg.model.get("arch"):
-        from runner.generate import generate
-
+    elif arch_of(cfg) is not None:
         dst = generate(cfg, src)
     else:
         raise ConfigError(
@@ -178,12 +177,21 @@ def reconcile_names(job: Job) -> None:
     })
 
 
+def without_placeholder(cfg: JobConfig) -> JobConfig:
+    """A dry run whose load_checkpoint does not exist runs without it: training YAMLs
+    ship placeholders such as /path/to/ckpt, and a dry run needs no weights."""
+    if cfg.only_save_strategy and cfg.load_checkpoint and not Path(cfg.load_checkpoint).exists():
+        warn(f"load_checkpoint {cfg.load_checkpoint} does not exist; the dry run generates the strategy without it")
+        return replace(cfg, load_checkpoint="")
+    return cfg
+
+
 def prepare(cfg: JobConfig, source: Source | None = None,
             headers: dict[int, dict[str, TensorInfo]] | None = None) -> Job:
     """Everything the job needs before a byte moves; deterministic. Under MPI the
     source and its headers come from every rank (runner.mpi)."""
     if not cfg.load_checkpoint:
-        if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or cfg.model.get("arch")):
+        if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or arch_of(cfg) is not None):
             return Job(cfg, None, None, destination_strategy(cfg, None))
         raise ConfigError("config key load_checkpoint is required")
     source = source or discover(Path(cfg.load_checkpoint))

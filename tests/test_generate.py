@@ -384,3 +384,31 @@ def test_dry_run_writes_spec_paths_without_checkpoint(tmp_path):
     last = max(int(n.split(".")[2]) for n in merged["params"] if n.startswith("model.layers."))
     p = r9["params"][f"model.layers.{last}.attention.wq.weight"]
     assert p["dev_matrix"] == [2, 4] and p["tensor_map"] == [0, -1] and p["stage"] == 1
+
+
+def test_hf_folder_without_model_section_takes_the_architecture_from_config_json(tmp_path):
+    folder = hf_model("qwen2", tmp_path / "hf")
+    out = tmp_path / "out"
+    job_file = write_yaml(tmp_path / "j.yaml", {"load_checkpoint": str(folder), "output_dir": str(out),
+                                                "parallel_config": {"model_parallel": 2}})
+    assert run_cli(str(job_file)) == 0
+    full = load_file(str(folder / "model.safetensors"))
+    for t in range(2):
+        got = load_file(str(out / "transformed_checkpoint" / f"rank_{t}" / f"checkpoint_{t}.safetensors"))
+        assert got.keys() == full.keys()
+        assert np.array_equal(got["model.layers.1.self_attn.k_proj.bias"], full["model.layers.1.self_attn.k_proj.bias"][t * 8:(t + 1) * 8])
+        assert np.array_equal(got["model.layers.1.mlp.down_proj.weight"], full["model.layers.1.mlp.down_proj.weight"][:, t * 24:(t + 1) * 24])
+
+
+def test_optimizer_states_in_the_source_follow_their_weight(tmp_path):
+    shapes = megatron_llama_shapes()
+    tensors = rng_tensors(shapes)
+    tensors |= {f"{pre}.{n}": v for n, v in rng_tensors(shapes, seed=2).items() for pre in ("adam_m", "adam_v")}
+    save_file(tensors, str(tmp_path / "full.safetensors"))
+    job = _prepare({"load_checkpoint": str(tmp_path / "full.safetensors"), "model": {"arch": "llama", "model_config": LLAMA_MC},
+                    "parallel_config": {"data_parallel": 2, "model_parallel": 2, "optimizer_shard": True},
+                    "parallel": {"parallel_optimizer_config": {"parallel_optimizer_threshold": 0}}})
+    assert set(job.dst.params) == set(tensors)
+    for name in shapes:
+        for rank in range(4):
+            assert job.dst.box("adam_m." + name, rank) == job.dst.box(name, rank)
