@@ -67,12 +67,19 @@ LAYOUT_KEYS = {"qkv_concat": False, "qkv_has_bias": False, "attn_proj_has_bias":
 
 
 def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
-    """The destination strategy of `cfg.model` under `cfg.parallel_config`.
+    """The destination strategy of `cfg.model` under `cfg.parallel_config` (with_source)."""
+    return with_source(cfg, src)[0]
+
+
+def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strategy | None]:
+    """The destination strategy of `cfg.model` under `cfg.parallel_config`, and the
+    source strategy as the destination sees it.
 
     With a source, the names follow the source's naming scheme and must match it
     exactly, and shapes and dtypes come from the source. A full source that stores a
-    fused weight flat (Megatron fc1 [2*ffn, h]) is re-expressed in place with the
-    template's logical shape and that stored shape, so both sides agree."""
+    fused weight flat (Megatron fc1 [2*ffn, h]) is re-expressed (in a new Strategy; `src`
+    is left as it is) with the template's logical shape and that stored shape, so both
+    sides agree."""
     template, env = model_env(cfg)
     scheme = detect_scheme(template, env, src) if src is not None else default_scheme(cfg, template)
     check_sizes(template, env)
@@ -86,18 +93,23 @@ def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
     mindformers = scheme == "mindformers"  # MindSpore Transformers' legacy models
 
     params: dict[str, ParamLayout] = {}
+    flat: dict[str, ParamLayout] = {}  # source layouts re-expressed with their logical shape
     for name, weight, stage_list in expand(template, env, scheme, layer_stage):
         shape = env.shape(weight.shape)
         stored = env.shape(weight.stored) if weight.stored else None
         dtype = dtypes.cast_dtype(kind_dtype(env, weight.kind, mindformers), cast_to)
         if src is not None and name in src.params:
-            shape, stored, dtype = _from_source(name, src, shape, stored, cast_to)
+            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to)
+            if logical is not None:
+                flat[name] = logical
         params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc, bool(env.get("parallel_optimizer", 0)))
     if src is not None:
-        _match_source(template, scheme, src, params, pc, cast_to)
+        _match_source(template, scheme, src, params, pc, cast_to, flat)
+        if flat:
+            src = src.with_params({n: flat.get(n, p) for n, p in src.params.items()})
     elif scheme.startswith("mindformers"):
         _add_optimizer_states(cfg, params, cast_to)
-    return Strategy(stages, params, "generated", [f"generated from template {template.name} ({scheme} names)"])
+    return Strategy(stages, params, "generated", [f"generated from template {template.name} ({scheme} names)"]), src
 
 
 # -- model sizes and names ------------------------------------------------------------------------
@@ -339,34 +351,35 @@ def _add_optimizer_states(cfg: JobConfig, params: dict[str, ParamLayout], cast_t
             params[f"{prefix}.{name}"] = replace(p, dtype=dtypes.cast_dtype("F32", cast_to))
 
 
-def _from_source(name: str, src: Strategy, shape, stored, cast_to) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
-    """Shape, full stored shape and dtype of a weight the source holds. The source wins
-    on the vocab padding of dim 0; otherwise the template's shape must agree."""
+def _from_source(name: str, src: Strategy, shape, stored, cast_to) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
+    """Shape, full stored shape and dtype of a weight the source holds, and the source's
+    layout re-expressed with the logical shape when it stores the weight flat. The
+    source wins on the vocab padding of dim 0; otherwise the template's shape must agree."""
     s = src.params[name]
     dtype = dtypes.cast_dtype(s.dtype, cast_to)
     if s.shape == shape or (stored and s.shape == stored and not s.is_split):
         if s.shape != shape:  # a full checkpoint stores the fused weight flat
-            src.params[name] = replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)
-        return shape, stored, dtype
+            return shape, stored, dtype, replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)
+        return shape, stored, dtype, None
     if len(s.shape) == len(shape) and s.shape[1:] == shape[1:] and stored is None:
-        return s.shape, None, dtype  # e.g. a vocabulary padded for Megatron
+        return s.shape, None, dtype, None  # e.g. a vocabulary padded for Megatron
     raise LayoutError(f"parameter {name}: the checkpoint holds shape {list(s.shape)}, but model_config gives {list(stored or shape)}; check model.model_config")
 
 
 def _match_source(template: Template, scheme: str, src: Strategy, params: dict[str, ParamLayout],
-                  pc, cast_to: str | None) -> None:
+                  pc, cast_to: str | None, flat: dict[str, ParamLayout]) -> None:
     """Name for name, the generated strategy must cover the source: optimizer states
-    follow their weight, MindSpore's counters go whole to every stage, anything else
-    the template does not know is an error, as is a template weight the source lacks."""
+    follow their weight (stored flat where it is: re-expressed in `flat`), MindSpore's
+    counters go whole to every stage, anything else the template does not know is an
+    error, as is a template weight the source lacks."""
     unknown = []
     for name, s in src.params.items():
         if name in params:
             continue
         dtype = dtypes.cast_dtype(s.dtype, cast_to)
         base = next((name[len(p):] for p in OPTIMIZER_PREFIXES if name.startswith(p)), None)
-        b = src.params.get(base) if base in params else None
-        if b is not None and s.shape != b.shape and s.shape == b.stored() and not s.is_split:
-            s = src.params[name] = replace(s, shape=b.shape, tensor_map=b.tensor_map, stored_shape=b.stored_shape)  # flat, as its weight
+        if base in flat and s.shape == flat[base].stored() and not s.is_split:
+            s = flat[name] = replace(s, shape=flat[base].shape, tensor_map=flat[base].tensor_map, stored_shape=flat[base].stored_shape)
         if base in params and s.shape == params[base].shape:
             params[name] = replace(params[base], dtype=dtype)
         elif name in BOOKKEEPING:

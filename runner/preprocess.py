@@ -27,7 +27,6 @@ from __future__ import annotations
 import difflib
 import glob
 import json
-import logging
 import os
 import re
 import shutil
@@ -43,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from runner.errors import AutotransError, ConfigError, FormatError
+from runner.log import warn
 
-log = logging.getLogger(__name__)
 
 SECTION = "preprocess_data"
 CHUNK_BYTES = 1 << 20  # input bytes per unit of work: amortises IPC, bounds memory
@@ -541,7 +540,7 @@ def _check_bad_lines(enc: _Encoded, path: Path, policy: str, skipped: int) -> in
             raise FormatError(f"{path}:{line}: {reason}; fix the line or set {SECTION}.on_bad_line=skip")
         skipped += 1
         if skipped <= _REPORTED_BAD_LINES:
-            log.warning("%s:%d: skipped: %s", path, line, reason)
+            warn(f"{path}:{line}: skipped: {reason}")
     return skipped
 
 
@@ -595,7 +594,7 @@ def run_preprocess(cfg: PreprocessConfig, *, show_progress: bool = True) -> dict
             raise AutotransError(f"{e.filename or prefix}: cannot write: {e.strerror}") from None
         raise
     if skipped > _REPORTED_BAD_LINES:
-        log.warning("skipped %d bad lines in all (the first %d are listed above)", skipped, _REPORTED_BAD_LINES)
+        warn(f"skipped {skipped} bad lines in all (the first {_REPORTED_BAD_LINES} are listed above)")
     return {
         "documents": documents,
         "tokens": sum(w.tokens for w in writers),

@@ -5,7 +5,6 @@ and IndexedDatasetBuilder (writer)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import subprocess
@@ -260,12 +259,12 @@ def test_bad_line_fails_naming_file_and_line(tmp_path, bpe, workers):
     assert list((tmp_path / "out").iterdir()) == []  # no output, no temporary file left
 
 
-def test_bad_lines_skipped_and_reported_with_line_numbers(tmp_path, bpe, megatron, caplog):
+def test_bad_lines_skipped_and_reported_with_line_numbers(tmp_path, bpe, megatron, capsys):
     path = _bad_input(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="runner.preprocess"):
-        summary = _run(input=str(path), tokenizer=str(bpe.path), on_bad_line="skip", output_prefix=str(tmp_path / "ds"))
+    summary = _run(input=str(path), tokenizer=str(bpe.path), on_bad_line="skip", output_prefix=str(tmp_path / "ds"))
 
-    reported = [r.getMessage() for r in caplog.records]
+    warning = "autotrans: warning: "
+    reported = [line[len(warning):] for line in capsys.readouterr().err.splitlines() if line.startswith(warning)]
     assert [m.split(": skipped")[0] for m in reported] == [f"{path}:{n}" for n in (2, 4, 5, 6, 7, 8, 9)]
     assert "no key 'text'" in reported[1] and "holds a number" in reported[2] and "got an array" in reported[3]
     assert reported[0].endswith("invalid JSON (Unterminated string starting at: column 10)")

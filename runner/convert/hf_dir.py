@@ -8,12 +8,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
 
 from runner import dtypes
 from runner.errors import ConfigError
 from runner.execute import PARTIAL, fsync_dir
 from runner.formats.base import TensorInfo
+from runner.log import warn
 from runner.outputs import write_json_atomic
 
 INDEX = "model.safetensors.index.json"
@@ -72,7 +72,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def copy_reference(folder: Path, reference: Path | None, config: dict | None, warn: Callable[[str], None]) -> list[Path]:
+def copy_reference(folder: Path, reference: Path | None, config: dict | None) -> list[Path]:
     """Copy config and tokenizer files from `reference`; write `config` when the
     reference has no config.json. Warns naming each tokenizer file that is missing."""
     written = []

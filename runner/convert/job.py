@@ -21,7 +21,7 @@ from runner import __version__, dtypes, lora as lora_merge, plan as planner, str
 from runner.config import JobConfig
 from runner.convert import hf_dir, megatron_names as mn, mindformers, rows
 from runner.convert.llama import NameMap
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, strategy as megatron_strategy
 from runner.convert.model import ModelSpec, from_megatron_args, hf_config, read_hf_config
 from runner.errors import ConfigError, FormatError
@@ -29,6 +29,7 @@ from runner.execute import LocalPool, WrittenFile, tensor_bits, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.layout import Box, ParamLayout
+from runner.log import say, warn
 from runner.plan import ReadItem
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
@@ -38,18 +39,6 @@ TRANSFORMED = "transformed_checkpoint"
 STRATEGY_DIR = "strategy"
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
 _IGNORABLE = (".rotary_emb.inv_freq",)
-
-
-def warn(msg: str) -> None:
-    from runner.job import warn as core_warn
-
-    core_warn(msg)
-
-
-def say(msg: str) -> None:
-    from runner.job import say as core_say
-
-    core_say(msg)
 
 
 def name_map(spec: ModelSpec, padded_vocab: int, pp: int) -> NameMap:
@@ -85,7 +74,10 @@ class HFInput:
             held = dict(reader.tensors())
         finally:
             reader.close()
-        merge = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}) if cfg.lora is not None else None
+        merge = None
+        if cfg.lora is not None:
+            merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held})
+            held = base[0]
         inp = HFInput._open(cfg, source, held)
         inp.lora = merge
         return inp
@@ -214,7 +206,7 @@ def _megatron_dtype(mf: MegatronFolder) -> str:
 
     r = TorchReader(mf.files[0])
     try:
-        kinds = {t.dtype for n, t in r.tensors().items() if n.startswith("model.")}
+        kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
     finally:
         r.close()
     if len(kinds) != 1:
@@ -300,7 +292,8 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
         names = {t.name: tuple(mn.file_names(t.name, stage_layers.start, cfg.transformer_impl, cfg.megatron_naming, moe, experts))
                  for t in fp.tensors}
         extra = [] if cfg.megatron_naming == "legacy" else \
-            mn.extra_state_names(stage_layers, stage_layers.start, cfg.transformer_impl, moe, experts)
+            mn.extra_state_names(stage_layers, stage_layers.start, cfg.transformer_impl, moe, experts,
+                                 lay.coords(rank)[1] == lay.pp - 1)
         return write_rank(fp, pool, path(rank), names, extra, head, cfg.megatron_naming == "legacy")
 
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
@@ -378,7 +371,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target
     def finish() -> None:
         hf_dir.write_index(out, shards, out_infos)
         out_dtype = next(iter(out_infos.values())).dtype
-        hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype), warn)
+        hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype))
 
     doc = {"to": "hf", "shards": shards, "reference": str(src.reference) if src.reference else None}
     return Target(full, list(range(len(shards))), lambda i: out / hf_dir.shard_name(i, len(shards)), write,
@@ -393,7 +386,7 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
     mf = {mindformers.to_mindformers(n): t for n, t in infos.items()}
     mf_recipes = {mindformers.to_mindformers(n): r for n, r in recipes.items()}
     full = Strategy.full(mf)
-    dst = destination_strategy(cfg, full)
+    dst, full = destination_strategy(cfg, full)
     planner.check_compatible(full, dst, cast_to)
 
     def path(rank: int) -> Path:

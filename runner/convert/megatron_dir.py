@@ -36,6 +36,14 @@ ITER_FILE = "latest_checkpointed_iteration.txt"
 CKPT = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 _RANK = re.compile(r"mp_rank_(\d+)(?:_(\d+))?(?:_(\d+))?")
+# Top-level entries of a rank file that describe it rather than hold training state.
+_HEAD = ("args", "checkpoint_version", "iteration", "model")
+
+
+def is_weight(name: str) -> bool:
+    """A model weight of a rank file: under `model.`, not a module's `_extra_state`
+    (TransformerEngine stores those as BytesIO, bytes or uint8 tensors)."""
+    return name.startswith("model.") and not name.endswith("._extra_state")
 
 
 def checkpoint_dir(root: Path) -> Path:
@@ -147,7 +155,7 @@ class MegatronRankReader:
         self._names = names
         held = self._reader.tensors()
         stored = {f for fs in names.values() for f in fs}
-        unknown = sorted(n for n in held if n.startswith("model.") and n not in stored and not n.endswith("._extra_state"))
+        unknown = sorted(n for n in held if is_weight(n) and n not in stored)
         if unknown:
             raise FormatError(f"{path}: weights with no conversion map: {', '.join(unknown[:5])}"
                               f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
@@ -158,8 +166,8 @@ class MegatronRankReader:
                 raise FormatError(f"{path}: lacks {missing[0]} (the model's sizes and layer spec say it should hold it)")
             first = held[fs[0]]
             self._infos[logical] = first if len(fs) == 1 else TensorInfo(first.dtype, (len(fs), *first.shape))
-        self.dropped = sorted({n.split(".")[0] for n in held if not n.startswith("model.")} |
-                              {k.split(".")[0] for k in self._reader.objects if k.split(".")[0] in ("optimizer", "rng_state", "opt_param_scheduler")})
+        # optimizer, rng_state, opt_param_scheduler, num_floating_point_operations_so_far, ...
+        self.dropped = sorted({n.split(".")[0] for n in [*held, *self._reader.objects]} - set(_HEAD))
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -276,7 +284,7 @@ def describe_folder(path: Path) -> str:
     for r, p in mf.files.items():
         reader = TorchReader(p)
         try:
-            infos = {n: t for n, t in reader.tensors().items() if n.startswith("model.")}
+            infos = {n: t for n, t in reader.tensors().items() if is_weight(n)}
             nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())
             lines.append(f"rank {r}: {p.relative_to(mf.ckdir)}: {len(infos)} tensors, {nbytes} bytes")
             if r == 0:

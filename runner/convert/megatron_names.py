@@ -74,8 +74,9 @@ def file_names(logical: str, first_layer: int, impl: str, naming: str, moe: bool
     return [prefix + rest]
 
 
-def extra_state_names(layers: range, first_layer: int, impl: str, moe: bool, local_experts: int) -> list[str]:
-    """`_extra_state` keys of a Megatron-Core model's stage (written as None)."""
+def extra_state_names(layers: range, first_layer: int, impl: str, moe: bool, local_experts: int, last_stage: bool) -> list[str]:
+    """`_extra_state` keys of a Megatron-Core model's stage (written as None). The last
+    stage's output layer has one whether or not it shares the embedding's weight."""
     modules = _EXTRA + (_TE_EXTRA if impl == "transformer_engine" else ())
     out = []
     for i in layers:
@@ -86,7 +87,7 @@ def extra_state_names(layers: range, first_layer: int, impl: str, moe: bool, loc
                 out += [f"{prefix}mlp.experts.local_experts.{j}.{leaf}._extra_state" for j in range(local_experts)]
             else:
                 out.append(f"{prefix}{module}._extra_state")
-    return out
+    return out + (["output_layer._extra_state"] if last_stage else [])
 
 
 def nest_legacy(flat: dict) -> dict:

@@ -24,6 +24,7 @@ from runner.errors import FormatError, LayoutError
 from runner.formats.base import TensorInfo
 from runner.formats.mindspore_proto import message
 from runner.layout import ParamLayout
+from runner.log import warn
 from runner.ranks import gaps
 from runner.strategy import MERGED_FILE, RANK_FILE, Strategy, write_atomic
 
@@ -34,7 +35,6 @@ _STAGE_NODE = "autotrans_pipeline_stage"  # the one op strategy item our files c
 
 
 def _warn(what: str, names: list[str]) -> None:
-    from runner.job import warn
     from runner.plan import _names
 
     warn(f"{len(names)} parameters {what} and are skipped: {_names(sorted(names))}")
