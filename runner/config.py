@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from runner.errors import ConfigError
+from runner.log import warn
 
 OUTPUT_FORMATS = ("safetensors", "ckpt", "hf", "megatron", "mindformers")
 
@@ -263,6 +264,10 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
     values["dtype"] = values["dtype"] or None
     pc = {k: check_value(f"parallel_config.{k}", values["parallel_config"][k], t)
           for k, (t, _d) in PARALLEL_KEYS.items() if k in values["parallel_config"]}
+    for k in values["parallel_config"]:
+        hint = closest(str(k), PARALLEL_KEYS) if k not in PARALLEL_KEYS else None
+        if hint:
+            warn(f"config key parallel_config.{k} is not one the runner reads; did you mean parallel_config.{hint}?")
     pc.update(_parallel_optimizer(values.pop("parallel"), "optimizer_shard" in pc))
     parallel = ParallelConfig(**pc)
     for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel"):

@@ -276,3 +276,9 @@ def test_deepseek_v3_offset_counts_the_mtp_layer():
     stages = layer_stages(61 + 1, 16, [1] * 15 + [-1])
     assert [stages.count(s) for s in range(16)] == [4] * 15 + [2]
     assert stages[60] == stages[61] == 15  # the last layer and the MTP layer
+
+
+def test_parallel_config_typo_is_a_warning(capsys):
+    cfg = fixture("mixtral_8x7b_finetune", "parallel_config.expert_paralel=2")
+    assert cfg.parallel_config.expert_parallel == 8
+    assert "parallel_config.expert_paralel is not one the runner reads; did you mean parallel_config.expert_parallel?" in capsys.readouterr().err
