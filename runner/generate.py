@@ -31,7 +31,7 @@ from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
 from runner.layout import ParamLayout
 from runner.strategy import Strategy
-from runner.templates import ALIASES, Env, Template, Weight, canonical_config, evaluate, hf_config, regroup, resolve
+from runner.templates import ALIASES, Env, Template, Weight, canonical_config, format_name, hf_config, instances, regroup, resolve
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -232,20 +232,18 @@ def expand(template: Template, env: Env, scheme: str, layer_stage: list[int]) ->
     last = env.int("pipeline_stage") - 1
     tied = bool(env.get("tie_word_embeddings", 0))
     for w in template.weights_of(scheme):
-        if w.place == "output" and tied:
+        if w.tie is not None and tied:
             continue
         if w.place == "layer":
-            where = [(layer, (stage,)) for layer, stage in enumerate(layer_stage)]
+            where = [(layer, (layer_stage[layer],)) for layer in instances(w, env)]
         else:
             stages = {"first": (0,), "last": (last,), "output": (last,),
                       "embedding": tuple(sorted({0, last})) if tied else (0,)}[w.place]
-            where = [(None, stages)]
-        if w.when and scheme in w.when and not evaluate(w.when[scheme], env):
-            continue
+            where = [(layer, stages) for layer in instances(w, env)]
         experts = range(env.int("num_experts")) if w.experts == "each" else [None]
         for layer, stages in where:
             for e in experts:
-                yield w.names[scheme].format(layer=layer, expert=e), w, stages
+                yield format_name(w.names[scheme], env, layer, e), w, stages
 
 
 def names_of(template: Template, env: Env, scheme: str) -> set[str]:
