@@ -268,6 +268,8 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
         hint = closest(str(k), PARALLEL_KEYS) if k not in PARALLEL_KEYS else None
         if hint:
             warn(f"config key parallel_config.{k} is not one the runner reads; did you mean parallel_config.{hint}?")
+    if "vocab_emb_dp" not in pc and not values["use_legacy"]:
+        pc["vocab_emb_dp"] = False  # MindSpore Transformers 1.7's mcore models' default
     pc.update(_parallel_optimizer(values.pop("parallel"), "optimizer_shard" in pc))
     parallel = ParallelConfig(**pc)
     for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel"):

@@ -90,7 +90,7 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
     mtp = env.int("mtp_depth") if "mtp_depth" in template.defaults else 0
     layer_stage = layer_stages(env.int("num_layers") + mtp, pc.pipeline_stage, env.get("offset", 0), env.get("pp_interleave_num", 1))
     cast_to = dtypes.CAST_NAMES.get(cfg.dtype) if cfg.dtype else None
-    mindformers = scheme == "mindformers"  # MindSpore Transformers' legacy models
+    mindformers = scheme == "mindformers" and cfg.use_legacy  # MindSpore Transformers' legacy models
 
     params: dict[str, ParamLayout] = {}
     flat: dict[str, ParamLayout] = {}  # source layouts re-expressed with their logical shape
@@ -264,11 +264,12 @@ def detect_scheme(template: Template, env: Env, src: Strategy) -> str:
 
 def default_scheme(cfg: JobConfig, template: Template) -> str:
     """Naming scheme without a checkpoint: model.naming, else the output format's, else
-    MindSpore Transformers' for a training YAML (model.arch given as {type: ...}), else HF."""
+    MindSpore Transformers' for a training YAML (model.arch given as {type: ...}, or a
+    1.7 YAML's use_legacy: False), else HF."""
     model = cfg.model or {}
     scheme = model.get("naming") or SCHEME_BY_OUTPUT.get(cfg.output_format)
     if not scheme:
-        scheme = "mindformers" if isinstance(model.get("arch"), dict) else "hf"
+        scheme = "mindformers" if isinstance(model.get("arch"), dict) or not cfg.use_legacy else "hf"
     if scheme not in template.schemes:
         if not model.get("naming") and "hf" in template.schemes:
             return "hf"

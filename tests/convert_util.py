@@ -23,7 +23,8 @@ FAMILIES = {
                     tie_word_embeddings=False, rms_norm_eps=1e-6),
     # Qwen3: per-head q and k norms (tests/test_templates.py describes it in its own template)
     "qwen3": dict(cls="Qwen3Config", model="Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, tie_word_embeddings=False),
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, tie_word_embeddings=False,
+                  rms_norm_eps=1e-6),
 }
 
 

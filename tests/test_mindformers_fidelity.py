@@ -282,3 +282,31 @@ def test_parallel_config_typo_is_a_warning(capsys):
     cfg = fixture("mixtral_8x7b_finetune", "parallel_config.expert_paralel=2")
     assert cfg.parallel_config.expert_parallel == 8
     assert "parallel_config.expert_paralel is not one the runner reads; did you mean parallel_config.expert_parallel?" in capsys.readouterr().err
+
+
+# -- MindSpore Transformers 1.7: no model.arch, HF key names, mcore names -------------------------
+def test_qwen3_v1_7_yaml_mcore_names_sizes_and_layout():
+    cfg = fixture("qwen3_32b_pretrain_v1_7")
+    s = generate(cfg, None)
+    h, heads, kv, hd, ffn, mp, pp, vocab = 5120, 64, 8, 128, 25600, 4, 4, 151936
+    assert s.world_size == mp * pp
+    p = "decoder.layers.63."
+    layer = {n[len(p):]: q.shape for n, q in s.params.items() if n.startswith(p)}
+    assert layer == {
+        "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
+        "self_attention.linear_qkv.weight": ((heads + 2 * kv) * hd, h),  # qkv_concat: True
+        "self_attention.q_layernorm.weight": (hd,), "self_attention.k_layernorm.weight": (hd,),
+        "self_attention.linear_proj.weight": (h, heads * hd),
+        "mlp.linear_fc1.weight": (2 * ffn, h), "mlp.linear_fc2.weight": (h, ffn),
+    }
+    # offset [-1, -1, 1, 1] over 64 layers: 15, 15, 17, 17
+    stages = [s.params[f"decoder.layers.{i}.input_layernorm.weight"].stages[0] for i in range(64)]
+    assert [stages.count(k) for k in range(pp)] == [15, 15, 17, 17]
+    for t in range(mp):
+        rank = 12 + t  # layer 63 on the last stage
+        assert box(s, p + "self_attention.linear_qkv.weight", rank) == ms_box(((heads + 2 * kv) * hd, h), t, dp=1, mp=mp, split_dim=0)
+        assert box(s, p + "mlp.linear_fc2.weight", rank) == ms_box((h, ffn), t, dp=1, mp=mp, split_dim=1)
+        # the mcore models' defaults: vocab_emb_dp False, the output layer column-parallel
+        assert box(s, "embedding.word_embeddings.weight", t) == ms_box((vocab, h), t, dp=1, mp=mp, split_dim=0)
+        assert box(s, "output_layer.weight", rank) == ms_box((vocab, h), t, dp=1, mp=mp, split_dim=0)
+    assert s.params["adam_m." + p + "mlp.linear_fc1.weight"].dtype == DTYPE["float32"]
