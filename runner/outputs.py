@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
+from runner.checksum import crc32
 from runner.errors import ConfigError
 from runner.execute import PARTIAL, WrittenFile, fsync_dir
 
@@ -135,5 +135,5 @@ def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
         buf = bytearray(chunk)
         view = memoryview(buf)
         while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
+            crc = crc32(view[:n], crc)
     return crc

@@ -13,7 +13,10 @@ Top-level keys:
   schemes         naming schemes: hf, mindformers, megatron (Megatron-Core with the
                   TransformerEngine spec), megatron_local (local spec), megatron_legacy
                   (Megatron-LM's `language_model.*` names), or any other name
-  switch          {model_config key: other template} taken when that key is truthy
+  switch          {model_config key: other template} taken when that key is set (true, or a
+                  count above 1), followed again from the template it leads to
+  unmodelled      model_config keys the template it extends models but this one does not
+                  (a job setting one is refused rather than given a different layout)
   defaults        {model_config key: expression} for keys the job / config.json leaves out
   divisible       [[model_config key, parallel key], ...] checked before generating
   weights         {role: weight}, below
@@ -24,9 +27,6 @@ Top-level keys:
                   sizes (normalization, swiglu, position_embedding_type, ...)
   hf_config       {fixed: {key: constant}, computed: {key: expression}}: the config.json
                   written when a conversion to HF has no reference folder
-  unmodelled      model_config keys its base template models but this one does not (a job
-                  setting one to a layout-changing value is refused, as for any key no
-                  expression of the template names)
 
 A weight:
 
@@ -40,7 +40,11 @@ A weight:
            tied) | output (last stage) | first | last
   layers   [start, stop] expressions: the layers that have this weight (default all
            layers, [0, num_layers]); e.g. dense layers [0, first_k_dense_replace]
-  when     expression: the weight exists only where it is true (q_lora_rank > 0)
+  when     expression: the weight exists only where it is true (q_lora_rank > 0); or
+           {scheme: expression}: its name in that scheme exists only where it is true
+           (MindSpore Transformers' qkv_concat stores w_qkv instead of wq, wk and wv)
+  kind     weight (default) | norm | embedding | bias | router: the dtype of a generated
+           parameter and whether MindSpore's parallel optimizer may shard it
   experts  each (one tensor per expert, `{expert}` in its names; Megatron stacks them
            into one logical tensor split over expert parallel) | stacked (dim 0 counts
            experts)
@@ -49,11 +53,6 @@ A weight:
            [gate_shard; up_shard])
   tie      role: absent when `tie_word_embeddings` is set, this weight is then that
            role's tensor; Megatron keeps a copy where their pipeline stages differ
-  kind     weight (default) | norm | embedding | bias | router: decides a generated
-           weight's dtype in MindSpore Transformers' names (layernorm_compute_type,
-           embedding_init_type, router_dense_type) and whether MindSpore's parallel
-           optimizer may shard it (norms, embeddings and biases are declared
-           parallel_optimizer=False)
   pad      vocab: Megatron pads dim 0 to its padded vocabulary with copies of the last
            row (dropped on the way back)
   fuse     how this weight is made of other roles' tensors, for schemes that store
@@ -99,8 +98,8 @@ TEMPLATE_DIR = _template_dir()
 SPLITS = ("column", "row", "vocab", "replicate", "expert")
 PLACES = ("layer", "embedding", "output", "first", "last")
 DEFAULT_DIM = {"column": 0, "row": 1, "vocab": 0}
-TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "defaults", "divisible", "weights",
-            "extra_state", "megatron_args", "hf_config", "unmodelled")
+TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "unmodelled", "defaults", "divisible", "weights",
+            "extra_state", "megatron_args", "hf_config")
 WEIGHT_KEYS = ("names", "shape", "split", "dim", "place", "layers", "when", "experts", "stored", "tie", "pad", "fuse",
                "kind")
 KINDS = ("weight", "norm", "embedding", "bias", "router")
@@ -148,7 +147,7 @@ class Weight:
     experts: str | None  # None, "each", "stacked"
     stored: tuple[str, ...] | None
     layers: tuple[str, str] | None = None  # (start, stop) expressions
-    when: str | None = None
+    when: Mapping[str, str] | None = None  # scheme -> expression
     tie: str | None = None
     pad: str | None = None
     fuse: Fuse | None = None
@@ -174,18 +173,22 @@ class Template:
     def weights_of(self, scheme: str) -> list[Weight]:
         return [w for w in self.weights if scheme in w.names]
 
+    def role(self, role: str) -> Weight:
+        return next(w for w in self.weights if w.role == role)
+
     def mentions(self) -> set[str]:
         """The model_config keys the template models: those its expressions, defaults
-        and switch name."""
+        and switch name, less `unmodelled`."""
         exprs = [*self.defaults.values(), *(e for pair in self.divisible for e in pair)]
-        for w in self.weights:
-            exprs += [*w.shape, *(w.stored or ()), *(w.layers or ()), *([w.when] if w.when else [])]
-            exprs += [f.strip("{}") for f in _FIELD.findall(" ".join(w.names.values()))]
-        names = {n.id for e in exprs for n in ast.walk(_tree(e) or ast.parse("0")) if isinstance(n, ast.Name)}
-        return (names | set(self.defaults) | set(self.switch)) - self.unmodelled
+        for w in (*self.weights, *self.extra_state):
+            exprs += [*w.shape, *(w.stored or ()), *(w.layers or ()), *(w.when or {}).values()]
+            exprs += [e for p in (w.fuse.parts if w.fuse else ()) for e in p.rows or ()] + ([w.fuse.groups] if w.fuse else [])
+            exprs += [f for name in w.names.values() for f in _FIELD.findall(name)]
+        names = {n.id for e in exprs for n in ast.walk(ast.parse(e.strip(), mode="eval")) if isinstance(n, ast.Name)}
+        return (names | set(self.defaults) | set(self.switch)) - self.unmodelled - {"layer", "expert"}
 
     def switched(self, values: Mapping[str, Any]) -> "Template":
-        """Follow `switch` while a key is set (truthy, or a count above 1): LlamaForCausalLM
+        """Follow `switch` while a key is set: MindSpore Transformers' LlamaForCausalLM
         with qkv_has_bias is Qwen2, and Qwen2 with experts is Qwen2-MoE."""
         seen, t = {self.name}, self
         while True:
@@ -197,11 +200,8 @@ class Template:
             else:
                 return t
             if t.name in seen:
-                raise ConfigError(f"template {t.name}: switch leads back to itself")
+                raise ConfigError(f"template {t.name} ({t.path}): key switch leads back to {t.name}")
             seen.add(t.name)
-
-    def role(self, role: str) -> Weight:
-        return next(w for w in self.weights if w.role == role)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -339,15 +339,30 @@ def _weight(c: _Checker, key: str, role: str, w: Any, allowed: tuple[str, ...]) 
     shape = c.exprs(w["shape"], f"{key}.shape") if "shape" in w else ()
     stored = c.exprs(w["stored"], f"{key}.stored") if w.get("stored") is not None else None
     layers = c.exprs(w["layers"], f"{key}.layers", 2) if w.get("layers") is not None else None
-    when = c.expr(w["when"], f"{key}.when") if w.get("when") is not None else None
+    when = _when(c, f"{key}.when", w.get("when"), w.get("names"))
+    kind = c.choice(w.get("kind", "weight"), f"{key}.kind", KINDS)
     tie = w.get("tie")
     if tie is not None and not isinstance(tie, str):
         raise c.fail(f"{key}.tie", f"expected a role name, got {tie!r}")
     pad = c.choice(w.get("pad"), f"{key}.pad", (None, "vocab"))
     fuse = _fuse(c, f"{key}.fuse", w["fuse"]) if w.get("fuse") is not None else None
-    kind = c.choice(w.get("kind", "weight"), f"{key}.kind", KINDS)
     return Weight(role, c.names(w["names"], f"{key}.names"), shape, split, dim, place, experts, stored,
                   layers, when, tie, pad, fuse, kind)
+
+
+def _when(c: _Checker, key: str, when: Any, names: Any) -> dict[str, str] | None:
+    """`when` as {scheme: expression}; a bare expression holds in every scheme."""
+    if when is None:
+        return None
+    schemes = list(names) if isinstance(names, dict) else []
+    if not isinstance(when, dict):
+        expr = c.expr(when, key)
+        return {s: expr for s in schemes}
+    for s, e in when.items():
+        if s not in schemes:
+            raise c.fail(f"{key}.{s}", "the weight has no name in that scheme")
+        c.expr(e, f"{key}.{s}")
+    return {s: str(e) for s, e in when.items()}
 
 
 def _fuse(c: _Checker, key: str, f: Any) -> Fuse:
@@ -571,9 +586,10 @@ def format_name(name: str, env: Env, layer: int | None = None, expert: Any = Non
     return _FIELD.sub(field, name)
 
 
-def instances(w: Weight, env: Env) -> list[int | None]:
-    """The layer numbers a weight exists at (None: once, outside the layers)."""
-    if w.when is not None and not evaluate(w.when, env):
+def instances(w: Weight, env: Env, scheme: str) -> list[int | None]:
+    """The layer numbers a weight exists at under `scheme` (None: once, outside the
+    layers)."""
+    if w.when and scheme in w.when and not evaluate(w.when[scheme], env):
         return []
     if w.layers is not None:
         start, stop = (int(evaluate(e, env)) for e in w.layers)

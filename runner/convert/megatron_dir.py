@@ -1,7 +1,8 @@
-"""Megatron-LM torch-format checkpoint folders (SPEC 4 and 6):
-`latest_checkpointed_iteration.txt`, `iter_NNNNNNN/` or `release/`, and one
-`mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt` per (tensor, pipeline, expert) rank
-holding `args`, `checkpoint_version`, `iteration` and `model`.
+"""Megatron-LM checkpoint folders (SPEC 4 and 6): `latest_checkpointed_iteration.txt`,
+`iter_NNNNNNN/` or `release/`, and either one `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`
+per (tensor, pipeline, expert) rank holding `args`, `checkpoint_version`, `iteration`
+and `model` (torch format), or a `torch_dist` distributed checkpoint, read as one rank
+file of the whole model (runner.formats.torch_dist).
 
 Reading exposes each rank file's weights under logical names (runner.convert.names,
 from the template), so the core planner reshards them like any distributed checkpoint.
@@ -22,11 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from runner import dtypes
-from runner.convert.megatron_layout import MegatronLayout
-from runner.convert.model import Model
-from runner.errors import FormatError
+from runner.convert.megatron_layout import MegatronLayout, detect
+from runner.convert.model import Model, candidates, megatron_config
+from runner.errors import ConfigError, FormatError
 from runner.execute import PARTIAL, SlicePool, WrittenFile, fsync_dir, write_file
+from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
+from runner.formats.dcp import METADATA
 from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
 from runner.outputs import file_crc32
 from runner.plan import FilePlan
@@ -50,7 +53,7 @@ def checkpoint_dir(root: Path) -> Path:
     """The folder holding the mp_rank_* folders: `root` itself, the iteration named by
     latest_checkpointed_iteration.txt, else the newest iter_* folder, else release/."""
     root = Path(root)
-    if any(_RANK.fullmatch(p.name) for p in root.iterdir() if p.is_dir()):
+    if any(_RANK.fullmatch(p.name) for p in root.iterdir() if p.is_dir()) or torch_dist.is_torch_dist(root):
         return root
     marker = root / ITER_FILE
     if marker.exists():
@@ -69,12 +72,20 @@ def checkpoint_dir(root: Path) -> Path:
     raise FormatError(f"{root}: no mp_rank_* folders, iter_* folders or release/ folder; not a Megatron checkpoint")
 
 
-def _args_of(path: Path) -> tuple[argparse.Namespace, list[str]]:
+def open_rank_file(path: Path):
+    """A rank file's reader: `model_optim_rng.pt`, or a torch_dist folder's `.metadata`
+    (the whole model as one rank file)."""
+    if Path(path).name == METADATA:
+        return torch_dist.TorchDistReader(Path(path).parent)
     from runner.formats.torch_pt import TorchReader
 
-    r = TorchReader(path)
+    return TorchReader(path)
+
+
+def _args_of(path: Path) -> tuple[argparse.Namespace, list[str]]:
+    r = open_rank_file(path)
     try:
-        args = r.objects.get("args")
+        args = torch_dist.common(path.parent).get("args") if path.name == METADATA else r.objects.get("args")
         if not isinstance(args, argparse.Namespace):
             raise FormatError(f"{path}: no argparse.Namespace `args` entry; not a Megatron checkpoint")
         return args, list(r.tensors())
@@ -93,10 +104,13 @@ class MegatronFolder:
     files: dict[int, Path]
     args: argparse.Namespace
     first_names: frozenset[str]
+    fmt: str = "torch"  # or "torch_dist"
 
     @staticmethod
     def open(root: Path) -> "MegatronFolder":
         ckdir = checkpoint_dir(Path(root))
+        if torch_dist.is_torch_dist(ckdir):
+            return MegatronFolder._open_torch_dist(Path(root), ckdir)
         found = {}
         for p in ckdir.iterdir():
             m = _RANK.fullmatch(p.name)
@@ -117,6 +131,15 @@ class MegatronFolder:
         weights = frozenset(n[len("model."):] for n in names if is_weight(n))
         return MegatronFolder(Path(root), ckdir, lay, files, args, weights)
 
+    @staticmethod
+    def _open_torch_dist(root: Path, ckdir: Path) -> "MegatronFolder":
+        """Global shapes, whatever the parallel settings it was saved with: one logical
+        rank (TP 1, PP 1, EP 1) holding the whole model, served from the chunks."""
+        path = ckdir / METADATA
+        args, names = _args_of(path)
+        weights = frozenset(n[len("model."):] for n in names if is_weight(n))
+        return MegatronFolder(root, ckdir, MegatronLayout(1, 1, 1), {0: path}, args, weights, "torch_dist")
+
     @property
     def iteration(self) -> str:
         return self.ckdir.name
@@ -133,10 +156,8 @@ class MegatronRankReader:
     are the one copy it makes: the file holds one tensor per local expert."""
 
     def __init__(self, path: Path, names: dict[str, tuple[str, ...]]):
-        from runner.formats.torch_pt import TorchReader
-
         self.path = Path(path)
-        self._reader = TorchReader(path)
+        self._reader = open_rank_file(path)
         self._names = names
         held = self._reader.tensors()
         stored = {f for fs in names.values() for f in fs}
@@ -278,22 +299,33 @@ def write_iteration_marker(folder: Path, iteration: int) -> Path:
     return path
 
 
+def _naming(mf: MegatronFolder) -> str:
+    """The template and naming scheme whose names the first rank file holds."""
+    where = str(mf.files[0])
+    try:
+        model, scheme = detect(megatron_config(mf.args, where), candidates(None, None), mf.layout, mf.first_names, where)
+    except (ConfigError, FormatError) as e:
+        return f"names of no template: {e}"
+    return f"template {model.family}, {scheme} names"
+
+
 def describe_folder(path: Path) -> str:
     """`autotrans inspect` of a Megatron folder: layout, naming, sizes, files."""
     mf = MegatronFolder.open(Path(path))
     a = mf.args
+    layout = f"TP {mf.layout.tp} PP {mf.layout.pp} EP {mf.layout.ep}, {mf.layout.world_size} rank file(s)"
+    if mf.fmt == "torch_dist":
+        layout = (f"torch_dist saved at TP {getattr(a, 'tensor_model_parallel_size', '?')} PP {getattr(a, 'pipeline_model_parallel_size', '?')}, "
+                  "global shapes read as one rank")
     lines = [
-        f"megatron checkpoint {mf.ckdir}: "
-        f"TP {mf.layout.tp} PP {mf.layout.pp} EP {mf.layout.ep}, {mf.layout.world_size} rank file(s)",
+        f"megatron checkpoint {mf.ckdir} ({_naming(mf)}): {layout}",
         f"model: {getattr(a, 'num_layers', '?')} layers, hidden {getattr(a, 'hidden_size', '?')}, "
         f"ffn {getattr(a, 'ffn_hidden_size', '?')}, heads {getattr(a, 'num_attention_heads', '?')}, "
         f"query groups {getattr(a, 'num_query_groups', None) or getattr(a, 'num_attention_heads', '?')}, "
         f"padded vocab {getattr(a, 'padded_vocab_size', '?')}, experts {getattr(a, 'num_experts', None) or 0}",
     ]
-    from runner.formats.torch_pt import TorchReader
-
     for r, p in mf.files.items():
-        reader = TorchReader(p)
+        reader = open_rank_file(p)
         try:
             infos = {n: t for n, t in reader.tensors().items() if is_weight(n)}
             nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())
