@@ -29,6 +29,9 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "parallel": ((dict,), {}, None),
     "model": ((dict,), {}, None),
     "moe_config": ((dict,), {}, None),  # MindSpore Transformers keeps expert_num here
+    "optimizer": ((dict,), {}, None),  # its type names the optimizer states a training run holds
+    "pretrained_model_dir": ((str,), "", None),  # MindSpore Transformers 1.7: the HF folder with config.json
+    "use_legacy": ((bool,), True, None),  # MindSpore Transformers 1.7: false = its mcore models' names
     "transform_process_num": ((int,), 1, None),
     "transform_by_rank": ((bool,), False, None),
     "shared_disk": ((str, bool), "auto", ("auto", True, False)),
@@ -55,6 +58,7 @@ PARALLEL_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "model_parallel": ((int,), 1),
     "pipeline_stage": ((int,), 1),
     "expert_parallel": ((int,), 1),
+    "context_parallel": ((int,), 1),
     "vocab_emb_dp": ((bool,), True),
     "optimizer_shard": ((bool,), False),
 }
@@ -86,12 +90,23 @@ class ParallelConfig:
     model_parallel: int = 1
     pipeline_stage: int = 1
     expert_parallel: int = 1
+    context_parallel: int = 1
     vocab_emb_dp: bool = True
     optimizer_shard: bool = False
+    # MindSpore's parallel_optimizer_config: shard over this many replicas (-1: all of
+    # them); parameters smaller than the threshold (KB) stay whole
+    optimizer_weight_shard_size: int = -1
+    parallel_optimizer_threshold: int = 64
+
+    @property
+    def replicas(self) -> int:
+        """Ranks of a stage that hold the same tensor-parallel slice of a dense weight:
+        MindSpore Transformers replicates weights over data x context parallel."""
+        return self.data_parallel * self.context_parallel
 
     @property
     def world_size(self) -> int:
-        return self.data_parallel * self.model_parallel * self.pipeline_stage
+        return self.replicas * self.model_parallel * self.pipeline_stage
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,9 @@ class JobConfig:
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     model: Mapping[str, Any] = field(default_factory=dict)
     moe_config: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: Mapping[str, Any] = field(default_factory=dict)
+    pretrained_model_dir: str = ""
+    use_legacy: bool = True
     transform_process_num: int = 1
     transform_by_rank: bool = False
     shared_disk: str | bool = "auto"
@@ -203,6 +221,27 @@ def check_section(section: str, raw: Any, keys: Mapping[str, tuple], required: t
     return out
 
 
+def _parallel_optimizer(parallel: Mapping[str, Any], has_optimizer_shard: bool) -> dict[str, Any]:
+    """MindSpore's parallel optimizer settings from a training YAML's `parallel` section:
+    enable_parallel_optimizer, and parallel_optimizer_config's optimizer_weight_shard_size
+    and parallel_optimizer_threshold (KB; -1 means MindSpore's default, 64)."""
+    out: dict[str, Any] = {}
+    opt = parallel.get("enable_parallel_optimizer")
+    if opt is not None and not has_optimizer_shard:
+        out["optimizer_shard"] = check_value("parallel.enable_parallel_optimizer", opt, (bool,))
+    poc = parallel.get("parallel_optimizer_config") or {}
+    check_value("parallel.parallel_optimizer_config", poc, (dict,))
+    for key, where in (("optimizer_weight_shard_size", poc), ("optimizer_weight_shard_size", parallel),
+                       ("parallel_optimizer_threshold", poc)):
+        if where.get(key) is not None and key not in out:
+            path = "parallel." + ("parallel_optimizer_config." if where is poc else "") + key
+            v = check_value(path, where[key], (int,))
+            if v != -1 and v < (1 if key == "optimizer_weight_shard_size" else 0):
+                raise ConfigError(f"config key {path}: expected -1 or a {'positive' if key == 'optimizer_weight_shard_size' else 'non-negative'} integer, got {v}")
+            out[key] = 64 if key == "parallel_optimizer_threshold" and v == -1 else v
+    return out
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Read a job file plus `key=value` overrides into a checked JobConfig."""
     import yaml
@@ -256,11 +295,11 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
         hint = closest(str(k), PARALLEL_KEYS) if k not in PARALLEL_KEYS and k not in TRAINING_PARALLEL_KEYS else None
         if hint:
             warn(f"config key parallel_config.{k} is not one the runner reads and is ignored; did you mean parallel_config.{hint}?")
-    opt = values.pop("parallel").get("enable_parallel_optimizer")
-    if opt is not None and "optimizer_shard" not in pc:
-        pc["optimizer_shard"] = check_value("parallel.enable_parallel_optimizer", opt, (bool,))
+    if "vocab_emb_dp" not in pc and not values["use_legacy"]:
+        pc["vocab_emb_dp"] = False  # MindSpore Transformers 1.7's mcore models' default
+    pc.update(_parallel_optimizer(values.pop("parallel"), "optimizer_shard" in pc))
     parallel = ParallelConfig(**pc)
-    for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel"):
+    for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel"):
         if getattr(parallel, k) < 1:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
     it = values["iteration"]
