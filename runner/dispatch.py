@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runner.config import JobConfig
+from runner.job import without_placeholder
 from runner.launch import launched_size
 from runner.log import say
 from runner.mpi import run_mpi
@@ -20,6 +21,7 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
             + (f", {done['skipped_lines']} bad lines skipped" if done["skipped_lines"] else "")
             + f" -> {', '.join(done['files'])}")
         return 0
+    cfg = without_placeholder(cfg)
     if launched_size() > 1:  # under mpiexec: every rank takes its share (SPEC 9)
         return run_mpi(cfg, show_progress)
     return run(cfg, show_progress)

@@ -1,6 +1,7 @@
 """The tool's own error types. Each carries the exit code the CLI returns (SPEC 3)."""
 
 import errno
+import os
 
 
 class AutotransError(Exception):
@@ -31,6 +32,12 @@ def name_list(names: list[str], most: int = 5) -> str:
     """Names for an error or warning line: the first `most`, then how many more."""
     more = f" and {len(names) - most} more" if len(names) > most else ""
     return ", ".join(names[:most]) + more
+
+
+def shown(path: object) -> str:
+    """A path for a message: a relative one says what it is relative to."""
+    p = str(path)
+    return p if os.path.isabs(p) else f"{p} (relative to the current folder {os.getcwd()})"
 
 
 def one_line(msg: str) -> str:

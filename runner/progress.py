@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from runner import log
+
 
 class Progress:
     def __init__(self, total: int, enabled: bool = True, desc: str = "transform", tty_only: bool = True):
+        log.release()  # warnings from preparing go above the bar
         self._bar = None
         if enabled:
             from tqdm import tqdm

@@ -15,4 +15,5 @@ def wants_conversion(cfg) -> bool:
         return False
     if cfg.output_format in ("megatron", "hf", "mindformers"):
         return True
-    return discover(Path(cfg.load_checkpoint)).kind == "megatron"
+    path = Path(cfg.load_checkpoint)  # one not there yet is no conversion: the job says it is missing
+    return path.exists() and discover(path).kind == "megatron"
