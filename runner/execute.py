@@ -1,7 +1,7 @@
 """Runs file plans: for each destination file, compute its framing from the plan, then
 write every tensor's bytes at their final offset, straight from mmap views of the
 sources where a tensor is one contiguous run, else assembled in one buffer. Files are
-built under a temporary name, fsynced and renamed; the executor has no policy of its own."""
+written durably (runner.durable); the executor has no policy of its own."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ from typing import Callable, Protocol
 import numpy as np
 
 from runner import dtypes
+from runner.durable import DurableFile
 from runner.errors import AutotransError, PlanError, disk_error
 from runner.formats.base import Entry, FileFormat, FileLayout
 from runner.plan import FilePlan, ReadItem, TensorPlan
 from runner.source import RankReader, Source
-
-PARTIAL = ".partial"
 
 
 class SlicePool(Protocol):
@@ -118,43 +117,30 @@ def write_file(
         [*((o, b, 0, len(b)) for o, b in lay.pieces), *((o, t, a, n) for t in fp.tensors for o, a, n in _runs(lay, t))],
         key=lambda w: (w[0], w[3] > 0),  # an empty run before whatever starts at its offset
     )
-    tmp = path.with_name(path.name + PARTIAL)
-    fd = -1
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        crc, pos = 0, 0
-        tensor = memoryview(b"")  # bytes of the tensor whose runs are being written
-        for offset, what, start, n in writes:
-            if offset != pos:
-                raise PlanError(f"{path}: layout leaves a gap at byte {pos}")
-            if isinstance(what, bytes):
-                data = memoryview(what)
-            else:
-                if start == 0:
-                    tensor = _tensor_bytes(by_name[what.name], pool)
-                data = tensor[start:start + n]
-            crc = zlib.crc32(data, crc)
-            _pwrite_all(fd, data, offset)
-            pos += len(data)
-            if not isinstance(what, bytes):  # progress counts tensor payload, as its total does
-                on_bytes(len(data))
-            pool.release()
-        if pos != lay.size:
-            raise PlanError(f"{path}: wrote {pos} bytes, the layout says {lay.size}")
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with DurableFile(path) as out:
+            crc, pos = 0, 0
+            tensor = memoryview(b"")  # bytes of the tensor whose runs are being written
+            for offset, what, start, n in writes:
+                if offset != pos:
+                    raise PlanError(f"{path}: layout leaves a gap at byte {pos}")
+                if isinstance(what, bytes):
+                    data = memoryview(what)
+                else:
+                    if start == 0:
+                        tensor = _tensor_bytes(by_name[what.name], pool)
+                    data = tensor[start:start + n]
+                crc = zlib.crc32(data, crc)
+                _pwrite_all(out.fd, data, offset)
+                pos += len(data)
+                if not isinstance(what, bytes):  # progress counts tensor payload, as its total does
+                    on_bytes(len(data))
+                pool.release()
+            if pos != lay.size:
+                raise PlanError(f"{path}: wrote {pos} bytes, the layout says {lay.size}")
         return WrittenFile(path, pos, crc)
     except OSError as e:
         raise disk_error(e, path) from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _runs(lay: FileLayout, t: TensorPlan) -> list[tuple[int, int, int]]:
@@ -169,11 +155,3 @@ def _runs(lay: FileLayout, t: TensorPlan) -> list[tuple[int, int, int]]:
 def _tensor_bytes(t: TensorPlan, pool: SlicePool) -> memoryview:
     bits = tensor_bits(t, pool)
     return memoryview(bits.reshape(-1)).cast("B") if bits.size else memoryview(b"")
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,29 +8,17 @@ read). A rerun of the same job keeps every file whose record still proves it rig
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zlib
 from pathlib import Path
 from typing import Any
 
 from runner.errors import ConfigError
-from runner.execute import PARTIAL, WrittenFile, fsync_dir
+from runner.durable import write_json
+from runner.execute import WrittenFile
 
 MANIFEST = "autotrans.json"
 PROGRESS = ".autotrans-progress"
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL)
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> Any:
@@ -87,7 +75,7 @@ class OutputFolder:
             if job.get("job_digest") != self.digest:
                 self._clear()
         (self.folder / MANIFEST).unlink(missing_ok=True)
-        write_json_atomic(self.progress / "job.json", {"job_digest": self.digest})
+        write_json(self.progress / "job.json", {"job_digest": self.digest})
 
     def _clear(self) -> None:
         """Remove a previous job's outputs (the folder is known to be ours)."""
@@ -98,7 +86,7 @@ class OutputFolder:
                 child.unlink()
 
     def record(self, rank: int, written: WrittenFile, sources: list[Path]) -> None:
-        write_json_atomic(self.progress / f"rank_{rank}.json", {
+        write_json(self.progress / f"rank_{rank}.json", {
             "job_digest": self.digest,
             "file": str(written.path.relative_to(self.folder)),
             "size": written.size,
@@ -121,7 +109,7 @@ class OutputFolder:
         return WrittenFile(path, rec["size"], rec["crc32"])
 
     def write_manifest(self, doc: dict) -> None:
-        write_json_atomic(self.folder / MANIFEST, {**doc, "job_digest": self.digest})
+        write_json(self.folder / MANIFEST, {**doc, "job_digest": self.digest})
 
 
 def _stamp(p: Path) -> list:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.durable import DurableFile
 from runner.errors import AutotransError, ConfigError, FormatError
 
 log = logging.getLogger(__name__)
@@ -445,14 +446,6 @@ def _encoded_blocks(spec: _EncodeSpec, tok: _Tokenizer, blocks: Iterator[_Block]
 # ---------------------------------------------------------------------------- output
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _DatasetWriter:
     """Writes `{prefix}.bin` and `{prefix}.idx` as blocks arrive, under temporary names.
 
@@ -466,15 +459,14 @@ class _DatasetWriter:
         self.bin_path, self.idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
         self.dtype = dtype
         self.sequences = self.documents = self.tokens = 0
-        self._temps = [p.with_name(p.name + s) for p, s in ((self.bin_path, ".tmp"), (self.idx_path, ".tmp"), (self.idx_path, ".docs.tmp"))]
-        self._files = []
+        self._outs = [DurableFile(self.bin_path), DurableFile(self.idx_path), DurableFile(self.idx_path, ".docs")]
         try:
-            for path in self._temps:
-                self._files.append(open(path, "w+b"))
+            for out in self._outs:
+                out.open()
         except OSError:
             self.discard()
             raise
-        self._bin, self._idx, self._docs = self._files
+        self._bin, self._idx, self._docs = (out.stream() for out in self._outs)
         self._idx.write(bytes(_INDEX_HEADER.size))
         self._docs.write(np.zeros(1, np.int64).tobytes())  # the document indices start at 0
 
@@ -495,14 +487,9 @@ class _DatasetWriter:
         self._idx.seek(0)
         code = _DTYPE_CODES[self.dtype]
         self._idx.write(_INDEX_HEADER.pack(_INDEX_MAGIC, _INDEX_VERSION, code, self.sequences, self.documents + 1))
-        for f in (self._bin, self._idx):
-            f.flush()
-            os.fsync(f.fileno())
-        self._close()
-        os.replace(self._temps[0], self.bin_path)  # .bin first: a final .idx means both are complete
-        os.replace(self._temps[1], self.idx_path)
-        self._temps[2].unlink()
-        _fsync_dir(self.idx_path.parent)
+        self._outs[0].commit()  # .bin first: a final .idx means both are complete
+        self._outs[1].commit()
+        self._outs[2].discard()
         return [self.bin_path, self.idx_path]
 
     def _append_pointers(self) -> None:
@@ -515,15 +502,10 @@ class _DatasetWriter:
             self._idx.write((ends - nbytes).data)
             offset = int(ends[-1])
 
-    def _close(self) -> None:
-        for f in self._files:
-            f.close()
-
     def discard(self) -> None:
         """Close and remove the temporary files (after a failure)."""
-        self._close()
-        for path in self._temps:
-            path.unlink(missing_ok=True)
+        for out in self._outs:
+            out.discard()
 
 
 # ---------------------------------------------------------------------------- the job

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from runner import execute
+from runner import durable
 from runner.cli import main
 from runner.outputs import MANIFEST, PROGRESS
 from tests import oracle
@@ -116,7 +116,7 @@ def check_intact(out: Path, ref: dict[str, bytes]) -> None:
     records are whole JSON; a manifest only with every file."""
     got = outputs(out)
     for name, data in got.items():
-        if not name.endswith(execute.PARTIAL):
+        if not name.endswith(durable.PARTIAL):
             assert name in ref and data == ref[name], f"{name} is under its final name but not complete"
     tc = out / "transformed_checkpoint"
     for rec in (tc / PROGRESS).glob("*.json") if (tc / PROGRESS).exists() else ():
@@ -162,7 +162,7 @@ def test_sigkill_at_every_filesystem_call_then_rerun(tmp_path: Path) -> None:
         assert code == 0, f"rerun after a kill at call {n} failed"
         assert outputs(out) == ref, f"kill at call {n}: rerun output differs from an uninterrupted run"
         assert manifest_sans_time(out) == manifest_sans_time(ref_out)
-        assert not [p for p in out.rglob("*" + execute.PARTIAL)], f"kill at call {n}: temporary files left"
+        assert not [p for p in out.rglob("*" + durable.PARTIAL)], f"kill at call {n}: temporary files left"
         for path, stamp in done.items():
             st = Path(path).stat()
             assert (st.st_ino, st.st_mtime_ns) == stamp, f"kill at call {n}: finished file {path} was rewritten"
@@ -199,7 +199,7 @@ def test_sigkill_during_a_conversion_then_rerun(tmp_path: Path) -> None:
         code, _ = fork_run(cfg(out))
         assert code == 0, f"rerun after a kill at call {n} failed"
         assert outputs(out) == ref, f"kill at call {n}: rerun output differs from an uninterrupted run"
-        assert not [p for p in out.rglob("*" + execute.PARTIAL)], f"kill at call {n}: temporary files left"
+        assert not [p for p in out.rglob("*" + durable.PARTIAL)], f"kill at call {n}: temporary files left"
 
 def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
     """Real processes (the CLI plus transform_process_num workers) killed at spread-out
@@ -228,7 +228,7 @@ def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
         rerun = start(out)
         assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
         assert outputs(out) == ref
-        assert not [p for p in out.rglob("*" + execute.PARTIAL)]
+        assert not [p for p in out.rglob("*" + durable.PARTIAL)]
 
 
 # -- disk full and permissions --------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_disk_full_mid_file_then_resume(tmp_path: Path, monkeypatch, capsys, aft
     line = one_error_line(capsys)
     assert "disk full" in line and "run the job again" in line, line
     check_intact(out, ref)
-    assert not list(out.rglob("*" + execute.PARTIAL)), "a failed write left its temporary file"
+    assert not list(out.rglob("*" + durable.PARTIAL)), "a failed write left its temporary file"
     assert not (out / "transformed_checkpoint" / MANIFEST).exists()
     done = finished_files(out)
     assert main(cfg) == 0
@@ -292,7 +292,7 @@ def test_unwritable_output_folder_is_one_clear_line(tmp_path: Path, monkeypatch,
         assert code == 1
         line = one_error_line(capsys)
         assert phrase in line and str(out) in line, line
-        assert not list(out.rglob("*" + execute.PARTIAL)) if out.exists() else True
+        assert not list(out.rglob("*" + durable.PARTIAL)) if out.exists() else True
 
 
 def can_mount() -> bool:
@@ -324,7 +324,7 @@ def test_real_disk_full_on_tiny_tmpfs_then_resume(tmp_path: Path, capsys) -> Non
         assert main(cfg) == 1
         assert "disk full" in one_error_line(capsys)
         check_intact(out, ref)
-        assert not list(out.rglob("*" + execute.PARTIAL))
+        assert not list(out.rglob("*" + durable.PARTIAL))
         done = finished_files(out)
         assert done, "the tmpfs should hold at least one finished file"
         subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)

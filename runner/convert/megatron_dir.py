@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from runner import dtypes
 from runner.convert import megatron_names as mn
 from runner.convert.megatron_layout import MegatronLayout
 from runner.errors import FormatError
-from runner.execute import PARTIAL, SlicePool, WrittenFile, fsync_dir, write_file
+from runner.durable import DurableFile, temp_path, write_bytes
+from runner.execute import SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
 from runner.outputs import file_crc32
@@ -220,10 +220,9 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
     iteration) plus `model`, whose tensors are views of a temporary safetensors file."""
     import torch
 
-    staging = path.with_name(path.name + ".tensors" + PARTIAL)  # a temporary, named as every other one
+    staging = temp_path(path, ".tensors")  # a temporary, named as every other one
     write_file(fp, pool, SafetensorsFormat(), staging)
     reader = SafetensorsReader(staging)
-    tmp = path.with_name(path.name + PARTIAL)
     try:
         model: dict = {}
         with warnings.catch_warnings():
@@ -235,27 +234,18 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
                     model[fname] = torch.from_numpy(part).view(dtypes.torch_dtype(t.out_dtype))
         model.update({n: None for n in extra_state})
         doc = {**head, "model": mn.nest_legacy(model) if legacy else model}
-        with open(tmp, "wb") as f:
-            torch.save(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with DurableFile(path) as out:
+            torch.save(doc, out.stream())
         del model, doc
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     finally:
         reader.close()
         staging.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return WrittenFile(path, path.stat().st_size, file_crc32(path))
 
 
 def write_iteration_marker(folder: Path, iteration: int) -> Path:
     path = folder / ITER_FILE
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(f"{iteration}")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, f"{iteration}".encode())
     return path
 
 
