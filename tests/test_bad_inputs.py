@@ -145,6 +145,32 @@ def test_header_offsets_out_of_bounds_or_overlapping(dist: Path, capsys) -> None
     run_fails(capsys, dist, merge_job(dist), 1, str(path), "'w'", "needs 64")
 
 
+W4 = '"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}'
+
+
+@pytest.mark.parametrize("header,phrase", [
+    ('{"w":{"dtype":"F32","shape":[true,4],"data_offsets":[0,16]}}', "corrupt header entry"),
+    ('{"w\\ud800":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', "lone surrogate"),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', "appears twice"),
+    ('{"__metadata__":{"format":1},' + W4 + "}", "__metadata__"),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', "belong to no tensor"),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', "belong to no tensor"),
+    ('{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16],"x":NaN}}', "NaN"),
+])
+def test_safetensors_headers_the_library_refuses(dist: Path, capsys, header: str, phrase: str) -> None:
+    """Headers the safetensors library refuses (its verdict checked on the same bytes):
+    one line naming the file, exit 1."""
+    from safetensors import SafetensorError, deserialize
+
+    data = struct.pack("<Q", len(header)) + header.encode() + bytes(16)
+    with pytest.raises(SafetensorError):
+        deserialize(data)
+    path = rank_file(dist, 0)
+    path.write_bytes(data)
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), phrase)
+    fails(capsys, ["inspect", str(path)], 1, phrase)
+
+
 def test_unknown_dtype(dist: Path, capsys) -> None:
     path = rank_file(dist, 0)
     path.write_bytes(raw_safetensors({"w": {"dtype": "F128", "shape": [4, 4], "data_offsets": [0, 64]}}, bytes(64)))

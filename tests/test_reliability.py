@@ -429,3 +429,67 @@ def test_output_bytes_do_not_depend_on_paths(tmp_path: Path, monkeypatch) -> Non
     assert main(["run", str(job(tmp_path / "elsewhere" / "b", tmp_path / "o2")), "--no-progress"]) == 0
     a, b = outputs(tmp_path / "a" / "out"), outputs(tmp_path / "o2")
     assert len(a) >= 5 and a == b
+
+
+# -- writers never follow a symlink inside the output tree ----------------------------------
+def test_stale_temporary_names_that_are_symlinks_are_not_followed(tmp_path: Path, capsys) -> None:
+    """Temporary names planted as symlinks to an outside file (rank file, strategy file,
+    progress record, manifest) are removed, not written through."""
+    make_source(tmp_path)
+    ref_out = tmp_path / "ref"
+    assert main(["run", str(job(tmp_path, ref_out)), "--no-progress"]) == 0
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"the user's file\n")
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    tc = out / "transformed_checkpoint"
+    (tc / MANIFEST).unlink()
+    (tc / "rank_0" / "checkpoint_0.safetensors").unlink()
+    planted = [tc / "rank_0" / "checkpoint_0.safetensors.partial", tc / f"{MANIFEST}.partial",
+               tc / PROGRESS / "job.json.partial", tc / PROGRESS / "rank_0.json.partial",
+               out / "strategy" / "ckpt_strategy_rank_0.json.partial"]
+    for p in planted:
+        p.symlink_to(outside)
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert outside.read_bytes() == b"the user's file\n"
+    assert outputs(out) == outputs(ref_out)
+    assert not [p for p in planted if os.path.lexists(p)]
+
+
+def test_rank_folder_that_is_a_symlink_is_refused(tmp_path: Path, capsys) -> None:
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    tc = out / "transformed_checkpoint"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    for p in (tc / "rank_1").iterdir():
+        p.unlink()
+    (tc / "rank_1").rmdir()
+    (tc / "rank_1").symlink_to(elsewhere)
+    (tc / MANIFEST).unlink()
+    capsys.readouterr()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "rank_1" in line and "symlink" in line, line
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"] and (elsewhere / "keep.txt").read_text() == "mine"
+
+
+def test_reference_file_that_is_a_symlink_is_not_copied(tmp_path: Path, capsys) -> None:
+    """A tokenizer file in the reference HF folder that links elsewhere would copy any
+    readable file into the output: refused with one line, its content nowhere in the output."""
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-KEY-MATERIAL")
+    (hf / "tokenizer.json").symlink_to(secret)
+    out = tmp_path / "out"
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\noutput_dir: {out}\n")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert "tokenizer.json" in line and "symlink" in line, line
+    assert not [p for p in out.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
