@@ -33,6 +33,13 @@ def one_line(msg: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
 
 
+def excerpt(data: bytes | str, limit: int = 80) -> str:
+    """At most `limit` characters of a file's content, escaped, for an error message:
+    a file may be a link to a secret or to /dev/zero."""
+    shown = repr(data[:limit])
+    return shown[:limit] + ("..." if len(shown) > limit or len(data) > limit else "")
+
+
 def disk_error(e: OSError, path: object, verb: str = "write") -> AutotransError:
     """One actionable line for a failed file operation: disk full, no permission, other."""
     if e.errno == errno.ENOSPC:

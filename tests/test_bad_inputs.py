@@ -219,6 +219,11 @@ def test_split_does_not_divide(dist: Path, capsys) -> None:
     bad_strategy(dist, capsys, {"shape": [7, 4]}, "dim 0 of size 7", "2 equal parts")
 
 
+def test_negative_stored_shape(dist: Path, capsys) -> None:
+    """[-4, -4] holds the local box's 16 elements by product, and no reader could read it."""
+    bad_strategy(dist, capsys, {"stored_shape": [-4, -4]}, "stored_shape [-4, -4]", "positive")
+
+
 # -- other formats --------------------------------------------------------------------------
 class _Payload:
     """Pickles as a call to os.system: loading it would create the marker file."""
@@ -265,6 +270,82 @@ def test_corrupt_mindspore_strategy(dist: Path, capsys) -> None:
     (dist / "ms").mkdir()
     (dist / "ms" / "ckpt_strategy_rank_0.ckpt").write_bytes(b"\xff\xff\xff garbage")
     run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "ms")), 1, "ckpt_strategy_rank_0.ckpt")
+
+
+# -- Megatron folders ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def megatron_tp2(tmp_path_factory) -> Path:
+    """A Megatron TP2 checkpoint (root with latest_checkpointed_iteration.txt and iter_*/)."""
+    from tests.convert_util import make_hf, run
+
+    root = tmp_path_factory.mktemp("megatron")
+    assert run(load_checkpoint=str(make_hf(root / "hf", "qwen2")), output_format="megatron",
+               parallel_config={"model_parallel": 2}, output_dir=str(root / "m")) == 0
+    return root / "m" / "transformed_checkpoint"
+
+
+def megatron_copy(src: Path, dst: Path, **args) -> Path:
+    """A copy of `src` whose first rank file's args have `args` set (plain torch: test data)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    first = sorted(dst.glob("iter_*/mp_rank_00/model_optim_rng.pt"))[0]
+    doc = torch.load(first, weights_only=False)
+    for k, v in args.items():
+        setattr(doc["args"], k, v)
+    torch.save(doc, first)
+    return dst
+
+
+@pytest.mark.parametrize("key,value", [
+    ("tensor_model_parallel_size", "2"), ("tensor_model_parallel_size", 2.0), ("tensor_model_parallel_size", -3),
+    ("tensor_model_parallel_size", True), ("pipeline_model_parallel_size", 0), ("hidden_size", "64"),
+    ("num_attention_heads", -1), ("num_layers", 2.5), ("norm_epsilon", "tiny"),
+])
+def test_megatron_args_that_are_not_positive_ints(megatron_tp2: Path, tmp_path: Path, capsys, key: str, value) -> None:
+    folder = megatron_copy(megatron_tp2, tmp_path / "m", **{key: value})
+    fails(capsys, ["inspect", str(folder)], 1, "Megatron args", key)
+    cfg = job(tmp_path, load_checkpoint=str(folder), output_format="hf", output_dir=str(tmp_path / "out"))
+    run_fails(capsys, tmp_path, cfg, 1, "Megatron args", key)
+
+
+@pytest.mark.parametrize("key", ["tensor_model_parallel_size", "expert_model_parallel_size", "hidden_size", "num_layers",
+                                 "num_query_groups", "padded_vocab_size", "num_experts"])
+def test_megatron_args_claiming_huge_sizes(megatron_tp2: Path, tmp_path: Path, key: str) -> None:
+    """10^9 in any size: one line and exit 1, within 300 MB more than start-up needs."""
+    from tests.limited import one_line, run_limited
+
+    folder = megatron_copy(megatron_tp2, tmp_path / "m", **{key: 10**9})
+    cfg = job(tmp_path, load_checkpoint=str(folder), output_format="hf", output_dir=str(tmp_path / "out"))
+    one_line(run_limited(["run", str(cfg), "--no-progress"], 300 << 20), 1, key)
+
+
+@pytest.mark.parametrize("content", ["9" * 5000, "\u00b2", "12 13", "-1", "release\nrelease", "\x00" * 10, ""])
+def test_megatron_marker_file_that_is_not_an_iteration(megatron_tp2: Path, tmp_path: Path, capsys, content: str) -> None:
+    import shutil
+
+    shutil.copytree(megatron_tp2, tmp_path / "m")
+    marker = tmp_path / "m" / "latest_checkpointed_iteration.txt"
+    marker.write_text(content)
+    line = fails(capsys, ["inspect", str(tmp_path / "m")], 1, "latest_checkpointed_iteration.txt", "not an iteration number")
+    assert len(line) < len(str(marker)) + 150, line
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/etc/passwd"])
+def test_megatron_marker_linked_to_a_device_or_a_secret(megatron_tp2: Path, tmp_path: Path, target: str) -> None:
+    """At most 64 bytes are read and at most 80 characters shown, within 100 MB of memory."""
+    import shutil
+
+    from tests.limited import one_line, run_limited
+
+    shutil.copytree(megatron_tp2, tmp_path / "m")
+    marker = tmp_path / "m" / "latest_checkpointed_iteration.txt"
+    marker.unlink()
+    marker.symlink_to(target)
+    line = one_line(run_limited(["inspect", str(tmp_path / "m")], 100 << 20, timeout=60), 1, "not an iteration number")
+    assert len(line) < len(str(marker)) + 150, line
+    lines = Path(target).read_text().splitlines() if target == "/etc/passwd" else []
+    assert not any(x in line for x in lines[1:] if x), line
 
 
 # -- the job file ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 from runner import dtypes
 from runner.convert import megatron_names as mn
 from runner.convert.megatron_layout import MegatronLayout
-from runner.errors import FormatError
+from runner.errors import FormatError, excerpt
 from runner.durable import DurableFile, temp_path, write_bytes
 from runner.execute import SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
@@ -45,10 +46,8 @@ def checkpoint_dir(root: Path) -> Path:
     if any(_RANK.fullmatch(p.name) for p in root.iterdir() if p.is_dir()):
         return root
     marker = root / ITER_FILE
-    if marker.exists():
-        text = marker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise FormatError(f"{marker} holds {text!r}, not an iteration number or 'release'")
+    if os.path.lexists(marker):
+        text = read_marker(marker)
         folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
         if not folder.is_dir():
             raise FormatError(f"{marker} names iteration {text}, but {folder} does not exist")
@@ -61,7 +60,24 @@ def checkpoint_dir(root: Path) -> Path:
     raise FormatError(f"{root}: no mp_rank_* folders, iter_* folders or release/ folder; not a Megatron checkpoint")
 
 
-def _args_of(path: Path) -> tuple[argparse.Namespace, list[str]]:
+def read_marker(marker: Path) -> str:
+    """latest_checkpointed_iteration.txt: an iteration number or `release`. At most 64
+    bytes are read (it may be a link to /dev/zero) and at most 80 characters shown."""
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        try:
+            raw = os.read(fd, 65)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise FormatError(f"{marker}: cannot read: {e.strerror}") from None
+    text = raw.strip()
+    if len(raw) > 64 or not (text == b"release" or re.fullmatch(rb"[0-9]{1,12}", text)):
+        raise FormatError(f"{marker} holds {excerpt(raw)}, not an iteration number or 'release'")
+    return text.decode()
+
+
+def _args_of(path: Path) -> tuple[argparse.Namespace, dict[str, TensorInfo]]:
     from runner.formats.torch_pt import TorchReader
 
     r = TorchReader(path)
@@ -69,9 +85,52 @@ def _args_of(path: Path) -> tuple[argparse.Namespace, list[str]]:
         args = r.objects.get("args")
         if not isinstance(args, argparse.Namespace):
             raise FormatError(f"{path}: no argparse.Namespace `args` entry; not a Megatron checkpoint")
-        return args, list(r.tensors())
+        return args, dict(r.tensors())
     finally:
         r.close()
+
+
+_PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+# sizes the conversion builds names, lists and index arrays from
+_WIDTHS = ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "kv_channels", "padded_vocab_size",
+           "vocab_size", "true_vocab_size", "make_vocab_size_divisible_by")
+_COUNTS = ("num_attention_heads", "num_query_groups", "moe_router_topk")
+
+
+def _size(args: argparse.Namespace, key: str, path: Path, limit: int) -> int | None:
+    v = getattr(args, key, None)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise FormatError(f"{path}: Megatron args {key} is {v!r} ({type(v).__name__}); expected a positive integer")
+    if v > limit:
+        raise FormatError(f"{path}: Megatron args {key} {v} is more than its files can hold (at most {limit}); the args are corrupt")
+    return v
+
+
+def check_args(args: argparse.Namespace, path: Path, rank_folders: int, tensors: dict[str, TensorInfo]) -> MegatronLayout:
+    """The parallel layout, after checking every size the conversion uses: positive
+    integers no larger than the files on disk can back (a size is never trusted
+    before it is allocated)."""
+    tp, pp, ep = (_size(args, k, path, rank_folders) or 1 for k in _PARALLEL)
+    lay = MegatronLayout(tp, pp, ep)
+    if lay.world_size > rank_folders:
+        raise FormatError(f"{path}: args say TP {tp} PP {pp} EP {ep} ({lay.world_size} rank files), "
+                          f"but the folder holds {rank_folders} mp_rank_* folder(s)")
+    widest = max((d for t in tensors.values() for d in t.shape), default=1)
+    for key in _WIDTHS:  # a width is at most TP times the widest dim of a rank file's tensor
+        _size(args, key, path, widest * tp)
+    hidden = _size(args, "hidden_size", path, widest * tp) or widest * tp
+    for key in _COUNTS:
+        _size(args, key, path, hidden)
+    _size(args, "num_layers", path, max(len(tensors), 1) * pp)  # each layer has tensors in stage 0's file
+    _size(args, "num_experts", path, max(len(tensors), 1) * ep)
+    _size(args, "max_position_embeddings", path, 1 << 40)
+    for key in ("norm_epsilon", "rotary_base"):
+        v = getattr(args, key, None)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            raise FormatError(f"{path}: Megatron args {key} is {v!r}; expected a number")
+    return lay
 
 
 def detect_naming(names: list[str]) -> tuple[str, str]:
@@ -104,16 +163,14 @@ class MegatronFolder:
         if not found:
             raise FormatError(f"{ckdir}: no mp_rank_* folders")
         first = found[min(found, key=natural_key)]
-        args, names = _args_of(first)
-        lay = MegatronLayout(getattr(args, "tensor_model_parallel_size", 1) or 1,
-                             getattr(args, "pipeline_model_parallel_size", 1) or 1,
-                             getattr(args, "expert_model_parallel_size", 1) or 1)
+        args, tensors = _args_of(first)
+        lay = check_args(args, first, len(found), tensors)
         files = {r: ckdir / lay.folder(r) / CKPT for r in range(lay.world_size)}
         missing = [str(p.relative_to(ckdir)) for p in files.values() if not p.is_file()]
         if missing:
             raise FormatError(f"{ckdir}: args say TP {lay.tp} PP {lay.pp} EP {lay.ep}, but {', '.join(missing[:4])} "
                               f"{'is' if len(missing) == 1 else 'are'} missing ({len(missing)} of {lay.world_size})")
-        naming, impl = detect_naming(names)
+        naming, impl = detect_naming(list(tensors))
         return MegatronFolder(Path(root), ckdir, lay, files, args, naming, impl)
 
     @property
