@@ -255,6 +255,71 @@ def test_corrupt_torch_file(tmp_path: Path, capsys) -> None:
     run_fails(capsys, tmp_path, cfg, 1, "model.pt")
 
 
+def pt_job(tmp: Path, pt: Path) -> Path:
+    return job(tmp, load_checkpoint=str(pt), use_parallel=False, output_dir=str(tmp / "out"))
+
+
+def test_torch_stride0_view_claiming_gigabytes(tmp_path: Path) -> None:
+    """A 1 KB file whose tensor is a stride-0 view claiming [24000, 24000] float32 (2.3 GB):
+    one line, exit 1, within 200 MB, nothing written."""
+    from tests.limited import one_line, run_limited
+
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1).as_strided((24000, 24000), (0, 0)), "b": torch.ones(3)}, pt)
+    assert pt.stat().st_size < 4096
+    one_line(run_limited(["inspect", str(pt)], 200 << 20), 1, "'w'", "overlap")
+    one_line(run_limited(["run", str(pt_job(tmp_path, pt)), "--no-progress"], 200 << 20), 1, "'w'", "overlap")
+    assert not (tmp_path / "out" / "transformed_checkpoint").exists() or not list((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_torch_overlapping_view_is_refused(tmp_path: Path, capsys) -> None:
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.arange(10.0).as_strided((5, 4), (1, 1))}, pt)  # rows share elements
+    run_fails(capsys, tmp_path, pt_job(tmp_path, pt), 1, "'w'", "overlap")
+
+
+def test_torch_zip_bomb(tmp_path: Path) -> None:
+    """A .pt whose pickle member is deflated from 300 MB to well under 1 MB: refused before
+    anything is decompressed (one line, exit 1, within 100 MB)."""
+    import zipfile
+
+    from tests.limited import one_line, run_limited
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(4)}, good)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as z:
+        for m in src.infolist():
+            if not m.filename.endswith("data.pkl"):
+                z.writestr(m, src.read(m))
+                continue
+            info = zipfile.ZipInfo(m.filename)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                f.write(src.read(m))  # the real pickle, then 300 MB the unpickler never reaches
+                for _ in range(300):
+                    f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    one_line(run_limited(["inspect", str(bomb)], 100 << 20), 1, "data.pkl", "compressed")
+    one_line(run_limited(["run", str(pt_job(tmp_path, bomb)), "--no-progress"], 100 << 20), 1, "data.pkl", "compressed")
+
+
+def test_torch_dicts_nested_2000_deep(tmp_path: Path, capsys) -> None:
+    """Read without recursion: the tensor is found under its 2,000-part name."""
+    doc: dict = {"w": torch.arange(6.0).reshape(2, 3)}
+    for _ in range(2000):
+        doc = {"a": doc}
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # torch.save itself recurses
+    try:
+        torch.save(doc, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(old)
+    assert main(["inspect", str(tmp_path / "deep.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "a." * 2000 + "w: [2, 3] F32" in out
+
+
 @pytest.mark.parametrize("content,phrase", [
     (b"\xd9\x5e\x3a\x7f" + bytes(60), "encrypted"),  # MindSpore's AES-GCM magic
     (b"\x0a\xff\xff\xff\xff\x0f" + bytes(10), "corrupt"),  # a record claiming 4 GB
