@@ -122,6 +122,7 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
     ranges: dict[str, tuple[int, int]] = {}
+    infos: dict[tuple, TensorInfo] = {}  # one object per (dtype, shape): a header may hold millions of tensors
     for name, spec in header.items():
         if _SURROGATE.search(name):
             raise FormatError(f"{path}: tensor name {ascii(name)[:80]} holds a lone surrogate; header corrupt")
@@ -129,7 +130,8 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple
             raise FormatError(f"{path}: corrupt header entry for tensor {name!r}")
         if spec.dtype not in dtypes.ITEMSIZE:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {spec.dtype!r}")
-        info = TensorInfo(spec.dtype, tuple(spec.shape))
+        key = (spec.dtype, *spec.shape)
+        info = infos.get(key) or infos.setdefault(key, TensorInfo(spec.dtype, tuple(spec.shape)))
         begin, end = spec.offsets
         if math.prod(d for d in info.shape if d) * dtypes.itemsize(info.dtype) >= 1 << 63:  # numpy's limit, even when empty
             raise FormatError(f"{path}: tensor {name!r} has an impossible shape {list(info.shape)}; header corrupt")
