@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner import strategy as strat
-from runner.errors import FormatError
+from runner.errors import FormatError, one_line
 
 
 def _is_strategy(path: Path) -> bool:
@@ -23,7 +23,7 @@ def inspect(path: str) -> int:
         print(f"strategy ({s.origin}): {s.world_size} ranks in {len(s.stages)} stage(s): {[list(x) for x in s.stages]}")
         print(f"{len(s.params)} parameters")
         for name in sorted(s.params):
-            print(f"  {name}: {strat.describe(s.params[name])}")
+            print(one_line(f"  {name}: {strat.describe(s.params[name])}"))
         return 0
     from runner.job import read_headers
     from runner.source import discover
@@ -40,13 +40,13 @@ def inspect(path: str) -> int:
     for r in src.ranks:
         h = headers[r]
         nbytes = sum(t.numel * _size(t.dtype) for t in h.values())
-        print(f"rank {r}: {', '.join(str(f) for f in src.files[r])}: {len(h)} tensors, {nbytes} bytes")
+        print(one_line(f"rank {r}: {', '.join(str(f) for f in src.files[r])}: {len(h)} tensors, {nbytes} bytes"))
     names = sorted(set().union(*(h.keys() for h in headers.values())))
     print(f"{len(names)} tensors (shapes as stored on the first rank holding each)")
     for n in names:
         r = next(r for r in src.ranks if n in headers[r])
         t = headers[r][n]
-        print(f"  {n}: {list(t.shape)} {t.dtype}")
+        print(one_line(f"  {n}: {list(t.shape)} {t.dtype}"))
     return 0
 
 
@@ -64,5 +64,5 @@ def diff(a: str, b: str) -> int:
         return 0
     print(f"autotrans: diff: {len(lines)} difference(s)")
     for line in lines:
-        print(f"  {line}")
+        print(one_line(f"  {line}"))
     return 1

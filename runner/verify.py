@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from runner import dtypes, plan as planner, strategy as strat
-from runner.errors import AutotransError, ConfigError
+from runner.errors import AutotransError, ConfigError, one_line
 from runner.execute import LocalPool, tensor_bits
 from runner.source import Source, discover
 from runner.strategy import Strategy
@@ -121,9 +121,9 @@ def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[st
 
 def report(problems: list[str], what: str) -> int:
     if problems:
-        print(f"autotrans: verify: {what} differ: {problems[0]}")
+        print(one_line(f"autotrans: verify: {what} differ: {problems[0]}"))
         for p in problems[1:]:
-            print(f"  {p}")
+            print(one_line(f"  {p}"))
         return 1
     print(f"autotrans: verify: {what} are bit-identical")
     return 0

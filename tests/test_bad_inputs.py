@@ -446,6 +446,20 @@ def test_yaml_misspelled_key_and_wrong_type(dist: Path, capsys) -> None:
     fails(capsys, ["run", str(dist / "broken.yaml")], 2, "broken.yaml", "line")
 
 
+def test_job_file_with_nul_byte_or_unclosed_override(dist: Path, capsys) -> None:
+    cfg = merge_job(dist)
+    (dist / "nul.yaml").write_bytes(cfg.read_bytes().replace(b"ckpt", b"ck\x00pt", 1))
+    fails(capsys, ["run", str(dist / "nul.yaml")], 2, "nul.yaml", "cannot parse YAML")
+    fails(capsys, ["run", str(cfg), "load_checkpoint=[1,2"], 2, "load_checkpoint=[1,2", "cannot parse")
+
+
+@pytest.mark.parametrize("size", ["1" + "0" * 400 + "GB", "99999999999999999999TB", 2**70])
+def test_max_shard_size_too_big(megatron_tp2: Path, tmp_path: Path, capsys, size) -> None:
+    cfg = job(tmp_path, load_checkpoint=str(megatron_tp2), output_format="hf", output_dir=str(tmp_path / "out"),
+              max_shard_size=size)
+    fails(capsys, ["run", str(cfg), "--no-progress"], 2, "max_shard_size", "too large")
+
+
 # -- replicas and names ---------------------------------------------------------------------
 def test_replicated_copies_that_disagree_are_found_by_verify(dist: Path, capsys) -> None:
     """A transform reads each piece from one holder; `verify` (and `verify: true`) compares
@@ -532,3 +546,29 @@ def test_hostile_name_in_an_error_stays_one_line(dist: Path, capsys) -> None:
     line = run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "s_evil")), 1,
                      "in the source strategy but not the checkpoint")
     assert "evil\\nname\\x1b[2J" in line
+
+
+EVIL = "evil\x1b[2J\nautotrans: done: 0 files\r"
+
+
+def test_names_from_files_are_escaped_in_inspect_diff_and_verify(tmp_path: Path, capsys) -> None:
+    """A tensor name holding a newline, a carriage return and a terminal escape never
+    reaches the terminal raw: no fake lines, no escape sequences."""
+    def st(path: Path, value: float) -> Path:
+        arr = np.full((2,), value, np.float32)
+        header = {EVIL: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+        path.write_bytes(raw_safetensors(header, arr.tobytes()))
+        return path
+
+    a, b = st(tmp_path / "a.safetensors", 1.0), st(tmp_path / "b.safetensors", 2.0)
+    s1 = oracle.strategy([[0]], {EVIL: oracle.param((2,), "F32")})
+    s2 = oracle.strategy([[0]], {EVIL: oracle.param((2,), "F16")})
+    oracle.write_strategy(s1, tmp_path / "s1")
+    oracle.write_strategy(s2, tmp_path / "s2")
+    for args, code in ((["inspect", str(a)], 0), (["verify", str(a), str(b)], 1),
+                       (["diff", str(tmp_path / "s1"), str(tmp_path / "s2")], 1), (["inspect", str(tmp_path / "s1")], 0)):
+        assert main(args) == code, args
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\r" not in out, (args, out)
+        assert not any(line.startswith("autotrans: done") for line in out.splitlines()), (args, out)
+        assert "evil\\x1b[2J\\nautotrans: done: 0 files\\r" in out, (args, out)

@@ -28,7 +28,10 @@ def parse_size(value: str | int) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
         if not m or m.group(2).upper() not in _UNITS:
             raise ConfigError(f"config key max_shard_size: {value!r} is not a size such as 5GB, 500MB or 2GiB")
-        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        size = float(m.group(1)) * _UNITS[m.group(2).upper()]  # inf for 400 digits
+    if size >= 1 << 63:
+        raise ConfigError(f"config key max_shard_size: {value!r} is too large (at most 8 EiB)")
+    size = int(size)
     if size <= 0:
         raise ConfigError("config key max_shard_size: must be positive")
     return size

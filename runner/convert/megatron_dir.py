@@ -24,7 +24,7 @@ import numpy as np
 from runner import dtypes
 from runner.convert import megatron_names as mn
 from runner.convert.megatron_layout import MegatronLayout
-from runner.errors import FormatError, excerpt
+from runner.errors import FormatError, excerpt, one_line
 from runner.durable import DurableFile, temp_path, write_bytes
 from runner.execute import SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
@@ -327,7 +327,7 @@ def describe_folder(path: Path) -> str:
             nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())
             lines.append(f"rank {r}: {p.relative_to(mf.ckdir)}: {len(infos)} tensors, {nbytes} bytes")
             if r == 0:
-                lines += [f"  {n[len('model.'):]}: {list(t.shape)} {t.dtype}" for n, t in sorted(infos.items(), key=lambda x: natural_key(x[0]))]
+                lines += [one_line(f"  {n[len('model.'):]}: {list(t.shape)} {t.dtype}") for n, t in sorted(infos.items(), key=lambda x: natural_key(x[0]))]
         finally:
             reader.close()
     return "\n".join(lines)
