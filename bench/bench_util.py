@@ -1,23 +1,37 @@
 """Shared pieces of the benchmarks: the bench model, timed child processes, reporting.
 
-The bench model is Llama-shaped, bf16, untied: hidden 2048, 8 layers, ffn 5632,
-vocab 32000 (1.08 GB). Times are medians of several runs in the same session; peak RSS
-is the child's ru_maxrss (os.wait4), so every figure is comparable within one run."""
+The bench model is Llama-shaped, bf16, untied. Two sizes (--size):
+  1gb    hidden 2048, 8 layers, ffn 5632, vocab 32000, HF names (1.08 GB)
+  6.6gb  hidden 4096, 16 layers, ffn 11008, vocab 32000, MindFormers names (7.0 GB = 6.5 GiB)
+Times are medians of several runs in the same session, the methods alternating run by
+run so that load from other users spreads over all of them; peak RSS is the child's
+ru_maxrss, as /usr/bin/time reports it."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 HIDDEN, LAYERS, FFN, VOCAB = 2048, 8, 5632, 32000
+SIZES = {"1gb": {"layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "names": "hf"},
+         "6.6gb": {"layers": 16, "hidden": 4096, "ffn": 11008, "names": "mindformers"}}
+# HF name part -> MindFormers name part (MindSpore Transformers' Llama)
+_MINDFORMERS = {"model.embed_tokens.weight": "model.tok_embeddings.embedding_weight", "model.norm.weight": "model.norm_out.weight",
+                "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+                "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def llama_weights(layers: int = LAYERS, hidden: int = HIDDEN, ffn: int = FFN, vocab: int = VOCAB) -> dict[str, tuple[tuple[int, int] | tuple[int], str]]:
+def llama_weights(layers: int = LAYERS, hidden: int = HIDDEN, ffn: int = FFN, vocab: int = VOCAB,
+                  names: str = "hf") -> dict[str, tuple[tuple[int, int] | tuple[int], str]]:
     """name -> (shape, split) with split in column / row / none (Megatron's TP rules)."""
     w = {"model.embed_tokens.weight": ((vocab, hidden), "column"), "model.norm.weight": ((hidden,), "none"),
          "lm_head.weight": ((vocab, hidden), "column")}
@@ -31,7 +45,15 @@ def llama_weights(layers: int = LAYERS, hidden: int = HIDDEN, ffn: int = FFN, vo
         w[p + "mlp.down_proj.weight"] = ((hidden, ffn), "row")
         w[p + "input_layernorm.weight"] = ((hidden,), "none")
         w[p + "post_attention_layernorm.weight"] = ((hidden,), "none")
+    if names == "mindformers":
+        w = {_mindformers(n): v for n, v in w.items()}
     return w
+
+
+def _mindformers(name: str) -> str:
+    for hf, mf in _MINDFORMERS.items():
+        name = name.replace(hf, mf)
+    return name
 
 
 def tp_strategy(weights: dict, tp: int, dtype: str = "BF16") -> dict:
@@ -41,89 +63,128 @@ def tp_strategy(weights: dict, tp: int, dtype: str = "BF16") -> dict:
     return {"format": "autotrans-strategy", "version": 1, "stages": [list(range(tp))], "params": params}
 
 
-def write_tp_checkpoint(root: Path, tp: int, seed: int = 0) -> tuple[Path, Path]:
-    """A tp-way safetensors checkpoint (rank_N/) and its strategy, sliced with torch."""
+def write_tp_checkpoint(root: Path, tp: int, seed: int = 0, size: str = "1gb") -> tuple[Path, Path]:
+    """A tp-way safetensors checkpoint (rank_N/) and its strategy. Each tensor is made
+    once (torch randn, bf16) and its shards appended to the rank files, so memory stays
+    at one tensor whatever the model size."""
     import torch
-    from safetensors.torch import save_file
 
-    weights = llama_weights()
+    weights = llama_weights(**SIZES[size])
+    shards = {n: [s if split == "none" else tuple(d // tp if i == (0 if split == "column" else 1) else d for i, d in enumerate(s))
+                  for _ in range(tp)] for n, (s, split) in weights.items()}
+    ckpt = root / "ckpt"
+    files = []
+    for r in range(tp):
+        (ckpt / f"rank_{r}").mkdir(parents=True, exist_ok=True)
+        files.append(open(ckpt / f"rank_{r}" / f"checkpoint_{r}.safetensors", "wb"))
+        files[r].write(_safetensors_header({n: s[r] for n, s in shards.items()}))
     g = torch.Generator().manual_seed(seed)
-    shards: list[dict] = [{} for _ in range(tp)]
     for name, (shape, split) in weights.items():
         t = (torch.randn(shape, generator=g, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-        for r in range(tp):
-            if split == "column":
-                shards[r][name] = t.chunk(tp, 0)[r].contiguous()
-            elif split == "row":
-                shards[r][name] = t.chunk(tp, 1)[r].contiguous()
-            else:
-                shards[r][name] = t
-    ckpt = root / "ckpt"
-    for r, shard in enumerate(shards):
-        (ckpt / f"rank_{r}").mkdir(parents=True, exist_ok=True)
-        save_file(shard, str(ckpt / f"rank_{r}" / f"checkpoint_{r}.safetensors"))
-    return ckpt, write_tp_strategy(root, tp)
+        parts = [t] * tp if split == "none" else t.chunk(tp, 0 if split == "column" else 1)
+        for f, part in zip(files, parts):
+            f.write(part.contiguous().view(torch.int16).numpy().tobytes())
+    for f in files:
+        f.close()
+    return ckpt, write_tp_strategy(root, tp, size)
 
 
-def write_tp_strategy(root: Path, tp: int) -> Path:
+def _safetensors_header(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """The framing of a bf16 safetensors file holding `shapes` in this order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for name, shape in shapes.items():
+        n = 2
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_tp_strategy(root: Path, tp: int, size: str = "1gb") -> Path:
     sdir = root / f"strategy_tp{tp}"
     sdir.mkdir(parents=True, exist_ok=True)
-    (sdir / "merged_ckpt_strategy.json").write_text(json.dumps(tp_strategy(llama_weights(), tp)))
+    (sdir / "merged_ckpt_strategy.json").write_text(json.dumps(tp_strategy(llama_weights(**SIZES[size]), tp)))
     return sdir
 
 
 def bench_inputs(default_dir: str, marker: str, build, extra=lambda ap: None):
     """Parse --runs and --dir (plus `extra(ap)` options), and build the bench's inputs
-    under --dir with `build(root)` unless `marker` shows an earlier run built them."""
+    under --dir with `build(root, args)` unless `marker` shows an earlier run built them.
+    `default_dir` may name option values: "/tmp/bench-{size}"."""
     import argparse
     import shutil
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dir", default=default_dir)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dir")
     extra(ap)
     args = ap.parse_args()
-    root = Path(args.dir)
+    root = Path(args.dir or default_dir.format(**vars(args)))
     if not (root / marker).exists():
         shutil.rmtree(root, ignore_errors=True)
         print("building the bench inputs ...", flush=True)
-        build(root)
+        build(root, args)
     return args, root
 
 
-def reshard_inputs() -> tuple[int, Path]:
-    """The options of the reshard benches, and the bench checkpoint (2-way, with its
-    strategy and a 4-way one) under --dir, built on first use."""
-    args, root = bench_inputs("/tmp/autotrans-bench", "ckpt/rank_1", lambda r: write_tp_checkpoint(r, 2))
-    write_tp_strategy(root, 4)
-    return args.runs, root
+def reshard_inputs():
+    """The options of the reshard benches (--size among them), and the bench checkpoint
+    (2-way, with its strategy and a 4-way one) under --dir, built on first use."""
+    args, root = bench_inputs("/tmp/autotrans-bench-{size}", "ckpt/rank_1", lambda r, a: write_tp_checkpoint(r, 2, size=a.size),
+                              lambda ap: ap.add_argument("--size", choices=SIZES, default="1gb"))
+    write_tp_strategy(root, 4, args.size)
+    return args, root
 
 
-def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command; raises if it fails.
+@dataclass(frozen=True)
+class Stats:
+    """One command's figures: wall, user and system seconds, peak RSS bytes."""
+
+    wall: float
+    user: float
+    sys: float
+    rss: int
+
+
+def timed(cmd: list[str], cwd: Path | None = None) -> Stats:
+    """The figures of one run of a command; raises if it fails.
 
     Measured by /usr/bin/time (a small process): a child forked from this Python would
     inherit this process's RSS high-water mark across exec."""
     with tempfile.NamedTemporaryFile("r") as rec:
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rec.name, *cmd], cwd=cwd,
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", rec.name, *cmd], cwd=cwd,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
-        return elapsed, int(rec.read().split()[-1]) * 1024
+        user, sys_, rss = rec.read().split()[-3:]
+        return Stats(elapsed, float(user), float(sys_), int(rss) * 1024)
+
+
+def alternating(methods: dict[str, Callable[[], list[str]]], runs: int, before=None) -> dict[str, tuple[Stats, list[float]]]:
+    """Each method run `runs` times, taking turns (A B C A B C ...), `before()` ahead of
+    every run: name -> (medians of wall, user and system time with the max peak RSS,
+    the wall times in run order, to show the noise)."""
+    seen: dict[str, list[Stats]] = {name: [] for name in methods}
+    for _ in range(runs):
+        for name, make_cmd in methods.items():
+            if before is not None:
+                before()
+            seen[name].append(timed(make_cmd()))
+    return {name: (Stats(statistics.median(s.wall for s in got), statistics.median(s.user for s in got),
+                         statistics.median(s.sys for s in got), max(s.rss for s in got)), [s.wall for s in got])
+            for name, got in seen.items()}
 
 
 def median_run(make_cmd, runs: int, before=None) -> tuple[float, int]:
     """Median wall time and max peak RSS over `runs` runs; `before()` resets state."""
-    times, peaks = [], []
-    for _ in range(runs):
-        if before is not None:
-            before()
-        t, rss = timed(make_cmd())
-        times.append(t)
-        peaks.append(rss)
-    return statistics.median(times), max(peaks)
+    stats, _ = alternating({"": make_cmd}, runs, before)[""]
+    return stats.wall, stats.rss
 
 
 def du(path: Path) -> int:

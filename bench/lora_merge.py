@@ -62,7 +62,7 @@ def write_inputs(root: Path) -> None:
 
 
 def main() -> None:
-    args, root = bench_inputs("/tmp/autotrans-bench-lora", "adapter/adapter_config.json", write_inputs)
+    args, root = bench_inputs("/tmp/autotrans-bench-lora", "adapter/adapter_config.json", lambda r, a: write_inputs(r))
     out = root / "out"
     base = root / "base.safetensors"
     job = root / "job.yaml"

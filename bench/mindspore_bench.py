@@ -71,7 +71,7 @@ def same_tensors(a: Path, b: Path, ranks: int) -> bool:
 
 
 def main() -> None:
-    args, root = bench_inputs("/tmp/autotrans-msbench", "ckpt/rank_1", build, lambda ap: ap.add_argument(
+    args, root = bench_inputs("/tmp/autotrans-msbench", "ckpt/rank_1", lambda r, a: build(r), lambda ap: ap.add_argument(
         "--ms-runs", type=int, default=1, help="MindSpore takes ~30 s a run"))
     ckpt, size = root / "ckpt", du(root / "ckpt")
     src_s, dst_s = root / "ms_strategy_tp2" / "ckpt_strategy_rank_0.ckpt", root / "ms_strategy_tp4" / "ckpt_strategy_rank_0.ckpt"

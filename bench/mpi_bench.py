@@ -23,7 +23,8 @@ from bench_util import du, median_run, python, reshard_inputs
 
 
 def main() -> None:
-    runs, root = reshard_inputs()
+    args, root = reshard_inputs()
+    runs = args.runs
     ckpt = root / "ckpt"
     for r in (0, 1):  # rank r's own view of the source: only rank_r
         view = root / f"node{r}"

@@ -1,20 +1,22 @@
-"""Reshard benchmark: the 1.08 GB bf16 bench model from 2-way to 4-way model parallel.
+"""Reshard benchmark: the bench model from 2-way to 4-way model parallel (--size 1gb:
+1.08 GB; --size 6.6gb: 7.0 GB, MindFormers names).
 
-Compares, in one session and on the same (page-cached) source bytes:
+Compares, in one session and on the same (page-cached) source bytes, runs alternating:
   cp      `cp -r` of the source, then `sync` (the storage floor: outputs must be durable)
   cp-only `cp -r` alone
   naive   load every shard whole, concatenate, split, save (the usual converter script)
   autotrans  `autotrans run` (one process), also with transform_process_num=2
-Prints a markdown table of median wall times, ratios to cp and peak RSS.
+Prints a markdown table of median wall, user and system times, ratios to cp + sync and
+peak RSS, then every run's wall time (the noise of a shared machine).
 
-  python bench/reshard.py [--runs 3] [--dir /tmp/autotrans-bench]
+  python bench/reshard.py [--size 1gb|6.6gb] [--runs 5] [--dir /tmp/autotrans-bench-SIZE]
 """
 
 from __future__ import annotations
 
 import shutil
 
-from bench_util import du, llama_weights, median_run, print_ratios, python, reshard_inputs
+from bench_util import SIZES, alternating, du, llama_weights, python, reshard_inputs
 
 NAIVE = r"""
 import sys, torch
@@ -36,9 +38,10 @@ os.sync()
 
 
 def main() -> None:
-    runs, root = reshard_inputs()
+    args, root = reshard_inputs()
     ckpt, size = root / "ckpt", du(root / "ckpt")
-    splits = {n: s for n, (_shape, s) in llama_weights().items()}
+    weights = llama_weights(**SIZES[args.size])
+    splits = {n: s for n, (_shape, s) in weights.items()}
     out = root / "out"
     job = root / "job.yaml"
     job.write_text(f"load_checkpoint: {ckpt}\nsrc_strategy_path_or_dir: {root / 'strategy_tp2'}\n"
@@ -47,18 +50,27 @@ def main() -> None:
     def clean() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
-    rows = []
-    cp_sync = median_run(lambda: ["sh", "-c", f"cp -r {ckpt} {out} && sync"], runs, clean)
-    rows.append(("cp -r + sync", *cp_sync))
-    rows.append(("cp -r", *median_run(lambda: ["cp", "-r", str(ckpt), str(out)], runs, clean)))
-    rows.append(("naive load-concat-split-save", *median_run(lambda: [python(), "-c", NAIVE, str(ckpt), str(out), repr(splits)], runs, clean)))
-    rows.append(("autotrans", *median_run(lambda: [python(), "-m", "runner", "run", str(job), "--no-progress"], runs, clean)))
-    rows.append(("autotrans, 2 workers", *median_run(
-        lambda: [python(), "-m", "runner", "run", str(job), "transform_process_num=2", "--no-progress"], runs, clean)))
-    largest = max(2 * s[0] * (s[1] if len(s) > 1 else 1) for s, _ in llama_weights().values())
-    print(f"\nsource {size / 1e9:.2f} GB bf16 (2-way model parallel) -> 4-way; median of {runs} runs; "
+    autotrans = [python(), "-m", "runner", "run", str(job), "--no-progress"]
+    methods = {
+        "cp -r + sync": lambda: ["sh", "-c", f"cp -r {ckpt} {out} && sync"],
+        "cp -r": lambda: ["cp", "-r", str(ckpt), str(out)],
+        "naive load-concat-split-save": lambda: [python(), "-c", NAIVE, str(ckpt), str(out), repr(splits)],
+        "autotrans": lambda: autotrans,
+        "autotrans, 2 workers": lambda: [*autotrans, "transform_process_num=2"],
+    }
+    results = alternating(methods, args.runs, clean)
+    largest = max(2 * s[0] * (s[1] if len(s) > 1 else 1) for s, _ in weights.values())
+    print(f"\nsource {size / 1e9:.2f} GB bf16 (2-way model parallel) -> 4-way; median of {args.runs} alternating runs; "
           f"largest tensor {largest / 1e6:.0f} MB\n")
-    print_ratios(rows, cp_sync[0])
+    floor = results["cp -r + sync"][0]
+    print("| method | wall s | x (cp -r + sync) | user + sys s | sys s | x sys (cp) | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (s, _) in results.items():
+        print(f"| {name} | {s.wall:.2f} | {s.wall / floor.wall:.2f} | {s.user + s.sys:.2f} | {s.sys:.2f} | "
+              f"{s.sys / max(floor.sys, 1e-9):.2f} | {s.rss / 1e6:.0f} |")
+    print("\nwall s of every run, in order:")
+    for name, (_, walls) in results.items():
+        print(f"  {name}: {' '.join(f'{w:.2f}' for w in walls)}")
     clean()
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -19,32 +20,47 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Flags that may stand anywhere on the command line (SPEC 3): taken out before parsing.
+FLAGS = {
+    "--debug": "show tracebacks on errors",
+    "--no-progress": "no progress bar",
+    "--json": "machine-readable output (autotrans plan)",
+}
+JOB_COMMANDS = ("run", "strategy", "plan")
+
+
+def build_parser(job_keys: str = "") -> argparse.ArgumentParser:
+    """The parser; `job_keys` (the job keys' listing) goes under the job commands' help."""
     p = argparse.ArgumentParser(
         prog="autotrans", description="Transform LLM checkpoints between parallel layouts and formats.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    for flag, help_ in FLAGS.items():
+        p.add_argument(flag, action="store_true", help=help_ + " (anywhere on the line)")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def job_command(name: str, help_: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_, description=help_)
-        c.add_argument("config", help="job YAML (a MindSpore Transformers training YAML works)")
-        c.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dot-list overrides")
-        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    def command(name: str, help_: str, flags: tuple[str, ...], **kwargs) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        for flag in flags:  # listed in this command's help; parsed by the top parser (hoisted)
+            c.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=FLAGS[flag])
+        return c
+
+    def job_command(name: str, help_: str, flags: tuple[str, ...] = ("--debug", "--no-progress")) -> argparse.ArgumentParser:
+        c = command(name, help_, flags, usage=f"autotrans {name} CONFIG.yaml [key=value ...] [{'] ['.join(flags)}]", epilog=job_keys)
+        c.add_argument("config", nargs="?", help="job YAML (a MindSpore Transformers training YAML works)")
+        c.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dot-list overrides of the job keys below")
         return c
 
     job_command("run", "run the job: transform, convert, merge LoRA or preprocess data")
     job_command("strategy", "dry run: write the destination strategy files, touch no weights")
-    plan = job_command("plan", "print what the job would read and write, touching no weights")
-    plan.add_argument("--json", action="store_true", help="machine-readable output")
-    d = sub.add_parser("diff", help="print layout differences between two strategies; exit 1 if any")
+    job_command("plan", "print what the job would read and write, touching no weights", ("--debug", "--json"))
+    d = command("diff", "print layout differences between two strategies; exit 1 if any", ("--debug",))
     d.add_argument("a")
     d.add_argument("b")
-    i = sub.add_parser("inspect", help="describe a checkpoint or strategy: format, ranks, parameters, layouts")
+    i = command("inspect", "describe a checkpoint or strategy: format, ranks, parameters, layouts", ("--debug",))
     i.add_argument("path")
-    v = sub.add_parser("verify", help="reassemble two checkpoints and compare every tensor bit for bit")
+    v = command("verify", "reassemble two checkpoints and compare every tensor bit for bit", ("--debug", "--no-progress"))
     v.add_argument("a")
     v.add_argument("b")
     v.add_argument("--strategy-a", default="", help="strategy of A when it is distributed (default: A/../strategy)")
@@ -52,11 +68,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, flags taken from wherever they stand (SPEC 3)."""
+    rest = argv[:argv.index("--")] if "--" in argv else argv
+    flags = [a for a in rest if a in FLAGS]
+    argv = flags + [a for a in rest if a not in FLAGS] + argv[len(rest):]
+    wants_help = any(a in ("-h", "--help") for a in argv) and any(c in argv for c in JOB_COMMANDS)
+    if wants_help:  # the listing reads the sections' schemas: built only when asked for
+        from runner.config import describe_keys
+
+        parser = build_parser(describe_keys())
+    else:
+        parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and args.command != "plan":
+        parser.error("--json is an option of autotrans plan")
+    if args.command in JOB_COMMANDS and args.config is None:
+        print(f"usage: autotrans {args.command} CONFIG.yaml [key=value ...]\n"
+              f"autotrans {args.command}: error: give a job file (autotrans {args.command} --help lists the job keys)", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def load_job(path: str, overrides: list[str]):
+    """The checked job; under mpiexec every rank reads it and a mistake is said once."""
+    from runner import config
+    from runner.mpi import launched_size
+
+    if launched_size() > 1:
+        from runner.collective import Link
+
+        return Link().step("read the job file", lambda: config.load(path, overrides))
+    return config.load(path, overrides)
+
+
+def said_by_rank_0(e: BaseException) -> bool:
+    """Whether `e` holds on every MPI rank alike (a failed step), so that rank 0 says it
+    for the job and this rank, another, stays quiet (SPEC 3: one line for the job)."""
+    collective = sys.modules.get("runner.collective")
+    return collective is not None and isinstance(e, collective.StepError) and collective.MPI.COMM_WORLD.Get_rank() != 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
     if args.command in ("run", "strategy", "plan"):
-        from runner import config
-
-        cfg = config.load(args.config, args.overrides)
+        cfg = load_job(args.config, args.overrides)
         show = not args.no_progress
         if args.command == "plan":
             from runner.plan_report import report
@@ -85,15 +140,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     if args.version:
         from runner import __version__
 
         print(f"autotrans {__version__}")
         return 0
     if not args.command:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     from runner.errors import AutotransError, one_line
 
@@ -102,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     except AutotransError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"autotrans: error: {one_line(str(e))}", file=sys.stderr)
+        if not said_by_rank_0(e):
+            print(f"autotrans: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader went away (`| head`): end quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except OSError as e:  # the environment, not a bug: a full disk, a missing permission
         from runner.errors import disk_error
 

@@ -247,3 +247,32 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
 
         values["preprocess_data"] = check_preprocess(values["preprocess_data"])
     return JobConfig(**values, source_file=source_file)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(map(_yaml_value, value))}]"
+    return repr(value) if value == "" else str(value)
+
+
+def describe_keys() -> str:
+    """The job keys with their defaults and allowed values, from the schemas (for --help)."""
+    from runner.lora import SECTION_KEYS as LORA_KEYS
+    from runner.preprocess import PREPROCESS_KEYS
+
+    sections = {"parallel_config": PARALLEL_KEYS, "lora": LORA_KEYS}
+    rows = []
+    for key, (_types, default, allowed) in TOP_KEYS.items():
+        if key in sections:
+            rows += [(f"{key}.{k}", _yaml_value(spec[1])) for k, spec in sections[key].items()]
+        elif key == "preprocess_data":
+            rows += [(f"{key}.{k}", "required: " + spec.expected if spec.required else _yaml_value(spec.default))
+                     for k, spec in PREPROCESS_KEYS.items()]
+        elif key == "model":
+            rows.append(("model.arch, model.model_config.*", "from config.json for an HF source; else a template of strategies/"))
+        elif key not in ("parallel", "moe_config"):  # read from training YAMLs, never needed
+            rows.append((key, _yaml_value(default) + (f"  (one of: {', '.join(map(_yaml_value, allowed))})" if allowed else "")))
+    width = max(len(k) for k, _ in rows)
+    return "job keys (in the job file or as key=value), with their defaults:\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

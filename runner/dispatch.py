@@ -11,7 +11,7 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
         from runner.preprocess import run_preprocess
 
         done = run_preprocess(cfg.preprocess_data, show_progress=show_progress)
-        from runner.job import say
+        from runner.log import say
 
         secs = max(done["seconds"], 1e-9)
         say(f"done: {done['documents']} documents, {done['tokens']} tokens, {done['bytes_in'] / 1e6:.1f} MB in "

@@ -25,7 +25,7 @@ from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
 from runner.layout import ParamLayout
 from runner.strategy import Strategy
-from runner.templates import Env, Template, Weight, canonical_config, hf_config, regroup, resolve
+from runner.templates import Env, Template, Weight, canonical_config, format_name, hf_config, instances, regroup, resolve
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -40,12 +40,19 @@ SCHEME_BY_OUTPUT = {"mindformers": "mindformers", "megatron": "megatron", "hf": 
 
 
 def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
-    """The destination strategy of `cfg.model` under `cfg.parallel_config`.
+    """The destination strategy of `cfg.model` under `cfg.parallel_config` (with_source)."""
+    return with_source(cfg, src)[0]
+
+
+def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strategy | None]:
+    """The destination strategy of `cfg.model` under `cfg.parallel_config`, and the
+    source strategy as the destination sees it.
 
     With a source, the names follow the source's naming scheme and must match it
     exactly, and shapes and dtypes come from the source. A full source that stores a
-    fused weight flat (Megatron fc1 [2*ffn, h]) is re-expressed in place with the
-    template's logical shape and that stored shape, so both sides agree."""
+    fused weight flat (Megatron fc1 [2*ffn, h]) is re-expressed (in a new Strategy; `src`
+    is left as it is) with the template's logical shape and that stored shape, so both
+    sides agree."""
     template, env = model_env(cfg)
     scheme = detect_scheme(template, env, src) if src is not None else default_scheme(cfg, template)
     check_sizes(template, env)
@@ -57,16 +64,21 @@ def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
     default_dtype = dtypes.cast_dtype(config_dtype(env), cast_to)
 
     params: dict[str, ParamLayout] = {}
+    flat: dict[str, ParamLayout] = {}  # source layouts re-expressed with their logical shape
     for name, weight, stage_list in expand(template, env, scheme, layer_stage):
         shape = env.shape(weight.shape)
         stored = env.shape(weight.stored) if weight.stored else None
         dtype = default_dtype
         if src is not None and name in src.params:
-            shape, stored, dtype = _from_source(name, src, shape, stored, cast_to)
+            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to)
+            if logical is not None:
+                flat[name] = logical
         params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc)
     if src is not None:
         _match_source(template, scheme, src, params, pc, cast_to)
-    return Strategy(stages, params, "generated", [f"generated from template {template.name} ({scheme} names)"])
+        if flat:
+            src = src.with_params({n: flat.get(n, p) for n, p in src.params.items()})
+    return Strategy(stages, params, "generated", [f"generated from template {template.name} ({scheme} names)"]), src
 
 
 # -- model sizes and names ------------------------------------------------------------------------
@@ -150,18 +162,18 @@ def expand(template: Template, env: Env, scheme: str, layer_stage: list[int]) ->
     last = env.int("pipeline_stage") - 1
     tied = bool(env.get("tie_word_embeddings", 0))
     for w in template.weights_of(scheme):
-        if w.place == "output" and tied:
+        if w.tie is not None and tied:
             continue
         if w.place == "layer":
-            where = [(layer, (stage,)) for layer, stage in enumerate(layer_stage)]
+            where = [(layer, (layer_stage[layer],)) for layer in instances(w, env)]
         else:
             stages = {"first": (0,), "last": (last,), "output": (last,),
                       "embedding": tuple(sorted({0, last})) if tied else (0,)}[w.place]
-            where = [(None, stages)]
+            where = [(layer, stages) for layer in instances(w, env)]
         experts = range(env.int("num_experts")) if w.experts == "each" else [None]
         for layer, stages in where:
             for e in experts:
-                yield w.names[scheme].format(layer=layer, expert=e), w, stages
+                yield format_name(w.names[scheme], env, layer, e), w, stages
 
 
 def names_of(template: Template, env: Env, scheme: str) -> set[str]:
@@ -239,17 +251,18 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
     return p
 
 
-def _from_source(name: str, src: Strategy, shape, stored, cast_to) -> tuple[tuple[int, ...], tuple[int, ...] | None, str]:
-    """Shape, full stored shape and dtype of a weight the source holds. The source wins
-    on the vocab padding of dim 0; otherwise the template's shape must agree."""
+def _from_source(name: str, src: Strategy, shape, stored, cast_to) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
+    """Shape, full stored shape and dtype of a weight the source holds, and the source's
+    layout re-expressed with the logical shape when it stores the weight flat. The
+    source wins on the vocab padding of dim 0; otherwise the template's shape must agree."""
     s = src.params[name]
     dtype = dtypes.cast_dtype(s.dtype, cast_to)
     if s.shape == shape or (stored and s.shape == stored and not s.is_split):
         if s.shape != shape:  # a full checkpoint stores the fused weight flat
-            src.params[name] = replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)
-        return shape, stored, dtype
+            return shape, stored, dtype, replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)
+        return shape, stored, dtype, None
     if len(s.shape) == len(shape) and s.shape[1:] == shape[1:] and stored is None:
-        return s.shape, None, dtype  # e.g. a vocabulary padded for Megatron
+        return s.shape, None, dtype, None  # e.g. a vocabulary padded for Megatron
     raise LayoutError(f"parameter {name}: the checkpoint holds shape {list(s.shape)}, but model_config gives {list(stored or shape)}; check model.model_config")
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 from runner import __version__, dtypes, lora, plan as planner, strategy as strat
 from runner.config import JobConfig
@@ -21,6 +20,7 @@ from runner.formats.registry import output_format
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
 from runner.layout import ParamLayout
+from runner.log import say, warn
 from runner.strategy import Strategy
 from runner.templates import regroup
 
@@ -29,27 +29,19 @@ TRANSFORMED = "transformed_checkpoint"
 STRATEGY_DIR = "strategy"
 
 
-VERBOSE = True  # False on MPI ranks other than 0, so messages appear once
+Headers = Mapping[int, Mapping[str, TensorInfo]]
 
 
-def warn(msg: str) -> None:
-    if VERBOSE:
-        print(f"autotrans: warning: {msg}", file=sys.stderr)
-
-
-def say(msg: str) -> None:
-    if VERBOSE:
-        print(f"autotrans: {msg}", file=sys.stderr)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Job:
+    """A prepared job; immutable (preparing builds new strategies, never edits one)."""
+
     cfg: JobConfig
     source: Source | None
     src: Strategy | None
     dst: Strategy
-    headers: dict[int, dict[str, TensorInfo]] = field(default_factory=dict)
-    extras: dict[str, tuple[int, TensorInfo]] = field(default_factory=dict)
+    headers: Mapping[int, Mapping[str, TensorInfo]] = field(default_factory=dict)
+    extras: Mapping[str, tuple[int, TensorInfo]] = field(default_factory=dict)
     lora: lora.LoraMerge | None = None
 
     @property
@@ -121,7 +113,9 @@ def merged_layout(p: ParamLayout, dtype: str) -> ParamLayout:
     return replace(full, stored_shape=stored) if stored is not None and stored != p.shape else full
 
 
-def destination_strategy(cfg: JobConfig, src: Strategy | None) -> Strategy:
+def destination_strategy(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strategy | None]:
+    """The destination layout, and the source's as the destination sees it (a generated
+    destination may re-express weights a full source stores flat)."""
     if cfg.dst_strategy_path_or_dir:
         dst = strat.load(Path(cfg.dst_strategy_path_or_dir))
         if dst.origin == "mindspore":  # its files hold no shapes: take the source's
@@ -135,43 +129,45 @@ def destination_strategy(cfg: JobConfig, src: Strategy | None) -> Strategy:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")
         dst = Strategy(((0,),), {n: merged_layout(p, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype))) for n, p in src.params.items()}, "full")
     elif cfg.model.get("arch"):
-        from runner.generate import generate
+        from runner.generate import with_source
 
-        dst = generate(cfg, src)
+        dst, src = with_source(cfg, src)
     else:
         raise ConfigError(
             "no destination layout: set dst_strategy_path_or_dir, or model.arch with parallel_config, "
             "or use_parallel: false to merge"
         )
     dst.validate()
-    return dst
+    return dst, src
 
 
-def reconcile_names(job: Job) -> None:
-    """Match strategy names with checkpoint tensors (SPEC 3, "What the layouts cover")."""
-    held = set().union(*(h.keys() for h in job.headers.values()))
-    named = set(job.src.params)
+def reconcile_names(src: Strategy, dst: Strategy, headers: Headers) -> tuple[Strategy, Strategy, dict[str, tuple[int, TensorInfo]]]:
+    """Match strategy names with checkpoint tensors (SPEC 3, "What the layouts cover"):
+    the source and destination strategies restricted to what both the strategies and
+    the checkpoint hold, and the extras (entries no strategy names), copied whole."""
+    held = set().union(*(h.keys() for h in headers.values()))
+    named = set(src.params)
     # A full checkpoint laid out by a MindSpore strategy: what it does not name is an extra.
-    split_by_mindspore = job.src.origin == "full" and job.dst.origin == "mindspore"
+    split_by_mindspore = src.origin == "full" and dst.origin == "mindspore"
     if split_by_mindspore:
-        named &= set(job.dst.params)
-        for name in held - named:
-            del job.src.params[name]
+        named &= set(dst.params)
+        src = src.with_params({n: p for n, p in src.params.items() if n in named})
     unnamed, missing = sorted(held - named), sorted(named - held)
     if not unnamed and not missing:
-        return
-    if job.src.origin == "mindspore" or split_by_mindspore:
+        return src, dst, {}
+    if src.origin == "mindspore" or split_by_mindspore:
+        extras = {}
         for name in unnamed:
-            rank = min(r for r, h in job.headers.items() if name in h)
-            job.extras[name] = (rank, job.headers[rank][name])
-        for name in missing:
-            del job.src.params[name]
-            job.dst.params.pop(name, None)
+            rank = min(r for r, h in headers.items() if name in h)
+            extras[name] = (rank, headers[rank][name])
+        gone = set(missing)
+        src = src.with_params({n: p for n, p in src.params.items() if n not in gone})
+        dst = dst.with_params({n: p for n, p in dst.params.items() if n not in gone})
         if unnamed:
             warn(f"{len(unnamed)} checkpoint entries the strategy does not name are copied whole to every rank: {planner._names(unnamed)}")
         if missing:
             warn(f"{len(missing)} parameters the strategy names are not in the checkpoint and are skipped: {planner._names(missing)}")
-        return
+        return src, dst, extras
     raise planner.name_mismatch("source checkpoint and strategy disagree", {
         "in the checkpoint but not the source strategy": set(unnamed),
         "in the source strategy but not the checkpoint": set(missing),
@@ -179,25 +175,28 @@ def reconcile_names(job: Job) -> None:
 
 
 def prepare(cfg: JobConfig, source: Source | None = None,
-            headers: dict[int, dict[str, TensorInfo]] | None = None) -> Job:
-    """Everything the job needs before a byte moves; deterministic. Under MPI the
-    source and its headers come from every rank (runner.mpi)."""
+            headers: Headers | None = None) -> Job:
+    """Everything the job needs before a byte moves; deterministic, and it changes none
+    of its arguments. Under MPI the source and its headers come from every rank (runner.mpi)."""
     if not cfg.load_checkpoint:
         if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or cfg.model.get("arch")):
-            return Job(cfg, None, None, destination_strategy(cfg, None))
+            return Job(cfg, None, None, destination_strategy(cfg, None)[0])
         raise ConfigError("config key load_checkpoint is required")
     source = source or discover(Path(cfg.load_checkpoint))
     headers = headers if headers is not None else read_headers(source)
     src = source_strategy(cfg, source, headers)
-    merge = lora.prepare(cfg.lora, cfg.model, src, headers) if cfg.lora is not None else None
-    job = Job(cfg, source, src, destination_strategy(cfg, src), headers, lora=merge)
+    merge = None
+    if cfg.lora is not None:
+        merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers)
+    dst, src = destination_strategy(cfg, src)
     if merge:
-        merge.exclude(job.dst)
+        dst = merge.exclude(dst)
+    extras: dict[str, tuple[int, TensorInfo]] = {}
     if not cfg.only_save_strategy:
-        reconcile_names(job)
-        planner.check_headers(job.src, job.headers)
-        planner.check_compatible(job.src, job.dst, job.cast_to)
-    return job
+        src, dst, extras = reconcile_names(src, dst, headers)
+        planner.check_headers(src, headers)
+        planner.check_compatible(src, dst, dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None)
+    return Job(cfg, source, src, dst, dict(headers), extras, merge)
 
 
 def needs_change(job: Job) -> list[str]:

@@ -28,6 +28,7 @@ from runner.errors import ConfigError, FormatError, PlanError
 from runner.formats.base import TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES
 from runner.layout import Box, ParamLayout
+from runner.log import warn
 from runner.plan import ReadItem
 from runner.source import Source, discover
 from runner.strategy import Strategy
@@ -103,10 +104,10 @@ class LoraMerge:
         return {"pairs": {n: [p.a, p.b, p.scaling, p.transpose] for n, p in sorted(self.pairs.items())},
                 "replaced": self.replaced}
 
-    def exclude(self, strategy: Strategy) -> None:
-        """Drop LoRA tensors from a strategy (a training job's strategy names them)."""
-        for name in [n for n in strategy.params if _is_lora_entry(n)]:
-            del strategy.params[name]
+    @staticmethod
+    def exclude(strategy: Strategy) -> Strategy:
+        """The strategy without LoRA tensors (a training job's strategy names them)."""
+        return strategy.with_params({n: p for n, p in strategy.params.items() if not _is_lora_entry(n)})
 
 
 def _is_lora_entry(name: str) -> bool:
@@ -114,25 +115,27 @@ def _is_lora_entry(name: str) -> bool:
 
 
 # -- preparing ------------------------------------------------------------------------------
+Headers = Mapping[int, Mapping[str, TensorInfo]]
+
+
 def prepare(section: Mapping[str, Any], model: Mapping[str, Any], src: Strategy,
-            headers: dict[int, dict[str, TensorInfo]]) -> LoraMerge:
-    """Find the LoRA pairs, check them against the base, and take every LoRA tensor out
-    of `src` and `headers` (in place) so that only base weights are planned."""
+            headers: Headers) -> tuple[LoraMerge, Strategy, dict[int, dict[str, TensorInfo]]]:
+    """Find the LoRA pairs and check them against the base; also `src` and `headers`
+    without any LoRA tensor (new objects; the arguments are left as they are), so that
+    only base weights are planned."""
     held = {n for h in headers.values() for n in h}
     in_source = sorted(n for n in held | set(src.params) if _is_lora_entry(n))
     dropped = [n for n in in_source if n.startswith(OPTIMIZER_PREFIXES)]
-    lora_layouts = {n: src.params.pop(n) for n in in_source if n in src.params}
+    lora_layouts = {n: src.params[n] for n in in_source if n in src.params}
     for n in in_source:
         if n in held and n not in lora_layouts and n not in dropped:
             raise PlanError(f"LoRA weight {n} is in the checkpoint but the source strategy does not name it; give a strategy that does")
     lora_layouts = {n: p for n, p in lora_layouts.items() if n in held and n not in dropped}
     _check_headers(Strategy(src.stages, lora_layouts), headers)
-    for h in headers.values():
-        for n in in_source:
-            h.pop(n, None)
+    lora_names = set(in_source)
+    base_headers = {r: {n: t for n, t in h.items() if n not in lora_names} for r, h in headers.items()}
+    src = src.with_params({n: p for n, p in src.params.items() if n not in lora_names})
     if dropped:
-        from runner.job import warn
-
         warn(f"{len(dropped)} optimizer states of LoRA weights are dropped with them: {planner._names(dropped)}")
     found = {n: ("source", p) for n, p in lora_layouts.items()}
     config: dict = {}
@@ -150,7 +153,8 @@ def prepare(section: Mapping[str, Any], model: Mapping[str, Any], src: Strategy,
         where = f"adapter {section['adapter']}" if section["adapter"] else "load_checkpoint"
         raise FormatError(f"lora: {where} holds no LoRA weights (*.lora_A.weight / *.lora_B.weight or *.tk_delta_lora_a / *.tk_delta_lora_b)")
     pairs = _pairs(found, src, section, model, config)
-    return LoraMerge(pairs, layouts, {n: src.params[n].dtype for n in (*pairs, *replaced)}, adapter, replaced)
+    merge = LoraMerge(pairs, layouts, {n: src.params[n].dtype for n in (*pairs, *replaced)}, adapter, replaced)
+    return merge, src, base_headers
 
 
 def _replacements(adapter_headers: Mapping[str, TensorInfo], src: Strategy, where: str) -> dict[str, str]:

@@ -37,11 +37,11 @@ def launched_size(environ=os.environ) -> int:
 
 def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
     """This rank's part of the job; the exit code (the same on every rank)."""
-    from runner import job as jobs
+    from runner import job as jobs, log
     from runner.collective import Link, StepError
 
     link = Link()
-    jobs.VERBOSE = link.rank == 0
+    log.configure(quiet=link.rank != 0)
     try:
         world = MpiWorld(link)
         if world.converts(cfg):
@@ -213,7 +213,7 @@ class MpiWorld:
         return [WrittenFile(job.out_dir / p, size, crc) for recs in records for p, size, crc in recs]
 
     def verify(self, job) -> int:
-        from runner.job import warn
+        from runner.log import warn
 
         u = self.union
         if self.groups > 1 or (u and any(len(s) < self.link.size for s in u.seers.values())):

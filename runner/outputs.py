@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
+from runner.checksum import crc32
 from runner.errors import ConfigError
 from runner.durable import write_json
 from runner.execute import WrittenFile
@@ -123,5 +123,5 @@ def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
         buf = bytearray(chunk)
         view = memoryview(buf)
         while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
+            crc = crc32(view[:n], crc)
     return crc

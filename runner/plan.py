@@ -190,7 +190,11 @@ def validate(fp: FilePlan, src: Strategy, headers: Headers | None) -> None:
             if not (_inside(r.region, t.box) and _inside(r.region, r.src_box)):
                 raise PlanError(f"parameter {t.name} on rank {fp.rank}: read {r.region} falls outside its boxes")
             covered += r.region.numel
-        if covered != t.box.numel:
+        twice = _overlap(t.reads)
+        if twice is not None:
+            raise PlanError(f"parameter {t.name} on rank {fp.rank}: reads {twice[0]} and {twice[1]} overlap "
+                            "(an element would be read twice)")
+        if covered != t.box.numel:  # disjoint reads inside the box: equal volume means every element is read
             raise PlanError(f"parameter {t.name} on rank {fp.rank}: reads cover {covered} of {t.box.numel} elements")
         if math.prod(t.stored_shape) != t.box.numel:
             raise PlanError(f"parameter {t.name} on rank {fp.rank}: stored shape {list(t.stored_shape)} does not hold box {list(t.box.sizes)}")
@@ -208,6 +212,21 @@ def validate(fp: FilePlan, src: Strategy, headers: Headers | None) -> None:
                     f"parameter {r.src_name}: source rank {r.src_rank} stores shape {list(info.shape)}, "
                     f"but its layout gives the box {list(r.src_box.sizes)}"
                 )
+
+
+def _overlap(reads: tuple[ReadItem, ...]) -> tuple[Box, Box] | None:
+    """Two read regions sharing an element, if any: a sweep along dim 0, so only reads
+    whose dim-0 ranges meet are compared."""
+    regions = sorted((r.region for r in reads if r.region.numel), key=lambda b: b.offsets[:1])
+    active: list[Box] = []
+    for box in regions:
+        start = box.offsets[0] if box.offsets else 0
+        active = [a for a in active if not a.offsets or a.offsets[0] + a.sizes[0] > start]
+        for a in active:
+            if all(o < ao + asz and ao < o + sz for o, sz, ao, asz in zip(box.offsets, box.sizes, a.offsets, a.sizes)):
+                return a, box
+        active.append(box)
+    return None
 
 
 def _inside(inner: Box, outer: Box) -> bool:

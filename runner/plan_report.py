@@ -46,7 +46,8 @@ def plan_job(cfg: JobConfig) -> Job:
             "no shapes: set load_checkpoint so that plan can read the checkpoint headers"
         )
     src.validate()
-    job = Job(cfg, None, src, destination_strategy(cfg, src))
+    dst, src = destination_strategy(cfg, src)
+    job = Job(cfg, None, src, dst)
     planner.check_compatible(job.src, job.dst, job.cast_to)
     return job
 

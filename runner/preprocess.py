@@ -19,7 +19,9 @@ equal the builder's byte for byte and read them back with Megatron's `IndexedDat
 Work flows in blocks of about CHUNK_BYTES of whole lines: the main process reads them,
 workers tokenize them, and the main process appends the results in input order, with
 at most two blocks per worker in flight. Output bytes therefore do not depend on the
-number of workers.
+number of workers. Under mpiexec each rank does this for its share of the input, and
+rank 0 appends the other ranks' parts (`_run_mpi`): the bytes do not depend on the number
+of ranks either.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import difflib
 import glob
 import json
-import logging
 import os
 import re
 import shutil
@@ -36,16 +37,16 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import closing
-from dataclasses import dataclass
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from runner import log
 from runner.durable import DurableFile
 from runner.errors import AutotransError, ConfigError, FormatError
 
-log = logging.getLogger(__name__)
 
 SECTION = "preprocess_data"
 CHUNK_BYTES = 1 << 20  # input bytes per unit of work: amortises IPC, bounds memory
@@ -189,26 +190,79 @@ def _input_files(pattern: str) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class _Span:
+    """Whole lines of one input file, bytes [start, end): one rank's share of that file."""
+
+    file_no: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class _Block:
     """Whole lines of one input file: the unit of work sent to a worker."""
 
     file_no: int
-    first_line: int  # 1-based line number of the block's first line
+    span_start: int  # byte offset of the block's span in its file (line numbers count from there)
+    first_line: int  # 1-based line number of the block's first line, counted from span_start
     data: bytes
 
 
-def _blocks(files: Sequence[Path]) -> Iterator[_Block]:
-    for file_no, path in enumerate(files):
+def _line_start_at_or_after(path: Path, offset: int, size: int) -> int:
+    """The first offset >= `offset` where a line of the file begins (or the file's size)."""
+    if offset <= 0 or offset >= size:
+        return min(max(offset, 0), size)
+    with open(path, "rb") as f:
+        f.seek(offset - 1)
+        while data := f.read(1 << 16):
+            newline = data.find(b"\n")
+            if newline >= 0:
+                return f.tell() - len(data) + newline + 1
+    return size
+
+
+def _spans(files: Sequence[Path], sizes: Sequence[int], part: int, parts: int) -> list[_Span]:
+    """Part `part` of `parts` of the input, cut at line starts into shares of about equal
+    bytes; the files are taken end to end, so a share may cover several files or none."""
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+
+    def cut(k: int) -> int:  # the k-th cut, moved forward to the next line start
+        at = starts[-1] * k // parts
+        if at >= starts[-1]:
+            return at
+        f = max(i for i in range(len(files)) if starts[i] <= at)
+        return starts[f] + _line_start_at_or_after(files[f], at - starts[f], sizes[f])
+
+    lo, hi = cut(part), cut(part + 1)
+    return [_Span(f, max(lo, starts[f]) - starts[f], min(hi, starts[f + 1]) - starts[f])
+            for f in range(len(files)) if max(lo, starts[f]) < min(hi, starts[f + 1])]
+
+
+def _blocks(files: Sequence[Path], spans: Sequence[_Span]) -> Iterator[_Block]:
+    for span in spans:
+        path = files[span.file_no]
         try:
             with open(path, "rb") as f:
-                line = 1
-                while data := f.read(CHUNK_BYTES):
-                    if not data.endswith(b"\n"):
+                f.seek(span.start)
+                line, pos = 1, span.start
+                while pos < span.end and (data := f.read(min(CHUNK_BYTES, span.end - pos))):
+                    if not data.endswith(b"\n") and pos + len(data) < span.end:
                         data += f.readline()  # finish the last line: no line spans two blocks
-                    yield _Block(file_no, line, data)
+                    yield _Block(span.file_no, span.start, line, data)
                     line += data.count(b"\n")
+                    pos += len(data)
         except OSError as e:
             raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _lines_before(path: Path, offset: int) -> int:
+    """How many lines of the file end before byte `offset` (to name a line of a later span)."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (data := f.read(min(CHUNK_BYTES, offset))):
+            count += data.count(b"\n")
+            offset -= len(data)
+    return count
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -337,6 +391,7 @@ class _Encoded:
     """A block tokenized: its documents per key, and the lines that could not be read."""
 
     file_no: int
+    span_start: int  # the bad lines' numbers count from this byte of the file
     nbytes: int
     documents: int
     parts: tuple[_KeyPart, ...]  # in json_keys order
@@ -410,7 +465,7 @@ def _encode_block(spec: _EncodeSpec, encode: Callable[[str], list[int]], block: 
         except _BadLine as e:
             bad.append((block.first_line + i, str(e)))
     parts = tuple(_encode_documents([r[k] for r in records], encode, spec.eod, spec.dtype) for k in range(len(spec.json_keys)))
-    return _Encoded(block.file_no, len(block.data), len(records), parts, tuple(bad))
+    return _Encoded(block.file_no, block.span_start, len(block.data), len(records), parts, tuple(bad))
 
 
 _worker_tokenizer: _Tokenizer | None = None  # loaded by a worker process on its first block
@@ -424,11 +479,11 @@ def _encode_in_worker(spec: _EncodeSpec, block: _Block) -> _Encoded:
     return _encode_block(spec, _worker_tokenizer.encode, block)
 
 
-def _encoded_blocks(spec: _EncodeSpec, tok: _Tokenizer, blocks: Iterator[_Block], workers: int) -> Iterator[_Encoded]:
+def _encoded_blocks(spec: _EncodeSpec, encode: Callable[[str], list[int]], blocks: Iterator[_Block], workers: int) -> Iterator[_Encoded]:
     """Tokenized blocks in input order, whatever the number of workers."""
     if workers == 1:
         for block in blocks:
-            yield _encode_block(spec, tok.encode, block)
+            yield _encode_block(spec, encode, block)
         return
     import multiprocessing
 
@@ -451,15 +506,20 @@ class _DatasetWriter:
 
     Sequence lengths go straight into the index file after a header placeholder, document
     indices into a side file; `finish` appends the sequence pointers (computed from the
-    lengths read back in chunks) and the document indices, then writes the header."""
+    lengths read back in chunks) and the document indices, then writes the header. Under
+    MPI, every rank but 0 keeps its share in such temporary files (a part) and rank 0
+    appends the parts to its own writer, chunk by chunk (`read_part`, `absorb`)."""
 
     _CHUNK = 1 << 16  # sequences per chunk when computing pointers
+    # a part's streams, in the order they are absorbed: tokens (.bin), the document ends
+    # (shifted by the sequences before the part), then the sequence lengths
+    PART_STREAMS = ("tokens", "documents", "sequences")
 
-    def __init__(self, prefix: str, dtype: np.dtype):
+    def __init__(self, prefix: str, dtype: np.dtype, tag: str = ""):
         self.bin_path, self.idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
         self.dtype = dtype
         self.sequences = self.documents = self.tokens = 0
-        self._outs = [DurableFile(self.bin_path), DurableFile(self.idx_path), DurableFile(self.idx_path, ".docs")]
+        self._outs = [DurableFile(self.bin_path, tag), DurableFile(self.idx_path, tag), DurableFile(self.idx_path, tag + ".docs")]
         try:
             for out in self._outs:
                 out.open()
@@ -477,6 +537,29 @@ class _DatasetWriter:
         self.tokens += len(part.tokens)
         self.sequences += len(part.sequence_lengths)
         self.documents += len(part.sequences_per_document)
+
+    def part_sizes(self) -> tuple[int, int, int]:
+        """The byte size of each of PART_STREAMS, once everything is appended."""
+        return self.tokens * self.dtype.itemsize, 8 * self.documents, 4 * self.sequences
+
+    def read_part(self, stream: int, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset + size) of one of PART_STREAMS."""
+        f, skip = ((self._bin, 0), (self._docs, 8), (self._idx, _INDEX_HEADER.size))[stream]
+        f.flush()
+        return os.pread(f.fileno(), size, skip + offset)
+
+    def absorb(self, stream: int, data: bytes) -> None:
+        """Append a chunk of another writer's part; its streams come whole, in PART_STREAMS order."""
+        if stream == 0:
+            self._bin.write(data)
+            self.tokens += len(data) // self.dtype.itemsize
+        elif stream == 1:
+            ends = np.frombuffer(data, np.int64)
+            self._docs.write((ends + self.sequences).data)
+            self.documents += len(ends)
+        else:
+            self._idx.write(data)
+            self.sequences += len(data) // 4
 
     def finish(self) -> list[Path]:
         """Complete the index, make both files durable, and give them their final names."""
@@ -503,9 +586,27 @@ class _DatasetWriter:
             offset = int(ends[-1])
 
     def discard(self) -> None:
-        """Close and remove the temporary files (after a failure)."""
+        """Close and remove the temporary files (after a failure, or a part once absorbed)."""
         for out in self._outs:
             out.discard()
+
+
+@contextmanager
+def _writers(cfg: PreprocessConfig, dtype: np.dtype, tag: str = "") -> Iterator[list[_DatasetWriter]]:
+    """One writer per JSON key; on any failure their temporary files are removed."""
+    prefix = os.path.expanduser(cfg.output_prefix)
+    writers: list[_DatasetWriter] = []
+    try:
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        for key in cfg.json_keys:
+            writers.append(_DatasetWriter(f"{prefix}_{key}_document", dtype, tag))
+        yield writers
+    except BaseException as e:
+        for writer in writers:
+            writer.discard()
+        if isinstance(e, OSError):
+            raise AutotransError(f"{e.filename or prefix}: cannot write: {e.strerror}") from None
+        raise
 
 
 # ---------------------------------------------------------------------------- the job
@@ -516,73 +617,209 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _check_bad_lines(enc: _Encoded, path: Path, policy: str, skipped: int) -> int:
-    """Fail on the first bad line, or report it and count it; returns the new skipped count."""
-    for line, reason in enc.bad_lines:
-        if policy == "fail":
-            raise FormatError(f"{path}:{line}: {reason}; fix the line or set {SECTION}.on_bad_line=skip")
-        skipped += 1
-        if skipped <= _REPORTED_BAD_LINES:
-            log.warning("%s:%d: skipped: %s", path, line, reason)
-    return skipped
+@dataclass(frozen=True)
+class _Input:
+    """The input files and the tokenizer, checked."""
+
+    files: list[Path]
+    sizes: list[int]
+    dtype: np.dtype
+    spec: _EncodeSpec
+    encode: Callable[[str], list[int]]
 
 
-def _tokenize_into(writers: list[_DatasetWriter], spec: _EncodeSpec, tok: _Tokenizer, files: list[Path], cfg: PreprocessConfig, show_progress: bool) -> tuple[int, int, int]:
-    """Stream every block through the tokenizer into the writers: (documents, bytes, skipped lines)."""
+def _open_input(cfg: PreprocessConfig) -> _Input:
+    files = _input_files(cfg.input)
+    tok = _load_tokenizer(_tokenizer_file(cfg.tokenizer))
+    dtype = token_dtype(tok.vocab_size)
+    spec = _EncodeSpec(tok.path, cfg.json_keys, _eod_id(tok, cfg.eod_token) if cfg.append_eod else None, dtype.name)
+    try:
+        sizes = [os.path.getsize(p) for p in files]
+    except OSError as e:
+        raise AutotransError(f"{e.filename}: cannot read: {e.strerror}") from None
+    return _Input(files, sizes, dtype, spec, tok.encode)
+
+
+@dataclass
+class _Share:
+    """What one process tokenized: counts, and the first bad lines skipped (file, line, reason)."""
+
+    documents: int = 0
+    nbytes: int = 0
+    skipped: int = 0
+    reported: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+def _tokenize_share(writers: list[_DatasetWriter], inp: _Input, spans: list[_Span], cfg: PreprocessConfig, bar_desc: str | None) -> _Share:
+    """Stream this process's spans through the tokenizer into the writers, in input order.
+    A bad line fails the job (on_bad_line=fail) or is counted, the first few kept to report."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    documents = nbytes = skipped = 0
-    total = sum(os.path.getsize(p) for p in files)
-    with closing(_encoded_blocks(spec, tok, _blocks(files), cfg.workers)) as encoded, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not show_progress, file=sys.stderr) as bar:
+    share = _Share()
+    lines_before: dict[tuple[int, int], int] = {}  # (file, span start) -> lines before it
+
+    def line_no(enc: _Encoded, line: int) -> int:
+        key = (enc.file_no, enc.span_start)
+        if key not in lines_before:
+            lines_before[key] = _lines_before(inp.files[enc.file_no], enc.span_start) if enc.span_start else 0
+        return lines_before[key] + line
+
+    total = sum(s.end - s.start for s in spans)
+    with closing(_encoded_blocks(inp.spec, inp.encode, _blocks(inp.files, spans), cfg.workers)) as encoded, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=bar_desc, disable=bar_desc is None, file=sys.stderr) as bar:
         for enc in encoded:
-            skipped = _check_bad_lines(enc, files[enc.file_no], cfg.on_bad_line, skipped)
+            path = inp.files[enc.file_no]
+            for line, reason in enc.bad_lines:
+                if cfg.on_bad_line == "fail":
+                    raise FormatError(f"{path}:{line_no(enc, line)}: {reason}; fix the line or set {SECTION}.on_bad_line=skip")
+                share.skipped += 1
+                if len(share.reported) < _REPORTED_BAD_LINES:
+                    share.reported.append((str(path), line_no(enc, line), reason))
             for writer, part in zip(writers, enc.parts):
                 writer.append(part)
-            documents += enc.documents
-            nbytes += enc.nbytes
+            share.documents += enc.documents
+            share.nbytes += enc.nbytes
             bar.update(enc.nbytes)
-            bar.set_postfix_str(f"{documents} docs, {documents / (time.perf_counter() - start):,.0f} docs/s", refresh=False)
-    return documents, nbytes, skipped
+            bar.set_postfix_str(f"{share.documents} docs, {share.documents / (time.perf_counter() - start):,.0f} docs/s", refresh=False)
+    return share
+
+
+def _check_tokens(cfg: PreprocessConfig, documents: int, tokens: Sequence[int]) -> None:
+    for key, count in zip(cfg.json_keys, tokens):
+        if count == 0:  # Megatron's reader cannot map an empty .bin file
+            raise FormatError(f"{cfg.input}: no tokens for key {key!r} in {documents} documents; nothing to write")
+
+
+def _summary(start: float, share: _Share, tokens: int, writers: list[_DatasetWriter], report: bool = True) -> dict:
+    """The job's summary; with `report`, the bad lines skipped are listed first."""
+    for path, line, reason in share.reported if report else ():
+        log.warn(f"{path}:{line}: skipped: {reason}")
+    if report and share.skipped > _REPORTED_BAD_LINES:
+        log.warn(f"skipped {share.skipped} bad lines in all (the first {_REPORTED_BAD_LINES} are listed above)")
+    return {
+        "documents": share.documents,
+        "tokens": tokens,
+        "bytes_in": share.nbytes,
+        "seconds": time.perf_counter() - start,
+        "skipped_lines": share.skipped,
+        "files": [str(p) for w in writers for p in (w.bin_path, w.idx_path)],
+    }
 
 
 def run_preprocess(cfg: PreprocessConfig, *, show_progress: bool = True) -> dict:
-    """Tokenize `cfg.input` into one Megatron-Core indexed dataset per JSON key.
+    """Tokenize `cfg.input` into one Megatron-Core indexed dataset per JSON key; under
+    mpiexec every rank runs this, each tokenizing its share of the input (SPEC 9).
 
     Returns a summary: documents, tokens (all keys), bytes_in, seconds, skipped_lines and
     files (the outputs written). Raises ConfigError or FormatError with a one-line message
     for a missing input or tokenizer, an unreadable tokenizer, or (with on_bad_line=fail)
     a bad line, named as file:line; AutotransError when an output cannot be written."""
+    from runner.mpi import launched_size
+
+    if launched_size() > 1:
+        return _run_mpi(cfg, show_progress)
     start = time.perf_counter()
-    files = _input_files(cfg.input)
-    tok = _load_tokenizer(_tokenizer_file(cfg.tokenizer))
-    dtype = token_dtype(tok.vocab_size)
-    spec = _EncodeSpec(tok.path, cfg.json_keys, _eod_id(tok, cfg.eod_token) if cfg.append_eod else None, dtype.name)
-    prefix = os.path.expanduser(cfg.output_prefix)
-    writers: list[_DatasetWriter] = []
-    try:
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        for key in cfg.json_keys:
-            writers.append(_DatasetWriter(f"{prefix}_{key}_document", dtype))
-        documents, nbytes, skipped = _tokenize_into(writers, spec, tok, files, cfg, show_progress)
-        for writer, key in zip(writers, cfg.json_keys):
-            if writer.tokens == 0:  # Megatron's reader cannot map an empty .bin file
-                raise FormatError(f"{cfg.input}: no tokens for key {key!r} in {documents} documents; nothing to write")
-        outputs = [p for w in writers for p in w.finish()]
-    except BaseException as e:
+    inp = _open_input(cfg)
+    with _writers(cfg, inp.dtype) as writers:
+        share = _tokenize_share(writers, inp, _spans(inp.files, inp.sizes, 0, 1), cfg, "preprocess" if show_progress else None)
+        _check_tokens(cfg, share.documents, [w.tokens for w in writers])
         for writer in writers:
-            writer.discard()
-        if isinstance(e, OSError):
-            raise AutotransError(f"{e.filename or prefix}: cannot write: {e.strerror}") from None
+            writer.finish()
+    return _summary(start, share, sum(w.tokens for w in writers), writers)
+
+
+# ---------------------------------------------------------------------------- under MPI
+
+_TRANSFER_BYTES = 8 << 20  # a part travels to rank 0 in chunks of this size: memory stays bounded
+
+
+def _run_mpi(cfg: PreprocessConfig, show_progress: bool) -> dict:
+    """This rank's part of the job. Rank r tokenizes share r of the input (cut at line
+    starts, balanced by bytes) into temporary part files; rank 0 tokenizes its own share
+    straight into the outputs, then appends every other rank's part in rank order, pulling
+    it chunk by chunk; so the output is byte for byte what one process writes, and only
+    rank 0's node holds it. Any failure ends every rank with the same message."""
+    from runner.collective import Link, StepError
+
+    link = Link()
+    log.configure(quiet=link.rank != 0)  # the job's summary is said once
+    try:
+        return _mpi_steps(link, cfg, show_progress)
+    except StepError:
         raise
-    if skipped > _REPORTED_BAD_LINES:
-        log.warning("skipped %d bad lines in all (the first %d are listed above)", skipped, _REPORTED_BAD_LINES)
-    return {
-        "documents": documents,
-        "tokens": sum(w.tokens for w in writers),
-        "bytes_in": nbytes,
-        "seconds": time.perf_counter() - start,
-        "skipped_lines": skipped,
-        "files": [str(p) for p in outputs],
-    }
+    except BaseException as e:  # outside a step the other ranks cannot hear of it
+        link.abort(str(e) if isinstance(e, AutotransError) else f"internal error: {type(e).__name__}: {e}")
+        raise
+
+
+def _mpi_steps(link, cfg: PreprocessConfig, show_progress: bool) -> dict:
+    start = time.perf_counter()
+    inp = link.step("read the input", lambda: _open_input(cfg))
+    seen = link.exchange([(str(p), n) for p, n in zip(inp.files, inp.sizes)])
+    suffix = "" if link.rank == 0 else f".rank{link.rank}"  # names of the temporaries (runner.durable)
+    with _writers(cfg, inp.dtype, suffix) as writers:
+        try:
+            def tokenize() -> _Share:
+                if seen[link.rank] != seen[0]:
+                    raise AutotransError(f"{SECTION}.input: this rank sees {len(seen[link.rank])} file(s), {sum(n for _, n in seen[link.rank])} bytes, "
+                                         f"and MPI rank 0 sees {len(seen[0])}, {sum(n for _, n in seen[0])} bytes; every rank must see the same input files (a shared disk)")
+                desc = f"preprocess (rank 0's share of {link.size})" if show_progress and link.rank == 0 else None
+                return _tokenize_share(writers, inp, _spans(inp.files, inp.sizes, link.rank, link.size), cfg, desc)
+
+            share = link.step("tokenize", tokenize)
+            shares = link.exchange((share, [w.part_sizes() for w in writers]))
+            total = _Share(sum(s.documents for s, _ in shares), sum(s.nbytes for s, _ in shares), sum(s.skipped for s, _ in shares),
+                           [r for s, _ in shares for r in s.reported][:_REPORTED_BAD_LINES])
+            tokens = [sum(sizes[k][0] for _, sizes in shares) // inp.dtype.itemsize for k in range(len(writers))]
+
+            def combine() -> None:
+                _check_tokens(cfg, total.documents, tokens)
+                if link.rank == 0:
+                    _pull_parts(link, writers, [sizes for _, sizes in shares])
+                    for writer in writers:
+                        writer.finish()
+                else:
+                    _serve_part(link, writers)
+
+            link.step("combine the parts", combine)
+        finally:
+            if link.rank != 0:
+                for writer in writers:
+                    writer.discard()
+    return _summary(start, total, sum(tokens), writers, report=link.rank == 0)
+
+
+def _pull_parts(link, writers: list[_DatasetWriter], sizes: list[list[tuple[int, int, int]]]) -> None:
+    """Rank 0: append each other rank's part to the writers, asking for one chunk at a time;
+    every rank is released at the end, whatever happens."""
+    comm, released = link.p2p, set()
+    try:
+        for rank in range(1, link.size):
+            for k, writer in enumerate(writers):
+                for stream, size in enumerate(sizes[rank][k]):
+                    for offset in range(0, size, _TRANSFER_BYTES):
+                        comm.send((k, stream, offset, min(_TRANSFER_BYTES, size - offset)), dest=rank)
+                        data = comm.recv(source=rank)
+                        if isinstance(data, str):
+                            raise AutotransError(f"MPI rank {rank}: {data}")
+                        writer.absorb(stream, data)
+            comm.send(None, dest=rank)
+            released.add(rank)
+    finally:
+        for rank in set(range(1, link.size)) - released:
+            comm.send(None, dest=rank)
+
+
+def _serve_part(link, writers: list[_DatasetWriter]) -> None:
+    """Ranks > 0: answer rank 0's requests for chunks of this rank's part until released."""
+    comm, failure = link.p2p, None
+    while (request := comm.recv(source=0)) is not None:
+        k, stream, offset, size = request
+        try:
+            comm.send(writers[k].read_part(stream, offset, size), dest=0)
+        except OSError as e:
+            failure = AutotransError(f"{writers[k].bin_path}: cannot read this rank's part: {e.strerror}")
+            comm.send(str(failure), dest=0)
+    if failure:
+        raise failure

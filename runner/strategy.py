@@ -5,7 +5,7 @@ runner.formats.mindspore_strategy. Per-rank and per-stage files merge into one S
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,17 +21,38 @@ RANK_FILE = "ckpt_strategy_rank_{rank}{suffix}"
 MERGED_FILE = "merged_ckpt_strategy{suffix}"
 
 
-@dataclass
+class FrozenParams(dict):
+    """A strategy's parameters, read-only: a prepared job never changes its inputs, so
+    every change makes a new Strategy."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a Strategy's params are read-only; build a new Strategy")
+
+    __setitem__ = __delitem__ = pop = popitem = clear = update = setdefault = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self):
+        return FrozenParams, (dict(self),)
+
+
+@dataclass(frozen=True)
 class Strategy:
-    """Pipeline stages (device ranks per stage) and every parameter's layout.
+    """Pipeline stages (device ranks per stage) and every parameter's layout; immutable.
 
     `origin` says where it came from: "native" and "generated" strategies must name
     exactly the checkpoint's tensors; a "mindspore" one may name fewer or more (SPEC 3)."""
 
     stages: tuple[tuple[int, ...], ...]
-    params: dict[str, ParamLayout]
+    params: Mapping[str, ParamLayout]
     origin: str = "native"
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", FrozenParams(self.params))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    def with_params(self, params: Mapping[str, ParamLayout]) -> "Strategy":
+        """The same stages, origin and notes over other parameters."""
+        return Strategy(self.stages, params, self.origin, self.notes)
 
     @staticmethod
     def full(tensors: Mapping[str, TensorInfo]) -> "Strategy":

@@ -1,26 +1,67 @@
-"""Architecture templates (`strategies/<arch>.yaml`): which weights a model family has,
-under each naming scheme, with shapes as expressions of model_config, the split rule
-of each weight, and the stored reshape of fused weights. Data, not code: this module
-only loads templates and evaluates their expressions.
+"""Architecture templates (`strategies/<family>.yaml`, or a user's own file named by
+`model.arch`): the one place that knows a model family. Strategy generation and every
+conversion (HF, MindFormers, Megatron) read them; this module only loads templates,
+checks them strictly and evaluates their expressions. Any key not listed here, or a
+value of the wrong kind, is an error naming the file and the key.
 
-A template file holds:
+Top-level keys:
 
-  name, architectures (model class names it answers for), schemes (naming schemes),
-  switch: {model_config key: other template} taken when that key is truthy,
-  defaults: {key: expression} for model_config keys the job leaves out,
-  divisible: [[key, parallel key], ...] checked before generating,
-  weights: {role: {names: {scheme: name template}, shape: [expr, ...], split, ...}},
-  extends: another template whose defaults, divisible and weights this one starts
-  from (a weight set to null is removed; a weight given again replaces it).
+  name            the family's name (default: the file's stem)
+  extends         another template (same folder) whose keys this one starts from; a
+                  weight set to null is removed, a weight given again replaces it
+  architectures   model class names / model_type values it answers for
+  schemes         naming schemes: hf, mindformers, megatron (Megatron-Core with the
+                  TransformerEngine spec), megatron_local (local spec), megatron_legacy
+                  (Megatron-LM's `language_model.*` names), or any other name
+  switch          {model_config key: other template} taken when that key is truthy
+  defaults        {model_config key: expression} for keys the job / config.json leaves out
+  divisible       [[model_config key, parallel key], ...] checked before generating
+  weights         {role: weight}, below
+  extra_state     {role: entry} Megatron-Core modules whose state dict holds
+                  `<module>._extra_state` (written as None): `names` (module names),
+                  `place`, `layers`, `experts`, `when`, as for weights
+  megatron_args   {key: constant} written into a Megatron checkpoint's `args` beside the
+                  sizes (normalization, swiglu, position_embedding_type, ...)
+  hf_config       {fixed: {key: constant}, computed: {key: expression}}: the config.json
+                  written when a conversion to HF has no reference folder
 
-Weight fields: `split` is column | row | vocab | replicate | expert; `dim` the tensor
-dim that column/row/vocab split (defaults 0, 1, 0); `place` is layer | embedding
-(first stage, and the last when embeddings are tied) | output (last stage, absent
-when tied) | first | last; `experts: each` repeats the weight per expert (`{expert}`
-in its name), `experts: stacked` means dim 0 counts experts (split over
-expert_parallel); `stored` is the full tensor's stored shape when the logical shape
-is a finer view of it (SwiGLU fc1 [2, ffn, h] stored [2*ffn, h], so that each
-tensor-parallel rank stores [gate_shard; up_shard]).
+A weight:
+
+  names    {scheme: name}; `{layer}` and `{expert}` are replaced by the layer / expert
+           number, any other `{expression}` by its value (`{layer - num_layers}`)
+  shape    [expression, ...], the logical shape
+  split    column | row | vocab | replicate | expert (default replicate)
+  dim      the tensor dim that column / row / vocab split (defaults 0, 1, 0; one more
+           for experts: stacked)
+  place    layer (default) | embedding (first stage, and the last when embeddings are
+           tied) | output (last stage) | first | last
+  layers   [start, stop] expressions: the layers that have this weight (default all
+           layers, [0, num_layers]); e.g. dense layers [0, first_k_dense_replace]
+  when     expression: the weight exists only where it is true (q_lora_rank > 0)
+  experts  each (one tensor per expert, `{expert}` in its names; Megatron stacks them
+           into one logical tensor split over expert parallel) | stacked (dim 0 counts
+           experts)
+  stored   the whole tensor's stored shape when `shape` is a finer view of it (SwiGLU fc1
+           [2, ffn, h] stored [2*ffn, h], so that each tensor-parallel rank stores
+           [gate_shard; up_shard])
+  tie      role: absent when `tie_word_embeddings` is set, this weight is then that
+           role's tensor; Megatron keeps a copy where their pipeline stages differ
+  pad      vocab: Megatron pads dim 0 to its padded vocabulary with copies of the last
+           row (dropped on the way back)
+  fuse     how this weight is made of other roles' tensors, for schemes that store
+           them apart: {parts: [part, ...], groups: expression (default 1)}. Its rows
+           (all dims but the last, flattened; a 1-D tensor's elements) are, for each
+           group g in turn, block g of each part in order (each part's rows cut in
+           `groups` equal blocks): QKV per query group is
+           {parts: [q, k, v], groups: n_kv_heads}, SwiGLU fc1 is {parts: [gate, up]}.
+           A part is a role, or {role, rows: [start, count], transpose: true} for a row
+           range of a role's tensor, transposed first when asked (GPT-2's Conv1D c_attn
+           [h, 3h] holds q, k, v as row ranges of its transpose). With `experts`, parts
+           are taken per expert, experts outermost.
+
+A conversion from scheme A to scheme B takes each weight of B from the weight of the
+same role in A (a rename), or from its `fuse` parts in A; runner/convert/names.py
+compiles that into row permutations.
 """
 
 from __future__ import annotations
@@ -29,6 +70,7 @@ import ast
 import json
 import math
 import operator
+import re
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +78,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from runner.errors import ConfigError
+
 
 def _template_dir() -> Path:
     """strategies/ beside the package in a source tree (editable install), else the copy
@@ -48,6 +91,10 @@ TEMPLATE_DIR = _template_dir()
 SPLITS = ("column", "row", "vocab", "replicate", "expert")
 PLACES = ("layer", "embedding", "output", "first", "last")
 DEFAULT_DIM = {"column": 0, "row": 1, "vocab": 0}
+TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "defaults", "divisible", "weights",
+            "extra_state", "megatron_args", "hf_config")
+WEIGHT_KEYS = ("names", "shape", "split", "dim", "place", "layers", "when", "experts", "stored", "tie", "pad", "fuse")
+EXTRA_KEYS = ("names", "place", "layers", "when", "experts")
 
 # Canonical model_config names (MindSpore Transformers') and the names HF and
 # Megatron use for the same sizes.
@@ -59,21 +106,42 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "head_dim": ("kv_channels",),
     "intermediate_size": ("ffn_hidden_size", "n_inner"),
     "num_experts": ("expert_num", "num_local_experts", "num_moe_experts"),
+    "num_experts_per_tok": ("moe_router_topk",),
     "max_position_embeddings": ("n_positions", "max_position_embedding"),
+    "norm_eps": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"),
+    "rope_theta": ("rotary_base",),
     "param_init_type": ("torch_dtype", "dtype", "params_dtype"),
 }
 
 
 @dataclass(frozen=True)
+class Part:
+    role: str
+    rows: tuple[str, str] | None  # (start, count) expressions; None: every row
+    transpose: bool
+
+
+@dataclass(frozen=True)
+class Fuse:
+    parts: tuple[Part, ...]
+    groups: str  # expression
+
+
+@dataclass(frozen=True)
 class Weight:
     role: str
-    names: Mapping[str, str]  # scheme -> name template ({layer}, {expert})
+    names: Mapping[str, str]  # scheme -> name template ({layer}, {expert}, {expression})
     shape: tuple[str, ...]  # expressions
     split: str
     dim: int | None
     place: str
     experts: str | None  # None, "each", "stacked"
     stored: tuple[str, ...] | None
+    layers: tuple[str, str] | None = None  # (start, stop) expressions
+    when: str | None = None
+    tie: str | None = None
+    pad: str | None = None
+    fuse: Fuse | None = None
 
 
 @dataclass(frozen=True)
@@ -86,9 +154,16 @@ class Template:
     defaults: Mapping[str, str]
     divisible: tuple[tuple[str, str], ...]
     weights: tuple[Weight, ...]
+    extra_state: tuple[Weight, ...] = ()
+    megatron_args: Mapping[str, Any] = None  # type: ignore[assignment]
+    hf_fixed: Mapping[str, Any] = None  # type: ignore[assignment]
+    hf_computed: Mapping[str, str] = None  # type: ignore[assignment]
 
     def weights_of(self, scheme: str) -> list[Weight]:
         return [w for w in self.weights if scheme in w.names]
+
+    def role(self, role: str) -> Weight:
+        return next(w for w in self.weights if w.role == role)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -102,66 +177,183 @@ def load_file(path: Path) -> Template:
 
 
 def _raw(path: Path, seen: tuple[Path, ...]) -> dict:
-    """The template document with `extends` applied."""
+    """The template document, its keys checked, with `extends` applied."""
     import yaml
 
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"template {path}: cannot read ({str(e).splitlines()[0]})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"template {path}: expected a mapping")
+    _check_doc(doc, path)
     base_name = doc.get("extends")
     if not base_name:
         return doc
     base_path = path.parent / f"{base_name}.yaml"
     if base_path in seen or not base_path.is_file():
-        raise ConfigError(f"template {path}: extends {base_name!r}, which is missing or circular")
+        raise ConfigError(f"template {path}: key extends: {base_name!r} is missing or circular")
     base = _raw(base_path, seen + (path,))
-    weights = {**(base.get("weights") or {}), **(doc.get("weights") or {})}
+
+    def merged(key: str) -> dict:
+        both = {**(base.get(key) or {}), **(doc.get(key) or {})}
+        return {k: v for k, v in both.items() if v is not None}
+
+    hf_base, hf_doc = base.get("hf_config") or {}, doc.get("hf_config") or {}
     return {
         **doc,
         "schemes": doc.get("schemes", base.get("schemes")),
-        "defaults": {**(base.get("defaults") or {}), **(doc.get("defaults") or {})},
+        "defaults": merged("defaults"),
         "divisible": list(base.get("divisible") or []) + list(doc.get("divisible") or []),
-        "weights": {k: v for k, v in weights.items() if v is not None},
+        "weights": merged("weights"),
+        "extra_state": merged("extra_state"),
+        "megatron_args": merged("megatron_args"),
+        "hf_config": {k: {**(hf_base.get(k) or {}), **(hf_doc.get(k) or {})} for k in ("fixed", "computed")},
     }
 
 
-def _parse(doc: Any, path: Path) -> Template:
-    def bad(msg: str) -> ConfigError:
-        return ConfigError(f"template {path}: {msg}")
+class _Checker:
+    """One-line errors naming the file and the key (`weights.q.split`)."""
 
-    if not isinstance(doc.get("weights"), dict):
-        raise bad("expected a 'weights' mapping")
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"template {self.path}: key {key}: {msg}")
+
+    def keys(self, doc: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(doc, dict):
+            raise self.fail(where or "(top)", f"expected a mapping, got {doc!r}")
+        for k in doc:
+            if k not in allowed:
+                raise self.fail(f"{where}.{k}" if where else str(k), f"unknown key (expected one of: {', '.join(allowed)})")
+        for k in required:
+            if k not in doc:
+                raise self.fail(f"{where}.{k}" if where else k, "missing")
+        return doc
+
+    def expr(self, v: Any, key: str) -> str:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise self.fail(key, f"expected an expression, got {v!r}")
+        try:
+            ast.parse(str(v).strip(), mode="eval")
+        except SyntaxError:
+            raise self.fail(key, f"cannot parse expression {v!r}") from None
+        return str(v)
+
+    def exprs(self, v: Any, key: str, n: int | None = None) -> tuple[str, ...]:
+        if not isinstance(v, list) or (n is not None and len(v) != n):
+            raise self.fail(key, f"expected a list of {n or 'one or more'} expressions, got {v!r}")
+        return tuple(self.expr(x, f"{key}[{i}]") for i, x in enumerate(v))
+
+    def choice(self, v: Any, key: str, options: tuple) -> Any:
+        if v not in options:
+            raise self.fail(key, f"{v!r} is not one of {', '.join(str(o) for o in options)}")
+        return v
+
+    def names(self, v: Any, key: str) -> dict[str, str]:
+        if not isinstance(v, dict) or not v or not all(isinstance(s, str) and isinstance(n, str) for s, n in v.items()):
+            raise self.fail(key, "expected a mapping {scheme: name}")
+        return dict(v)
+
+
+def _check_doc(doc: Any, path: Path) -> None:
+    c = _Checker(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(f"template {path}: expected a mapping of keys ({', '.join(TOP_KEYS)})")
+    c.keys(doc, "", TOP_KEYS, () if doc.get("extends") else ("weights",))
+    for key in ("architectures", "schemes"):
+        if key in doc and not (isinstance(doc[key], list) and all(isinstance(x, str) for x in doc[key])):
+            raise c.fail(key, "expected a list of names")
+    for key in ("switch", "defaults", "megatron_args"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise c.fail(key, "expected a mapping")
+    for k, v in (doc.get("defaults") or {}).items():
+        c.expr(v, f"defaults.{k}")
+    for i, d in enumerate(doc.get("divisible") or []):
+        if not (isinstance(d, list) and len(d) == 2 and all(isinstance(x, str) for x in d)):
+            raise c.fail(f"divisible[{i}]", f"expected [model_config key, parallel key], got {d!r}")
+    hf = doc.get("hf_config")
+    if hf is not None:
+        c.keys(hf, "hf_config", ("fixed", "computed"))
+        for k, v in (hf.get("computed") or {}).items():
+            c.expr(v, f"hf_config.computed.{k}")
+    for section, allowed in (("weights", WEIGHT_KEYS), ("extra_state", EXTRA_KEYS)):
+        entries = doc.get(section)
+        if entries is not None and not isinstance(entries, dict):
+            raise c.fail(section, "expected a mapping {role: entry}")
+        for role, w in (entries or {}).items():
+            if w is not None:
+                _weight(c, f"{section}.{role}", str(role), w, allowed)
+
+
+def _weight(c: _Checker, key: str, role: str, w: Any, allowed: tuple[str, ...]) -> Weight:
+    """A weight (or extra_state entry) with every value checked."""
+    c.keys(w, key, allowed, ("names", "shape") if "shape" in allowed else ("names",))
+    split = c.choice(w.get("split", "replicate"), f"{key}.split", SPLITS)
+    place = c.choice(w.get("place", "layer"), f"{key}.place", PLACES)
+    experts = c.choice(w.get("experts"), f"{key}.experts", (None, "each", "stacked"))
+    if split == "expert" and experts != "stacked":
+        raise c.fail(f"{key}.experts", "split: expert needs experts: stacked")
+    dim = w.get("dim", DEFAULT_DIM.get(split))
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
+        raise c.fail(f"{key}.dim", f"expected a tensor dim (0, 1, ...), got {dim!r}")
+    if dim is not None and experts == "stacked" and "dim" not in w:
+        dim += 1  # dim 0 counts experts
+    shape = c.exprs(w["shape"], f"{key}.shape") if "shape" in w else ()
+    stored = c.exprs(w["stored"], f"{key}.stored") if w.get("stored") is not None else None
+    layers = c.exprs(w["layers"], f"{key}.layers", 2) if w.get("layers") is not None else None
+    when = c.expr(w["when"], f"{key}.when") if w.get("when") is not None else None
+    tie = w.get("tie")
+    if tie is not None and not isinstance(tie, str):
+        raise c.fail(f"{key}.tie", f"expected a role name, got {tie!r}")
+    pad = c.choice(w.get("pad"), f"{key}.pad", (None, "vocab"))
+    fuse = _fuse(c, f"{key}.fuse", w["fuse"]) if w.get("fuse") is not None else None
+    return Weight(role, c.names(w["names"], f"{key}.names"), shape, split, dim, place, experts, stored,
+                  layers, when, tie, pad, fuse)
+
+
+def _fuse(c: _Checker, key: str, f: Any) -> Fuse:
+    c.keys(f, key, ("parts", "groups"), ("parts",))
+    if not isinstance(f["parts"], list) or not f["parts"]:
+        raise c.fail(f"{key}.parts", "expected a list of roles")
+    parts = []
+    for i, p in enumerate(f["parts"]):
+        k = f"{key}.parts[{i}]"
+        if isinstance(p, str):
+            parts.append(Part(p, None, False))
+            continue
+        c.keys(p, k, ("role", "rows", "transpose"), ("role",))
+        if not isinstance(p["role"], str):
+            raise c.fail(f"{k}.role", f"expected a role name, got {p['role']!r}")
+        if p.get("transpose", False) not in (True, False):
+            raise c.fail(f"{k}.transpose", f"expected true or false, got {p['transpose']!r}")
+        rows = c.exprs(p["rows"], f"{k}.rows", 2) if p.get("rows") is not None else None
+        parts.append(Part(p["role"], rows, bool(p.get("transpose", False))))
+    return Fuse(tuple(parts), c.expr(f.get("groups", 1), f"{key}.groups"))
+
+
+def _parse(doc: dict, path: Path) -> Template:
+    c = _Checker(path)
     schemes = tuple(doc.get("schemes") or ())
-    weights = []
-    for role, w in doc["weights"].items():
-        if not isinstance(w, dict) or not isinstance(w.get("names"), dict) or not isinstance(w.get("shape"), list):
-            raise bad(f"weight {role}: needs 'names' (scheme: name) and 'shape' (list)")
-        split = w.get("split", "replicate")
-        place = w.get("place", "layer")
-        experts = w.get("experts")
-        if split not in SPLITS:
-            raise bad(f"weight {role}: split {split!r} is not one of {', '.join(SPLITS)}")
-        if place not in PLACES:
-            raise bad(f"weight {role}: place {place!r} is not one of {', '.join(PLACES)}")
-        if experts not in (None, "each", "stacked") or (split == "expert" and experts != "stacked"):
-            raise bad(f"weight {role}: experts must be 'each' or 'stacked' ('stacked' for split: expert)")
-        unknown = set(w["names"]) - set(schemes)
-        if unknown:
-            raise bad(f"weight {role}: scheme(s) {sorted(unknown)} not listed in 'schemes'")
-        dim = w.get("dim", DEFAULT_DIM.get(split))
-        if dim is not None and experts == "stacked" and "dim" not in w:
-            dim += 1  # dim 0 counts experts
-        stored = w.get("stored")
-        weights.append(Weight(role, dict(w["names"]), tuple(str(s) for s in w["shape"]), split, dim, place,
-                              experts, tuple(str(s) for s in stored) if stored is not None else None))
+    weights = tuple(_weight(c, f"weights.{r}", str(r), w, WEIGHT_KEYS) for r, w in doc["weights"].items())
+    extra = tuple(_weight(c, f"extra_state.{r}", str(r), w, EXTRA_KEYS) for r, w in (doc.get("extra_state") or {}).items())
+    roles = {w.role for w in weights}
+    for section, entries in (("weights", weights), ("extra_state", extra)):
+        for w in entries:
+            unknown = sorted(set(w.names) - set(schemes))
+            if unknown:
+                raise c.fail(f"{section}.{w.role}.names", f"scheme(s) {unknown} not listed in 'schemes'")
+            refs = ([("tie", w.tie)] if w.tie else []) + [("fuse", p.role) for p in (w.fuse.parts if w.fuse else ())]
+            for what, ref in refs:
+                if ref not in roles:
+                    raise c.fail(f"{section}.{w.role}.{what}", f"no weight named {ref!r}")
+    hf = doc.get("hf_config") or {}
     return Template(
         name=str(doc.get("name", path.stem)), path=path,
         architectures=tuple(doc.get("architectures") or ()), schemes=schemes,
         switch=dict(doc.get("switch") or {}), defaults={k: str(v) for k, v in (doc.get("defaults") or {}).items()},
-        divisible=tuple(tuple(d) for d in doc.get("divisible") or ()), weights=tuple(weights),
+        divisible=tuple(tuple(d) for d in doc.get("divisible") or ()), weights=weights, extra_state=extra,
+        megatron_args=dict(doc.get("megatron_args") or {}), hf_fixed=dict(hf.get("fixed") or {}),
+        hf_computed={k: str(v) for k, v in (hf.get("computed") or {}).items()},
     )
 
 
@@ -176,6 +368,14 @@ def resolve(arch: Any) -> Template:
         if not Path(arch).is_file():
             raise ConfigError(f"config key model.arch: template file {arch} does not exist")
         return load_file(Path(arch).resolve())
+    found = find(arch)
+    if found is None:
+        raise ConfigError(f"config key model.arch: no template for {arch!r} in {TEMPLATE_DIR} (templates: {', '.join(available())})")
+    return found
+
+
+def find(arch: str) -> Template | None:
+    """The shipped template named `arch` or answering for it (`architectures`)."""
     names = available()
     if arch in names:
         return load_file(TEMPLATE_DIR / f"{arch}.yaml")
@@ -183,7 +383,7 @@ def resolve(arch: Any) -> Template:
         t = load_file(TEMPLATE_DIR / f"{n}.yaml")
         if arch.lower() in (a.lower() for a in t.architectures):
             return t
-    raise ConfigError(f"config key model.arch: no template for {arch!r} in {TEMPLATE_DIR} (templates: {', '.join(names)})")
+    return None
 
 
 # -- model sizes ------------------------------------------------------------------------------
@@ -260,15 +460,25 @@ class Env:
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
            ast.Div: operator.truediv, ast.Mod: operator.mod}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge}
 _FUNCS = {"int": int, "min": min, "max": max, "ceil": math.ceil}
 
 
-def evaluate(expr: str, env: Env) -> Any:
-    """Evaluate an arithmetic expression over model_config names (no Python eval)."""
+@lru_cache(maxsize=4096)
+def _tree(expr: str) -> ast.Expression | None:
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        return ast.parse(expr.strip(), mode="eval")
     except SyntaxError:
-        raise ConfigError(f"template {env.template.name}: cannot parse expression {expr!r}") from None
+        return None
+
+
+def evaluate(expr: str, env: Env, local: Mapping[str, Any] | None = None) -> Any:
+    """Evaluate an arithmetic expression over model_config names (no Python eval);
+    `local` adds names such as layer and expert."""
+    tree = _tree(str(expr))
+    if tree is None:
+        raise ConfigError(f"template {env.template.name}: cannot parse expression {expr!r}")
 
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
@@ -276,19 +486,59 @@ def evaluate(expr: str, env: Env) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
             return node.value
         if isinstance(node, ast.Name):
-            return env[node.id]
+            return local[node.id] if local and node.id in local else env[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             a, b = ev(node.left), ev(node.right)
             if isinstance(node.op, (ast.FloorDiv, ast.Mod, ast.Div)) and b == 0:
                 raise ConfigError(f"template {env.template.name}: division by zero in {expr!r}")
             return _BINOPS[type(node.op)](a, b)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else not v
+        if isinstance(node, ast.BoolOp):
+            values = [ev(v) for v in node.values]
+            return all(values) if isinstance(node.op, ast.And) else any(values)
+        if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+            left = ev(node.left)
+            for op, right_node in zip(node.ops, node.comparators):
+                right = ev(right_node)
+                if not _COMPARE[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(node, ast.IfExp):
+            return ev(node.body) if ev(node.test) else ev(node.orelse)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
             return _FUNCS[node.func.id](*(ev(a) for a in node.args))
         raise ConfigError(f"template {env.template.name}: unsupported syntax in expression {expr!r}")
 
     return ev(tree)
+
+
+_FIELD = re.compile(r"\{([^{}]+)\}")
+
+
+def format_name(name: str, env: Env, layer: int | None = None, expert: Any = None) -> str:
+    """A weight's name with `{layer}`, `{expert}` and `{expression}` fields filled in."""
+    local = {"layer": layer, "expert": expert}
+
+    def field(m: re.Match) -> str:
+        key = m.group(1).strip()
+        if key in local:
+            return str(local[key])
+        return str(evaluate(key, env, local))
+
+    return _FIELD.sub(field, name)
+
+
+def instances(w: Weight, env: Env) -> list[int | None]:
+    """The layer numbers a weight exists at (None: once, outside the layers)."""
+    if w.when is not None and not evaluate(w.when, env):
+        return []
+    if w.layers is not None:
+        start, stop = (int(evaluate(e, env)) for e in w.layers)
+        return list(range(start, stop))
+    return list(range(env.int("num_layers"))) if w.place == "layer" else [None]
 
 
 def regroup(shape: tuple[int, ...], stored: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -21,6 +21,9 @@ FAMILIES = {
     "mixtral": dict(cls="MixtralConfig", model="MixtralForCausalLM", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=150, num_local_experts=4, num_experts_per_tok=2,
                     tie_word_embeddings=False, rms_norm_eps=1e-6),
+    # Qwen3: per-head q and k norms (tests/test_templates.py describes it in its own template)
+    "qwen3": dict(cls="Qwen3Config", model="Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, tie_word_embeddings=False),
 }
 
 

@@ -77,6 +77,7 @@ def test_gpt_model_loads_strict_and_matches_transformers(tmp_path, mcore_cpu):
     doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     a, c = doc["args"], FAMILIES["llama"]
     model = gpt_from_args(a, c["rms_norm_eps"])
+    assert sorted(doc["model"]) == sorted(model.state_dict())  # _extra_state entries (output layer's too) as GPTModel has them
     result = model.load_state_dict(doc["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     got = forward(model)
@@ -154,6 +155,7 @@ def test_pipeline_stages_load_strict_and_chain_to_transformers_logits(tmp_path, 
     for pp, doc in enumerate(docs):
         stage_args = argparse.Namespace(**{**vars(a), "num_layers": per_stage})
         model = gpt_from_args(stage_args, c["rms_norm_eps"], pre_process=pp == 0, post_process=pp == 1)
+        assert sorted(doc["model"]) == sorted(model.state_dict()), pp
         result = model.load_state_dict(doc["model"], strict=True)
         assert not result.missing_keys and not result.unexpected_keys, (pp, result)
         stages.append(model)

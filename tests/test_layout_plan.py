@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from runner.errors import LayoutError, PlanError
 from runner.formats.base import TensorInfo
 from runner.layout import Box, intersect
-from runner.plan import ReadItem, plan_rank
+from runner.plan import FilePlan, ReadItem, TensorPlan, plan_rank, validate
 from runner.strategy import Strategy, parse_native
 from tests import oracle
 
@@ -143,6 +143,29 @@ def test_headers_disagreeing_with_strategy_are_named() -> None:
     headers[1] = {}
     with pytest.raises(PlanError, match="lacks it"):
         plan_rank(src, dst, 3, headers=lambda r: headers[r])
+
+
+def test_validation_checks_exact_cover() -> None:
+    """Reads of [0, 2) twice and never [2, 4) have the right volume and stay inside the
+    box; exact cover rejects them. The honest plan [0, 2) + [2, 4) passes."""
+    src = tp(2, shape=(4,))
+    whole = Box((0,), (4,))
+    first, second = Box((0,), (2,)), Box((2,), (2,))
+
+    def file_plan(regions) -> FilePlan:
+        reads = tuple(ReadItem(0 if b.offsets == (0,) else 1, "w", b, b) for b in regions)
+        return FilePlan(0, (TensorPlan("w", "F32", "F32", whole, (4,), reads),))
+
+    validate(file_plan([first, second]), src, None)
+    with pytest.raises(PlanError, match="overlap"):
+        validate(file_plan([first, first]), src, None)
+    two_d = Box((0, 0), (4, 4))
+    left, right = Box((0, 0), (4, 2)), Box((0, 2), (4, 2))
+    ok = FilePlan(0, (TensorPlan("w", "F32", "F32", two_d, (4, 4), (ReadItem(0, "w", two_d, left), ReadItem(0, "w", two_d, right))),))
+    validate(ok, tp(1, shape=(4, 4), tmap=(-1, -1)), None)  # same rows, disjoint columns: no overlap
+    bad = FilePlan(0, (TensorPlan("w", "F32", "F32", two_d, (4, 4), (ReadItem(0, "w", two_d, left), ReadItem(0, "w", two_d, left))),))
+    with pytest.raises(PlanError, match="overlap"):
+        validate(bad, tp(1, shape=(4, 4), tmap=(-1, -1)), None)
 
 
 # -- properties over random layouts -------------------------------------------------------

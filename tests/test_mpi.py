@@ -242,7 +242,7 @@ def test_bad_header_on_one_rank_fails_everywhere(world):
     proc = mpirun(["-n", 3, *autotrans(job)])
     assert proc.returncode == 1, proc.stderr
     said = errors(proc.stderr)
-    assert len(said) == 3 and len(set(said)) == 1, proc.stderr  # every rank says it, the same way
+    assert len(said) == 1, proc.stderr  # one line for the job (SPEC 3), said by rank 0
     assert said[0].startswith("read source headers failed on MPI rank 2 of 3: ") and "checkpoint_3.safetensors" in said[0]
     assert not (root / "out/transformed_checkpoint").exists()
 
@@ -285,7 +285,7 @@ def test_failure_while_writing_on_one_rank(world, tmp_path):
     proc, out, _ = hooked_run(world, tmp_path, "fail")
     assert proc.returncode == 1, proc.stderr
     said = errors(proc.stderr)
-    assert len(said) == 3 and len(set(said)) == 1, proc.stderr
+    assert len(said) == 1, proc.stderr
     assert said[0] == "transform failed on MPI rank 1 of 3: injected failure while writing"
     assert not (out / "transformed_checkpoint/autotrans.json").exists()
 

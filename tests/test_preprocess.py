@@ -5,9 +5,9 @@ and IndexedDatasetBuilder (writer)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -260,12 +260,12 @@ def test_bad_line_fails_naming_file_and_line(tmp_path, bpe, workers):
     assert list((tmp_path / "out").iterdir()) == []  # no output, no temporary file left
 
 
-def test_bad_lines_skipped_and_reported_with_line_numbers(tmp_path, bpe, megatron, caplog):
+def test_bad_lines_skipped_and_reported_with_line_numbers(tmp_path, bpe, megatron, capsys):
     path = _bad_input(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="runner.preprocess"):
-        summary = _run(input=str(path), tokenizer=str(bpe.path), on_bad_line="skip", output_prefix=str(tmp_path / "ds"))
+    summary = _run(input=str(path), tokenizer=str(bpe.path), on_bad_line="skip", output_prefix=str(tmp_path / "ds"))
 
-    reported = [r.getMessage() for r in caplog.records]
+    warning = "autotrans: warning: "
+    reported = [line[len(warning):] for line in capsys.readouterr().err.splitlines() if line.startswith(warning)]
     assert [m.split(": skipped")[0] for m in reported] == [f"{path}:{n}" for n in (2, 4, 5, 6, 7, 8, 9)]
     assert "no key 'text'" in reported[1] and "holds a number" in reported[2] and "got an array" in reported[3]
     assert reported[0].endswith("invalid JSON (Unterminated string starting at: column 10)")
@@ -394,3 +394,129 @@ def test_cli_runs_the_example_job_and_prints_a_summary(tmp_path, bpe, megatron):
     summary = r.stderr.strip().splitlines()[-1]
     assert summary.startswith("autotrans: done: 3 documents,") and "documents/s" in summary, summary
     assert _read_back(megatron, tmp_path / "new" / "ds_text_document")[0] == [bpe.encode(d["text"]) for d in docs]
+
+
+# ---------------------------------------------------------------------------- under MPI (SPEC 9)
+
+
+def test_shares_cover_the_input_once_and_start_at_line_starts(tmp_path):
+    """However many parts, the shares are consecutive, cover every byte of every file once,
+    and each starts where a line starts (checked on the bytes, not with the code's own cuts)."""
+    rng = random.Random(3)
+    contents = [b"", b"one line without newline", b"a\nbb\n" * 50, b"x" * 5000 + b"\n" + b"y\n" * 3, b"\n\n\n", b"z" * 300]
+    files = []
+    for i, data in enumerate(contents + [bytes(rng.choice(b"ab\n") for _ in range(2000)) for _ in range(3)]):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(data)
+    sizes = [p.stat().st_size for p in files]
+    for parts in range(1, 8):
+        covered = []
+        for part in range(parts):
+            covered += [(s.file_no, s.start, s.end) for s in preprocess._spans(files, sizes, part, parts)]
+        whole = [(f, 0, n) for f, n in enumerate(sizes) if n]
+        joined = []  # consecutive spans of one file joined, to compare with whole files
+        for f, a, b in covered:
+            assert a < b and (a == 0 or files[f].read_bytes()[a - 1:a] == b"\n"), (parts, f, a)
+            if joined and joined[-1][0] == f and joined[-1][2] == a:
+                joined[-1] = (f, joined[-1][1], b)
+            else:
+                joined.append((f, a, b))
+        assert joined == whole, parts
+
+
+def _launch(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "launch.sh"), *map(str, args), "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _mixed_inputs(folder: Path) -> str:
+    """Three files of a glob: one ends without a newline, one is empty; documents of any size."""
+    folder.mkdir()
+    texts = _corpus(1500, seed=5)
+    _write_jsonl(folder / "part_1.jsonl", [{"text": t, "title": t[:12]} for t in texts[:900]])
+    (folder / "part_2.jsonl").write_text("")
+    (folder / "part_10.jsonl").write_text("\n".join(json.dumps({"text": [t, ""], "title": t[-7:]}) for t in texts[900:]))
+    return str(folder / "part_*.jsonl")
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_launch_splits_the_input_over_ranks_with_the_bytes_of_one_process(tmp_path, bpe, megatron, ranks):
+    """`./launch.sh -n N configs/preprocess.yaml ...`: each rank tokenizes its share, rank 0
+    joins them; the files equal one process's byte for byte and Megatron reads them back."""
+    pattern = _mixed_inputs(tmp_path / "in")
+    keys = [f"preprocess_data.input={pattern}", f"preprocess_data.tokenizer={bpe.path}", "preprocess_data.json_keys=[text,title]",
+            "preprocess_data.append_eod=true", "preprocess_data.workers=1"]
+    one = _run(input=pattern, tokenizer=str(bpe.path), json_keys=["text", "title"], append_eod=True, output_prefix=str(tmp_path / "one" / "ds"))
+    proc = _launch("-n", ranks, REPO / "configs" / "preprocess.yaml", *keys, f"preprocess_data.output_prefix={tmp_path}/mpi/ds")
+    assert proc.returncode == 0, proc.stderr
+    assert _files(tmp_path / "mpi") == _files(tmp_path / "one")  # no temporary part left beside them either
+    done = [line for line in proc.stderr.splitlines() if line.startswith("autotrans: done: ")]
+    assert len(done) == 1 and done[0].startswith(f"autotrans: done: {one['documents']} documents, {one['tokens']} tokens"), proc.stderr
+    texts = _corpus(1500, seed=5)
+    docs, _, _ = _read_back(megatron, tmp_path / "mpi" / "ds_text_document")
+    assert docs == [bpe.encode(t) + [bpe.eos] for t in texts]
+    titles, _, _ = _read_back(megatron, tmp_path / "mpi" / "ds_title_document")
+    assert titles == [bpe.encode(t[:12]) + [bpe.eos] for t in texts[:900]] + [bpe.encode(t[-7:]) + [bpe.eos] for t in texts[900:]]
+
+
+def test_bad_lines_under_mpi_are_named_by_their_line_in_the_file(tmp_path, bpe):
+    """A bad line in rank 1's share is named with its line number in the whole file, once."""
+    lines = [json.dumps({"text": t}) for t in _corpus(400, seed=6)]
+    lines[300], lines[350] = '{"text": 5}', "not json"
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    common = [REPO / "configs" / "preprocess.yaml", f"preprocess_data.input={path}", f"preprocess_data.tokenizer={bpe.path}",
+              "preprocess_data.json_keys=[text]", "preprocess_data.workers=1"]
+    proc = _launch("-n", 2, *common, f"preprocess_data.output_prefix={tmp_path}/fail/ds")
+    assert proc.returncode == 1
+    said = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(said) == 1 and said[0].startswith("autotrans: error: tokenize failed on MPI rank 1 of 2: "), proc.stderr
+    assert said[0].endswith(f"{path}:301: key 'text' holds a number; expected a string or a list of strings; fix the line or set preprocess_data.on_bad_line=skip")
+    assert not (tmp_path / "fail").exists() or list((tmp_path / "fail").iterdir()) == []
+    proc = _launch("-n", 2, *common, "preprocess_data.on_bad_line=skip", f"preprocess_data.output_prefix={tmp_path}/skip/ds")
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if ": skipped: " in line]
+    assert [w.split(": skipped: ")[0][-len(str(path)) - 4:] for w in warned] == [f"{path}:301", f"{path}:351"], proc.stderr
+    assert "autotrans: done: 398 documents," in proc.stderr and "2 bad lines skipped" in proc.stderr
+
+
+def test_ranks_that_see_different_input_fail_with_one_line(tmp_path, bpe):
+    for rank, n in ((0, 3), (1, 4)):
+        _write_jsonl(tmp_path / f"in_{rank}.jsonl", [{"text": "data"}] * n)
+    proc = _launch("-n", 2, REPO / "configs" / "preprocess.yaml", f"preprocess_data.input={tmp_path}/in_${{oc.env:PMI_RANK}}.jsonl",
+                   f"preprocess_data.tokenizer={bpe.path}", f"preprocess_data.output_prefix={tmp_path}/out/ds", "preprocess_data.json_keys=[text]")
+    assert proc.returncode == 1
+    said = [line for line in proc.stderr.splitlines() if "error" in line]
+    sizes = [(tmp_path / f"in_{rank}.jsonl").stat().st_size for rank in (0, 1)]
+    assert said == [f"autotrans: error: tokenize failed on MPI rank 1 of 2: preprocess_data.input: this rank sees 1 file(s), {sizes[1]} bytes, "
+                    f"and MPI rank 0 sees 1, {sizes[0]} bytes; every rank must see the same input files (a shared disk)"], proc.stderr
+
+
+MEMORY_PROBE = """
+import sys, tracemalloc
+from runner import preprocess
+from runner.preprocess import run_preprocess, validate_section
+preprocess.CHUNK_BYTES = 16 << 10  # small blocks, pointer chunks and transfers: the constant part is small
+preprocess._DatasetWriter._CHUNK = 1024
+preprocess._TRANSFER_BYTES = 16 << 10
+tracemalloc.start()
+run_preprocess(validate_section({"input": sys.argv[1], "tokenizer": sys.argv[2], "output_prefix": sys.argv[3]}), show_progress=False)
+print("peak", tracemalloc.get_traced_memory()[1])
+"""
+
+
+def test_memory_per_rank_stays_flat_as_the_input_grows(tmp_path, bpe):
+    """Under MPI, too, no rank's peak of Python allocations follows the input size: the
+    shares stream through the tokenizer, and the parts travel to rank 0 in chunks."""
+    mpiexec = shutil.which("mpiexec")
+    probe = tmp_path / "probe.py"
+    probe.write_text(MEMORY_PROBE)
+    peaks = {}
+    for n in (10_000, 40_000):
+        path = tmp_path / f"in_{n}.jsonl"
+        path.write_text('{"text": "data rank model"}\n' * n)
+        proc = subprocess.run([mpiexec, "-n", "2", sys.executable, probe, path, bpe.path, tmp_path / f"out_{n}" / "ds"],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr
+        peaks[n] = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("peak")]
+        assert len(peaks[n]) == 2
+    assert max(peaks[40_000]) < max(peaks[10_000]) + 150_000  # 30,000 more documents: under 5 bytes each

@@ -29,7 +29,7 @@ from tests import oracle
 
 SPECS = {f"layer{i}.w": ((16, 8), "F32") for i in range(3)} | {"norm": ((8,), "BF16"), "emb": ((32, 8), "F16")}
 # os functions through which the runner changes files: each call is a kill point
-FS_CALLS = ("open", "pwrite", "write", "fsync", "replace", "rename", "unlink", "mkdir", "rmdir")
+FS_CALLS = ("open", "pwrite", "copy_file_range", "sendfile", "write", "fsync", "replace", "rename", "unlink", "mkdir", "rmdir")
 
 
 def tp2(specs) -> dict:
@@ -263,6 +263,7 @@ def test_disk_full_mid_file_then_resume(tmp_path: Path, monkeypatch, capsys, aft
     capsys.readouterr()
     with monkeypatch.context() as m:
         m.setattr(os, "pwrite", failing(os.pwrite, errno.ENOSPC, after))
+        m.setattr(os, "copy_file_range", failing(os.copy_file_range, errno.ENOSPC, after))
         assert main(cfg) == 1
     line = one_error_line(capsys)
     assert "disk full" in line and "run the job again" in line, line

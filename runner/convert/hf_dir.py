@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
 
 from runner import dtypes
 from runner.errors import ConfigError
 from runner.durable import copy_regular, fsync_dir, write_json
 from runner.formats.base import TensorInfo
+from runner.log import warn
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -64,7 +64,7 @@ def write_index(folder: Path, shards: list[list[str]], infos: dict[str, TensorIn
     return path
 
 
-def copy_reference(folder: Path, reference: Path | None, config: dict | None, warn: Callable[[str], None]) -> list[Path]:
+def copy_reference(folder: Path, reference: Path | None, config: dict | None) -> list[Path]:
     """Copy config and tokenizer files from `reference`; write `config` when the
     reference has no config.json. Warns naming each tokenizer file that is missing."""
     written = []

@@ -19,16 +19,17 @@ from typing import Callable
 
 from runner import __version__, dtypes, lora as lora_merge, plan as planner, strategy as strat
 from runner.config import JobConfig
-from runner.convert import hf_dir, megatron_names as mn, mindformers, rows
-from runner.convert.llama import NameMap
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
-from runner.convert.megatron_layout import MegatronLayout, strategy as megatron_strategy
-from runner.convert.model import ModelSpec, from_megatron_args, hf_config, read_hf_config
+from runner.convert import hf_dir, rows
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
+from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
+from runner.convert.names import NameMap, renames, scheme_map
 from runner.errors import ConfigError, FormatError
 from runner.execute import LocalPool, WrittenFile, tensor_bits, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.layout import Box, ParamLayout
+from runner.log import say, warn
 from runner.plan import ReadItem
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
@@ -38,28 +39,6 @@ TRANSFORMED = "transformed_checkpoint"
 STRATEGY_DIR = "strategy"
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
 _IGNORABLE = (".rotary_emb.inv_freq",)
-
-
-def warn(msg: str) -> None:
-    from runner.job import warn as core_warn
-
-    core_warn(msg)
-
-
-def say(msg: str) -> None:
-    from runner.job import say as core_say
-
-    core_say(msg)
-
-
-def name_map(spec: ModelSpec, padded_vocab: int, pp: int) -> NameMap:
-    if spec.family == "mixtral":
-        from runner.convert.mixtral import name_map as moe_map
-
-        return moe_map(spec, padded_vocab, pp)
-    from runner.convert.llama import name_map as dense_map
-
-    return dense_map(spec, padded_vocab, pp)
 
 
 def _infos(shapes: dict[str, tuple[int, ...]], dtype_of: Callable[[str], str]) -> dict[str, TensorInfo]:
@@ -72,7 +51,7 @@ class HFInput:
     """An HF folder, or a MindFormers checkpoint read under HF names."""
 
     source: Source
-    spec: ModelSpec
+    spec: Model
     infos: dict[str, TensorInfo]  # by HF name
     stored_as: Callable[[str], str]  # HF name -> name in the files
     reference: Path | None
@@ -85,22 +64,32 @@ class HFInput:
             held = dict(reader.tensors())
         finally:
             reader.close()
-        merge = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}) if cfg.lora is not None else None
+        merge = None
+        if cfg.lora is not None:
+            merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held})
+            held = base[0]
         inp = HFInput._open(cfg, source, held)
         inp.lora = merge
         return inp
 
     @staticmethod
     def _open(cfg: JobConfig, source: Source, held: dict[str, TensorInfo]) -> "HFInput":
-        if mindformers.looks_like_mindformers(held):
-            if not cfg.reference_hf_dir:
-                raise ConfigError("a MindFormers checkpoint carries no model sizes: set reference_hf_dir to the model's HF folder (its config.json)")
-            _, spec = read_hf_config(Path(cfg.reference_hf_dir))
-            infos = {mindformers.to_hf(n): t for n, t in held.items()}
-            return HFInput(source, spec, infos, mindformers.to_mindformers, Path(cfg.reference_hf_dir))
+        arch = (cfg.model or {}).get("arch")
         if source.kind != "hf":
-            raise ConfigError(f"{source.root} is neither an HF folder (config.json + weights), a MindFormers checkpoint nor a Megatron folder")
-        _, spec = read_hf_config(source.root)
+            if not cfg.reference_hf_dir:
+                raise ConfigError(f"{source.root} is neither an HF folder (config.json + weights) nor a Megatron folder; "
+                                  "for a MindFormers checkpoint set reference_hf_dir to the model's HF folder (its config.json)")
+            _, spec = read_hf_config(Path(cfg.reference_hf_dir), arch)
+            if "mindformers" not in spec.template.schemes:
+                raise ConfigError(f"template {spec.family} has no MindFormers names; {source.root} is not an HF folder")
+            to_mf = renames(spec, "hf", "mindformers")
+            to_hf = {m: h for h, m in to_mf.items()}
+            unknown = sorted(set(held) - set(to_hf))
+            if unknown:
+                raise FormatError(f"{source.root}: tensor {unknown[0]} is not a MindFormers name of template {spec.family}")
+            infos = {to_hf[n]: t for n, t in held.items()}
+            return HFInput(source, spec, infos, to_mf.__getitem__, Path(cfg.reference_hf_dir))
+        _, spec = read_hf_config(source.root, arch)
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
         return HFInput(source, spec, held, lambda n: n, reference)
 
@@ -160,7 +149,8 @@ class MergedTensors:
 @dataclass
 class MegatronInput:
     folder: MegatronFolder
-    spec: ModelSpec
+    spec: Model
+    scheme: str
     nmap: NameMap
     infos: dict[str, TensorInfo]  # logical
     strategy: Strategy
@@ -173,18 +163,18 @@ class MegatronInput:
             raise ConfigError("lora: a merge reads HF folders and safetensors / ckpt checkpoints; convert the Megatron checkpoint to HF first, then merge")
         mf = MegatronFolder.open(root)
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else None
-        ref_spec = read_hf_config(reference)[1] if reference else None
-        spec = from_megatron_args(mf.args, str(mf.files[0]), ref_spec.vocab if ref_spec else None)
-        if ref_spec is not None:
-            spec = ModelSpec(**{**spec.to_json(), "family": ref_spec.family})
+        arch = (cfg.model or {}).get("arch")
+        ref_spec = read_hf_config(reference, arch)[1] if reference else None
+        config = megatron_config(mf.args, str(mf.files[0]), ref_spec.vocab if ref_spec else None)
+        spec, scheme = detect(config, candidates(arch, ref_spec), mf.layout, mf.first_names, str(mf.files[0]))
         lay = mf.layout
-        lay.check(spec.num_layers, spec.kv_heads, spec.experts)
         padded = mf.padded_vocab() or spec.padded_vocab(getattr(mf.args, "make_vocab_size_divisible_by", 128) or 128, lay.tp)
-        nmap = name_map(spec, padded, lay.pp)
+        mm = megatron_map(spec, scheme, lay, padded)
+        nmap = mm.nmap
         dtype = _megatron_dtype(mf)
         infos = _infos(nmap.shapes, lambda n: dtype)
-        s = megatron_strategy(infos, lay, spec.num_layers)
-        names = {r: mf.file_names(r, s.params_of_rank(r), spec.num_layers, spec.experts > 0) for r in s.ranks}
+        s = mm.strategy(infos)
+        names = {r: {n: tuple("model." + f for f in fs) for n, fs in mm.file_names(r, s.params_of_rank(r)).items()} for r in s.ranks}
         source = MegatronSource(Path(root), "megatron", {r: (p,) for r, p in mf.files.items()}, names)
         first = source.open(s.ranks[0])
         try:
@@ -193,7 +183,7 @@ class MegatronInput:
                      "are not converted: only the model's weights are")
         finally:
             first.close()
-        return MegatronInput(mf, spec, nmap, infos, s, source, reference)
+        return MegatronInput(mf, spec, scheme, nmap, infos, s, source, reference)
 
     def pool(self, recipes: dict[str, rows.Recipe]) -> rows.RecipePool:
         """Recipes over whole logical tensors; other reads straight from the rank files."""
@@ -203,7 +193,7 @@ class MegatronInput:
     kind = "megatron"
 
     def digest_doc(self) -> dict:
-        return {"megatron": self.strategy.to_json(), "naming": [self.folder.naming, self.folder.impl]}
+        return {"megatron": self.strategy.to_json(), "scheme": self.scheme}
 
     def files(self) -> list[Path]:
         return list(self.folder.files.values())
@@ -214,7 +204,7 @@ def _megatron_dtype(mf: MegatronFolder) -> str:
 
     r = TorchReader(mf.files[0])
     try:
-        kinds = {t.dtype for n, t in r.tensors().items() if n.startswith("model.")}
+        kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
     finally:
         r.close()
     if len(kinds) != 1:
@@ -268,9 +258,9 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
     pc = cfg.parallel_config
     lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel)
     spec = src.spec
-    lay.check(spec.num_layers, spec.kv_heads, spec.experts)
     padded = spec.padded_vocab(cfg.make_vocab_size_divisible_by, lay.tp)
-    nmap = name_map(spec, padded, lay.pp)
+    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), lay, padded)
+    nmap = mm.nmap
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if isinstance(src, HFInput):
         src.check(nmap)
@@ -280,28 +270,22 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
         make_pool = lambda: src.pool(recipes)  # noqa: E731
     else:
         infos = _infos(nmap.shapes, lambda n: next(iter(src.infos.values())).dtype)
-        plan_src, make_pool = _reshard_source(src, infos, spec)
-    dst = megatron_strategy(infos, lay, spec.num_layers)
+        plan_src, make_pool = _reshard_source(src, infos, nmap)
+    dst = mm.strategy(infos)
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
     args = megatron_args(spec, lay, padded, cfg.make_vocab_size_divisible_by, cfg.transformer_impl,
                          cfg.megatron_naming, out_dtype, cfg.iteration)
     head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": cfg.iteration}
     iter_dir = out / f"iter_{cfg.iteration:07d}"
-    moe = spec.experts > 0
-    experts = spec.experts // lay.ep
 
     def path(rank: int) -> Path:
         return iter_dir / lay.folder(rank) / CKPT
 
     def write(rank: int, pool) -> WrittenFile:
         fp = planner.plan_rank(plan_src, dst, rank, cast_to=cast_to)
-        stage_layers = lay.layers(lay.coords(rank)[1], spec.num_layers)
-        names = {t.name: tuple(mn.file_names(t.name, stage_layers.start, cfg.transformer_impl, cfg.megatron_naming, moe, experts))
-                 for t in fp.tensors}
-        extra = [] if cfg.megatron_naming == "legacy" else \
-            mn.extra_state_names(stage_layers, stage_layers.start, cfg.transformer_impl, moe, experts)
-        return write_rank(fp, pool, path(rank), names, extra, head, cfg.megatron_naming == "legacy")
+        names = mm.file_names(rank, [t.name for t in fp.tensors])
+        return write_rank(fp, pool, path(rank), names, mm.extra_state(rank), head, cfg.megatron_naming == "legacy")
 
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
     return Target(dst, dst.ranks, path, write, make_pool, dst.rank_bytes, doc,
@@ -315,19 +299,20 @@ def _linked_dtype(nmap: NameMap, logical: str, hf_infos: dict[str, TensorInfo]) 
     return kinds.pop()
 
 
-def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], spec: ModelSpec):
+def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: NameMap):
     """Megatron to Megatron: tensors whose shape is unchanged are read straight from the
     source layout; vocab tensors whose padding changes (or a tied output layer copy the
     source lacks) are rebuilt by a recipe from the source's logical tensors."""
     direct = {n: p for n, p in src.strategy.params.items() if n in infos and p.shape == infos[n].shape}
     links, pads = [], []
+    vocab = src.spec.vocab
     for n in sorted(set(infos) - set(direct)):
-        if n not in (mn.EMBEDDING, mn.OUTPUT):
+        if n not in nmap.vocab:
             raise FormatError(f"{n}: the source has shape {list(src.infos[n].shape) if n in src.infos else 'none'}, the destination needs {list(infos[n].shape)}")
-        origin = n if n in src.infos else mn.EMBEDDING
-        links.append(rows.Link(origin, 0, n, 0, spec.vocab))
-        if infos[n].shape[0] > spec.vocab:
-            pads.append(rows.Pad(n, spec.vocab, infos[n].shape[0] - spec.vocab, origin, spec.vocab - 1))
+        origin = n if n in src.infos else nmap.vocab[n]
+        links.append(rows.Link(origin, 0, n, 0, vocab))
+        if infos[n].shape[0] > vocab:
+            pads.append(rows.Pad(n, vocab, infos[n].shape[0] - vocab, origin, vocab - 1))
     recipes = rows.forward(links, pads, src.infos, {n: infos[n] for n in infos if n not in direct}, {})
     params = dict(direct)
     params.update({n: ParamLayout.replicated(infos[n].shape, infos[n].dtype) for n in recipes})
@@ -338,7 +323,7 @@ def megatron_hf_recipes(src: MegatronInput) -> tuple[dict[str, TensorInfo], dict
     """HF tensors (by HF name) and how to build each from the Megatron logical tensors."""
     dtype = next(iter(src.infos.values())).dtype
     infos = _infos(src.nmap.hf_shapes, lambda n: dtype)
-    return infos, rows.backward(src.nmap.links, infos, src.infos)
+    return infos, rows.backward(src.nmap.links, infos, src.infos, src.nmap.row_dims)
 
 
 def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows.RecipePool]]:
@@ -355,7 +340,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target
     """HF folder (shards + index) or MindFormers files (rank layout of the core job)."""
     spec = src.spec
     if isinstance(src, HFInput):
-        nmap = name_map(spec, spec.vocab, 1)
+        nmap = scheme_map(spec, "hf", "hf")
         src.check(nmap)
         infos = {n: src.infos[n] for n in nmap.hf_shapes}
         recipes = {n: rows.Recipe(t.shape, t.dtype, 1, (rows.Block(n, 0, t.shape[0]),)) for n, t in infos.items()}
@@ -378,7 +363,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target
     def finish() -> None:
         hf_dir.write_index(out, shards, out_infos)
         out_dtype = next(iter(out_infos.values())).dtype
-        hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype), warn)
+        hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype))
 
     doc = {"to": "hf", "shards": shards, "reference": str(src.reference) if src.reference else None}
     return Target(full, list(range(len(shards))), lambda i: out / hf_dir.shard_name(i, len(shards)), write,
@@ -390,10 +375,11 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
                         recipes: dict[str, rows.Recipe], cast_to: str | None, out: Path) -> Target:
     from runner.job import destination_strategy
 
-    mf = {mindformers.to_mindformers(n): t for n, t in infos.items()}
-    mf_recipes = {mindformers.to_mindformers(n): r for n, r in recipes.items()}
+    to_mf = renames(src.spec, "hf", "mindformers")
+    mf = {to_mf[n]: t for n, t in infos.items()}
+    mf_recipes = {to_mf[n]: r for n, r in recipes.items()}
     full = Strategy.full(mf)
-    dst = destination_strategy(cfg, full)
+    dst, full = destination_strategy(cfg, full)
     planner.check_compatible(full, dst, cast_to)
 
     def path(rank: int) -> Path:

@@ -3,8 +3,8 @@
 `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt` per (tensor, pipeline, expert) rank
 holding `args`, `checkpoint_version`, `iteration` and `model`.
 
-Reading exposes each rank file's weights under logical names (runner.convert.
-megatron_names), so the core planner reshards them like any distributed checkpoint.
+Reading exposes each rank file's weights under logical names (runner.convert.names,
+from the template), so the core planner reshards them like any distributed checkpoint.
 Writing assembles a rank's tensors in a temporary safetensors file with the core
 executor, then torch.saves tensors that are views of that file's mapping: the
 pickle is the only thing built in memory."""
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from runner import dtypes
-from runner.convert import megatron_names as mn
 from runner.convert.megatron_layout import MegatronLayout
-from runner.errors import FormatError, excerpt, one_line
+from runner.convert.model import Model
 from runner.durable import DurableFile, temp_path, write_bytes
+from runner.errors import FormatError, excerpt, one_line
 from runner.execute import SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
@@ -37,6 +37,14 @@ ITER_FILE = "latest_checkpointed_iteration.txt"
 CKPT = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 _RANK = re.compile(r"mp_rank_(\d+)(?:_(\d+))?(?:_(\d+))?")
+# Top-level entries of a rank file that describe it rather than hold training state.
+_HEAD = ("args", "checkpoint_version", "iteration", "model")
+
+
+def is_weight(name: str) -> bool:
+    """A model weight of a rank file: under `model.`, not a module's `_extra_state`
+    (TransformerEngine stores those as BytesIO, bytes or uint8 tensors)."""
+    return name.startswith("model.") and not name.endswith("._extra_state")
 
 
 def checkpoint_dir(root: Path) -> Path:
@@ -133,24 +141,17 @@ def check_args(args: argparse.Namespace, path: Path, rank_folders: int, tensors:
     return lay
 
 
-def detect_naming(names: list[str]) -> tuple[str, str]:
-    """(megatron_naming, transformer_impl) of a file from its model tensor names."""
-    if any(n.startswith("model.language_model.") for n in names):
-        return "legacy", "local"
-    return "core", "transformer_engine" if any(n.endswith(".layer_norm_weight") for n in names) else "local"
-
-
 @dataclass
 class MegatronFolder:
-    """A Megatron checkpoint: where its files are, its layout, args and naming."""
+    """A Megatron checkpoint: where its files are, its layout, args, and the weight
+    names of its first file (which say the template and naming scheme)."""
 
     root: Path
     ckdir: Path
     layout: MegatronLayout
     files: dict[int, Path]
     args: argparse.Namespace
-    naming: str
-    impl: str
+    first_names: frozenset[str]
 
     @staticmethod
     def open(root: Path) -> "MegatronFolder":
@@ -170,8 +171,8 @@ class MegatronFolder:
         if missing:
             raise FormatError(f"{ckdir}: args say TP {lay.tp} PP {lay.pp} EP {lay.ep}, but {', '.join(missing[:4])} "
                               f"{'is' if len(missing) == 1 else 'are'} missing ({len(missing)} of {lay.world_size})")
-        naming, impl = detect_naming(list(tensors))
-        return MegatronFolder(Path(root), ckdir, lay, files, args, naming, impl)
+        weights = frozenset(n[len("model."):] for n in tensors if is_weight(n))
+        return MegatronFolder(Path(root), ckdir, lay, files, args, weights)
 
     @property
     def iteration(self) -> str:
@@ -180,16 +181,8 @@ class MegatronFolder:
     def padded_vocab(self) -> int | None:
         return getattr(self.args, "padded_vocab_size", None)
 
-    def file_names(self, rank: int, logical: list[str], num_layers: int, moe: bool) -> dict[str, tuple[str, ...]]:
-        """Logical name -> the names rank `rank`'s file stores it under (`model.` included)."""
-        _tp, pp, _ep = self.layout.coords(rank)
-        first = self.layout.layers(pp, num_layers).start
-        experts = _local_experts(self.args, self.layout)
-        return {n: tuple("model." + f for f in mn.file_names(n, first, self.impl, self.naming, moe, experts)) for n in logical}
-
-
-def _local_experts(args: argparse.Namespace, lay: MegatronLayout) -> int:
-    return (getattr(args, "num_experts", None) or 0) // lay.ep
+    def local_experts(self) -> int:
+        return (getattr(self.args, "num_experts", None) or 0) // self.layout.ep
 
 
 class MegatronRankReader:
@@ -204,7 +197,7 @@ class MegatronRankReader:
         self._names = names
         held = self._reader.tensors()
         stored = {f for fs in names.values() for f in fs}
-        unknown = sorted(n for n in held if n.startswith("model.") and n not in stored and not n.endswith("._extra_state"))
+        unknown = sorted(n for n in held if is_weight(n) and n not in stored)
         if unknown:
             raise FormatError(f"{path}: weights with no conversion map: {', '.join(unknown[:5])}"
                               f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
@@ -215,8 +208,8 @@ class MegatronRankReader:
                 raise FormatError(f"{path}: lacks {missing[0]} (the model's sizes and layer spec say it should hold it)")
             first = held[fs[0]]
             self._infos[logical] = first if len(fs) == 1 else TensorInfo(first.dtype, (len(fs), *first.shape))
-        self.dropped = sorted({n.split(".")[0] for n in held if not n.startswith("model.")} |
-                              {k.split(".")[0] for k in self._reader.objects if k.split(".")[0] in ("optimizer", "rng_state", "opt_param_scheduler")})
+        # optimizer, rng_state, opt_param_scheduler, num_floating_point_operations_so_far, ...
+        self.dropped = sorted({n.split(".")[0] for n in [*held, *self._reader.objects]} - set(_HEAD))
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -245,24 +238,27 @@ class MegatronSource(Source):
 
 
 # -- writing ------------------------------------------------------------------------------
-def megatron_args(spec, lay: MegatronLayout, padded_vocab: int, divisible_by: int, impl: str, naming: str,
+def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisible_by: int, impl: str, naming: str,
                   dtype: str, iteration: int) -> argparse.Namespace:
-    """The `args` Megatron's load_checkpoint reads and checks: sizes and parallel settings."""
+    """The `args` Megatron's load_checkpoint reads and checks: sizes and parallel
+    settings, plus the template's `megatron_args` (normalization, swiglu, ...)."""
     import torch
 
-    moe = spec.experts > 0
+    env = model.env()
+    experts = model.experts
+    heads, kv_heads, ffn = env.int("num_heads"), env.int("n_kv_heads"), env.int("intermediate_size")
+    positions = env.int("max_position_embeddings")
     return argparse.Namespace(
-        num_layers=spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=spec.ffn,
-        num_attention_heads=spec.heads, kv_channels=spec.head_dim,
-        group_query_attention=spec.kv_heads != spec.heads, num_query_groups=spec.kv_heads,
-        max_position_embeddings=spec.max_positions, seq_length=spec.max_positions,
-        position_embedding_type="rope", rotary_base=spec.rope_theta, add_position_embedding=False,
-        make_vocab_size_divisible_by=divisible_by, padded_vocab_size=padded_vocab, vocab_size=spec.vocab,
-        true_vocab_size=spec.vocab, vocab_file=None, tokenizer_type=None,
-        normalization="RMSNorm", norm_epsilon=spec.norm_eps, swiglu=True,
-        untie_embeddings_and_output_weights=not spec.tied, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
-        num_experts=spec.experts or None, moe_router_topk=spec.topk if moe else 2,
-        moe_ffn_hidden_size=spec.ffn if moe else None, moe_grouped_gemm=False,
+        num_layers=model.num_layers, hidden_size=env.int("hidden_size"), ffn_hidden_size=ffn,
+        num_attention_heads=heads, kv_channels=env.int("head_dim"),
+        group_query_attention=kv_heads != heads, num_query_groups=kv_heads,
+        max_position_embeddings=positions, seq_length=positions, rotary_base=env.get("rope_theta"),
+        make_vocab_size_divisible_by=divisible_by, padded_vocab_size=padded_vocab, vocab_size=model.vocab,
+        true_vocab_size=model.vocab, vocab_file=None, tokenizer_type=None, norm_epsilon=env.get("norm_eps"),
+        untie_embeddings_and_output_weights=not model.tied,
+        num_experts=experts or None, moe_router_topk=env.int("num_experts_per_tok") if experts else 2,
+        moe_ffn_hidden_size=ffn if experts else None, moe_grouped_gemm=False,
+        **model.template.megatron_args,
         tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp, expert_model_parallel_size=lay.ep,
         virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
         transformer_impl=impl, use_mcore_models=naming == "core", use_legacy_models=naming == "legacy",
@@ -290,7 +286,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
                 for fname, part in zip(names[t.name], parts):
                     model[fname] = torch.from_numpy(part).view(dtypes.torch_dtype(t.out_dtype))
         model.update({n: None for n in extra_state})
-        doc = {**head, "model": mn.nest_legacy(model) if legacy else model}
+        doc = {**head, "model": nest_legacy(model) if legacy else model}
         with DurableFile(path) as out:
             torch.save(doc, out.stream())
         del model, doc
@@ -298,6 +294,27 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
         reader.close()
         staging.unlink(missing_ok=True)
     return WrittenFile(path, path.stat().st_size, file_crc32(path))
+
+
+def nest_legacy(flat: dict) -> dict:
+    """Legacy checkpoints nest `language_model` by module: embedding, encoder (flat
+    keys below it), output_layer."""
+    out: dict = {}
+    for name, value in flat.items():
+        if not name.startswith("language_model."):
+            out[name] = value
+            continue
+        rest = name[len("language_model."):]
+        lm = out.setdefault("language_model", {})
+        if rest.startswith("encoder."):
+            lm.setdefault("encoder", {})[rest[len("encoder."):]] = value
+        else:
+            node = lm
+            *path, leaf = rest.split(".")
+            for key in path:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    return out
 
 
 def write_iteration_marker(folder: Path, iteration: int) -> Path:
@@ -311,7 +328,7 @@ def describe_folder(path: Path) -> str:
     mf = MegatronFolder.open(Path(path))
     a = mf.args
     lines = [
-        f"megatron checkpoint {mf.ckdir} ({mf.naming} names, {mf.impl} layer spec): "
+        f"megatron checkpoint {mf.ckdir}: "
         f"TP {mf.layout.tp} PP {mf.layout.pp} EP {mf.layout.ep}, {mf.layout.world_size} rank file(s)",
         f"model: {getattr(a, 'num_layers', '?')} layers, hidden {getattr(a, 'hidden_size', '?')}, "
         f"ffn {getattr(a, 'ffn_hidden_size', '?')}, heads {getattr(a, 'num_attention_heads', '?')}, "
@@ -323,7 +340,7 @@ def describe_folder(path: Path) -> str:
     for r, p in mf.files.items():
         reader = TorchReader(p)
         try:
-            infos = {n: t for n, t in reader.tensors().items() if n.startswith("model.")}
+            infos = {n: t for n, t in reader.tensors().items() if is_weight(n)}
             nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())
             lines.append(f"rank {r}: {p.relative_to(mf.ckdir)}: {len(infos)} tensors, {nbytes} bytes")
             if r == 0:

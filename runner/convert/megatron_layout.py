@@ -3,18 +3,19 @@ core planner reshards between Megatron layouts (and from full HF tensors) direct
 
 Ranks: stage-major, then expert-parallel rank, tensor-parallel rank fastest; each
 stage's dev_matrix is [ep, tp] (data parallelism does not change the files). Column
-parallel: word embeddings, output layer, QKV, fc1 (dim 1 of [2, ffn, hidden]); row
-parallel: linear_proj, fc2; experts split over EP on dim 0; the rest replicated."""
+and row splits, placement and fused storage come from the template (runner.convert.names)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from runner.convert import megatron_names as mn
-from runner.errors import ConfigError
+from runner.convert.model import Model
+from runner.convert.names import NameMap, Tensor, extra_state_names, file_names, scheme_map, stage_of
+from runner.errors import ConfigError, FormatError
 from runner.formats.base import TensorInfo
 from runner.layout import ParamLayout
 from runner.strategy import Strategy
+from runner.templates import Template, regroup
 
 TP_AXIS, EP_AXIS = (0,), (1,)
 
@@ -56,48 +57,122 @@ class MegatronLayout:
         per = num_layers // self.pp
         return range(stage * per, (stage + 1) * per)
 
-    def check(self, num_layers: int, kv_heads: int, experts: int) -> None:
+    def check(self, num_layers: int) -> None:
         if num_layers % self.pp:
             raise ConfigError(f"parallel_config.pipeline_stage {self.pp} does not divide the {num_layers} layers")
-        if kv_heads % self.tp:
-            raise ConfigError(f"parallel_config.model_parallel {self.tp} does not divide the {kv_heads} query groups")
-        if self.ep > 1 and (not experts or experts % self.ep):
-            raise ConfigError(f"parallel_config.expert_parallel {self.ep} does not divide the {experts} experts")
 
 
-def param_layout(name: str, shape: tuple[int, ...], dtype: str, lay: MegatronLayout, num_layers: int) -> ParamLayout:
-    """Layout of one logical tensor."""
-    last = lay.pp - 1
-    parts = mn.split_layer(name)
-    if name == mn.EMBEDDING:
-        stage = 0
-    elif name in (mn.OUTPUT, mn.FINAL_NORM):
-        stage = last
-    elif parts is not None:
-        stage = parts[0] // (num_layers // lay.pp)
-    else:
-        raise ConfigError(f"no Megatron layout for tensor {name}")
-    rest = parts[1] if parts else name
+def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num_layers: int) -> ParamLayout:
+    """Layout of one logical tensor, from its template weight: column / row / vocab
+    splits over TP on the weight's dim, stacked experts over EP on dim 0, and the
+    stored shape of each rank's box for fused weights ([gate_shard; up_shard])."""
+    w, shape = tensor.weight, tensor.shape
+    lead = 1 if tensor.experts else 0
     tmap: list[tuple[int, ...]] = [()] * len(shape)
-    stored = None
-    if name in (mn.EMBEDDING, mn.OUTPUT) or rest.startswith("self_attention.linear_qkv."):
-        tmap[0] = TP_AXIS
-    elif rest in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
-        tmap[1] = TP_AXIS
-    elif rest == "mlp.linear_fc1.weight":  # [2, ffn, hidden] -> [gate_shard; up_shard]
-        tmap[1] = TP_AXIS
-        stored = (2 * shape[1] // lay.tp, shape[2])
-    elif rest == mn.EXPERT_FC1:  # [experts, 2, ffn, hidden]
-        tmap[0], tmap[2] = EP_AXIS, TP_AXIS
-        stored = (shape[0] // lay.ep, 2 * shape[2] // lay.tp, shape[3])
-    elif rest == mn.EXPERT_FC2:  # [experts, hidden, ffn]
-        tmap[0], tmap[2] = EP_AXIS, TP_AXIS
-    return ParamLayout(tuple(shape), dtype, (stage,), (lay.ep, lay.tp), tuple(tmap), stored_shape=stored)
+    if w.split in ("column", "row", "vocab"):
+        dim = w.dim + lead
+        if shape[dim] % lay.tp:
+            raise ConfigError(f"parallel_config.model_parallel {lay.tp} does not divide dim {dim} ({shape[dim]}) of {name}")
+        tmap[dim] = TP_AXIS
+    if tensor.experts:
+        if tensor.experts % lay.ep:
+            raise ConfigError(f"parallel_config.expert_parallel {lay.ep} does not divide the {tensor.experts} experts of {name}")
+        tmap[0] = EP_AXIS
+    p = ParamLayout(tuple(shape), dtype, (stage_of(w, tensor.layer, lay.pp, num_layers),), (lay.ep, lay.tp), tuple(tmap))
+    if tensor.stored is not None:
+        local = regroup(shape, tensor.stored, p.chunk)
+        if local is None:
+            raise ConfigError(f"{name}: stored shape {list(tensor.stored)} is no row-major merge of {list(shape)}")
+        p = replace(p, stored_shape=local)
+    return p
 
 
-def strategy(infos: dict[str, TensorInfo], lay: MegatronLayout, num_layers: int) -> Strategy:
+def strategy(infos: dict[str, TensorInfo], nmap: NameMap, lay: MegatronLayout) -> Strategy:
     stages = tuple(tuple(range(s * lay.per_stage, (s + 1) * lay.per_stage)) for s in range(lay.pp))
-    params = {n: param_layout(n, t.shape, t.dtype, lay, num_layers) for n, t in infos.items()}
+    num_layers = nmap.env.int("num_layers")
+    params = {n: param_layout(n, nmap.tensors[n], t.dtype, lay, num_layers) for n, t in infos.items()}
     out = Strategy(stages, params, "native")
     out.validate()
     return out
+
+
+# -- the seam conversions use: a template's weights laid out as Megatron files --------------------
+SCHEMES = {"transformer_engine": "megatron", "local": "megatron_local"}
+LEGACY = "megatron_legacy"
+
+
+def scheme_of(naming: str, impl: str) -> str:
+    """The template scheme of `megatron_naming` / `transformer_impl`."""
+    return LEGACY if naming == "legacy" else SCHEMES[impl]
+
+
+@dataclass(frozen=True)
+class MegatronMap:
+    """A model's logical tensors under one Megatron scheme and layout: the HF links
+    (`nmap`), the strategy, and each rank file's names."""
+
+    nmap: NameMap
+    layout: MegatronLayout
+    experts: int
+
+    @property
+    def scheme(self) -> str:
+        return self.nmap.scheme
+
+    def strategy(self, infos: dict[str, TensorInfo]) -> Strategy:
+        return strategy(infos, self.nmap, self.layout)
+
+    def stage_tensors(self, stage: int) -> list[str]:
+        num_layers = self.nmap.env.int("num_layers")
+        return [n for n, t in self.nmap.tensors.items() if stage_of(t.weight, t.layer, self.layout.pp, num_layers) == stage]
+
+    def file_names(self, rank: int, logical) -> dict[str, tuple[str, ...]]:
+        """Logical name -> the names rank `rank`'s file stores it under."""
+        stage = self.layout.coords(rank)[1]
+        first = self.layout.layers(stage, self.nmap.env.int("num_layers")).start
+        local = self.experts // self.layout.ep
+        return {n: tuple(file_names(self.nmap, n, first, local)) for n in logical}
+
+    def extra_state(self, rank: int) -> list[str]:
+        if self.scheme == LEGACY:
+            return []
+        return extra_state_names(self.nmap, self.layout.coords(rank)[1], self.layout.pp, self.experts // self.layout.ep)
+
+
+def megatron_map(model: Model, scheme: str, lay: MegatronLayout, padded_vocab: int | None) -> MegatronMap:
+    """The seam between a template and a Megatron folder: check the sizes against the
+    layout, and link the model's HF tensors to its logical Megatron tensors."""
+    lay.check(model.num_layers)
+    env = model.env()
+    parallel = {"model_parallel": lay.tp, "pipeline_stage": lay.pp, "expert_parallel": lay.ep, "data_parallel": 1}
+    for key, by in model.template.divisible:
+        if by in parallel and env.int(key) % parallel[by]:
+            raise ConfigError(f"parallel_config.{by} {parallel[by]} does not divide model_config.{key} = {env.int(key)}")
+    nmap = scheme_map(model, "hf", scheme, lay.pp, padded_vocab, stack_experts=True)
+    return MegatronMap(nmap, lay, model.experts)
+
+
+def detect(config: dict, templates: list[Template], lay: MegatronLayout, held: frozenset[str], where: str) -> tuple[Model, str]:
+    """The template and scheme whose names for rank 0 are exactly the names a Megatron
+    checkpoint's first file holds."""
+    tried = []
+    for t in templates:
+        model = Model(t, config)
+        for scheme in [*SCHEMES.values(), LEGACY]:
+            if scheme not in t.schemes:
+                continue
+            try:
+                mm = megatron_map(model, scheme, lay, None)
+                names = mm.file_names(0, mm.stage_tensors(0))
+            except ConfigError:
+                continue
+            want = {f for fs in names.values() for f in fs}
+            if want == set(held):
+                return model, scheme
+            tried.append((len(want ^ set(held)), t.name, scheme, sorted(want - held), sorted(held - want)))
+    if not tried:
+        raise FormatError(f"{where}: no template ({', '.join(t.name for t in templates)}) fits the checkpoint's sizes")
+    _, name, scheme, missing, extra = min(tried)
+    detail = (f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which it does not know")
+    raise FormatError(f"{where}: the weights match no template; the nearest, {name} ({scheme} names), {detail}; "
+                      "set model.arch to the model's template")

@@ -36,6 +36,7 @@ class Link:
     b_row: int
     count: int
     primary: bool = True
+    transpose: bool = False  # A's rows are those of A transposed (a 2-D [in, out] weight)
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,25 @@ class Block:
     start: int
     count: int
     repeat: bool = False  # every row is source row `start`
+    transpose: bool = False  # rows of the source transposed
+
+
+def _rows_of(fetch: Fetch, b: Block, cols: tuple[int, ...]) -> np.ndarray:
+    src = fetch(b.src)
+    return (src.T if b.transpose else src).reshape(-1, *cols)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """How to build one target tensor: `shape`, whose first `row_dims` dims are rows,
-    from source row blocks listed in target row order."""
+    from source row blocks listed in target row order; with `transpose`, the blocks
+    build the 2-D target's transpose."""
 
     shape: tuple[int, ...]
     dtype: str
     row_dims: int
     blocks: tuple[Block, ...]
+    transpose: bool = False
 
     @property
     def rows(self) -> int:
@@ -74,10 +83,13 @@ class Recipe:
 
     def region(self, box: Box, fetch: Fetch) -> np.ndarray:
         """The target's elements inside `box`, as raw bits shaped as the box."""
+        if self.transpose:
+            inner = Recipe(self.shape[::-1], self.dtype, 1, self.blocks)
+            return np.ascontiguousarray(inner.region(Box(box.offsets[::-1], box.sizes[::-1]), fetch).T)
         cols = self.shape[self.row_dims:]
         if len(self.blocks) == 1 and not self.blocks[0].repeat:  # rows in order: a view
             b = self.blocks[0]
-            src = fetch(b.src).reshape(-1, *cols)[b.start: b.start + b.count]
+            src = _rows_of(fetch, b, cols)[b.start: b.start + b.count]
             return src.reshape(self.shape)[box.slices()]
         lead = [np.arange(o, o + s) for o, s in zip(box.offsets[: self.row_dims], box.sizes[: self.row_dims])]
         rows = np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), self.shape[: self.row_dims]).reshape(-1)
@@ -88,7 +100,7 @@ class Recipe:
         for i in np.unique(which):
             b = self.blocks[i]
             mask = which == i
-            src = fetch(b.src).reshape(-1, *cols)
+            src = _rows_of(fetch, b, cols)
             local = rows[mask] - starts[i]
             if b.repeat:
                 out[mask] = src[b.start][col_slices]
@@ -100,10 +112,17 @@ class Recipe:
 
 
 def _recipes(items: dict[str, list[Block]], infos: dict[str, TensorInfo], row_dims: dict[str, int],
-             dtype_of: Callable[[Block], str]) -> dict[str, Recipe]:
+             dtype_of: Callable[[Block], str], transposed: set[str] = frozenset()) -> dict[str, Recipe]:
     out = {}
     for name, blocks in items.items():
         info = infos[name]
+        if name in transposed:
+            r = Recipe(info.shape, dtype_of(blocks[0]), 1, tuple(blocks), transpose=True)
+            covered, want = sum(b.count for b in blocks), info.shape[-1]
+            if covered != want:
+                raise PlanError(f"conversion map covers {covered} of the {want} rows of {name} transposed")
+            out[name] = r
+            continue
         r = Recipe(info.shape, dtype_of(blocks[0]), row_dims.get(name, 1), tuple(blocks))
         covered = sum(b.count for b in blocks)
         if covered != r.rows:
@@ -117,7 +136,7 @@ def forward(links: Iterable[Link], pads: Iterable[Pad], a: dict[str, TensorInfo]
     """Recipes for every B tensor from A tensors."""
     parts: dict[str, list[tuple[int, Block]]] = {}
     for lk in links:
-        parts.setdefault(lk.b, []).append((lk.b_row, Block(lk.a, lk.a_row, lk.count)))
+        parts.setdefault(lk.b, []).append((lk.b_row, Block(lk.a, lk.a_row, lk.count, transpose=lk.transpose)))
     for p in pads:
         parts.setdefault(p.b, []).append((p.b_row, Block(p.a, p.a_row, p.count, repeat=True)))
     items = {n: [blk for _, blk in sorted(v, key=lambda x: x[0])] for n, v in parts.items()}
@@ -125,15 +144,20 @@ def forward(links: Iterable[Link], pads: Iterable[Pad], a: dict[str, TensorInfo]
     return _recipes(items, b, b_row_dims, lambda blk: a[blk.src].dtype)
 
 
-def backward(links: Iterable[Link], a: dict[str, TensorInfo], b: dict[str, TensorInfo]) -> dict[str, Recipe]:
-    """Recipes for every A tensor from B tensors (primary links only)."""
+def backward(links: Iterable[Link], a: dict[str, TensorInfo], b: dict[str, TensorInfo],
+             a_row_dims: dict[str, int]) -> dict[str, Recipe]:
+    """Recipes for every A tensor from B tensors (primary links only). An A tensor whose
+    links are transposed is built as its transpose, then transposed."""
     parts: dict[str, list[tuple[int, Block]]] = {}
+    transposed = set()
     for lk in links:
         if lk.primary:
             parts.setdefault(lk.a, []).append((lk.a_row, Block(lk.b, lk.b_row, lk.count)))
+            if lk.transpose:
+                transposed.add(lk.a)
     items = {n: [blk for _, blk in sorted(v, key=lambda x: x[0])] for n, v in parts.items()}
     _check_contiguous(parts)
-    return _recipes(items, a, {n: 1 for n in items}, lambda blk: b[blk.src].dtype)
+    return _recipes(items, a, a_row_dims, lambda blk: b[blk.src].dtype, transposed)
 
 
 def _check_contiguous(parts: dict[str, list[tuple[int, Block]]]) -> None:

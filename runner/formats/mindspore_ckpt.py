@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from runner import dtypes
+from runner.checksum import crc32
 from runner.errors import FormatError
 from runner.formats.base import Entry, FileLayout, MappedFile, TensorInfo
 
@@ -195,7 +195,7 @@ def _check_crc(path: Path, mm: mmap.mmap, end: int, st: os.stat_result) -> None:
     view = memoryview(mm)
     try:
         for pos in range(0, end, step):
-            crc = zlib.crc32(view[pos:min(end, pos + step)], crc)
+            crc = crc32(view[pos:min(end, pos + step)], crc)
     finally:
         view.release()
     mm.madvise(mmap.MADV_DONTNEED)

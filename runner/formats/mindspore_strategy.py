@@ -24,6 +24,7 @@ from runner.errors import FormatError, LayoutError
 from runner.formats.base import TensorInfo
 from runner.formats.mindspore_proto import message
 from runner.layout import ParamLayout
+from runner.log import warn
 from runner.ranks import gaps
 from runner.durable import write_bytes
 from runner.strategy import MERGED_FILE, RANK_FILE, Strategy
@@ -35,7 +36,6 @@ _STAGE_NODE = "autotrans_pipeline_stage"  # the one op strategy item our files c
 
 
 def _warn(what: str, names: list[str]) -> None:
-    from runner.job import warn
     from runner.plan import _names
 
     warn(f"{len(names)} parameters {what} and are skipped: {_names(sorted(names))}")

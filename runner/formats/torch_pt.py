@@ -2,10 +2,12 @@
 allow-list of the harmless classes real checkpoints hold, and memory-mapped.
 
 Megatron-LM's `model_optim_rng.pt` holds an `argparse.Namespace`, numpy RNG state,
-Megatron enums inside `args` and TransformerEngine `_extra_state` buffers. The
-Namespace, numpy arrays and BytesIO are rebuilt for real; classes from the modules in
-`INERT_MODULES` become inert placeholders that record their arguments and never call
-anything. Any other global (os.system, builtins.eval, ...) is refused before it runs."""
+enums inside `args` (`exit_signal = signal.SIGTERM` since core 0.16, Megatron's own
+enums) and TransformerEngine `_extra_state` buffers (BytesIO, bytes or uint8 tensors).
+The Namespace, SimpleNamespace, paths, numpy arrays and BytesIO are rebuilt for real;
+signals become their plain int; classes from the modules in `INERT_MODULES` become
+inert placeholders that record their arguments and never call anything. Any other
+global (os.system, builtins.eval, ...) is refused before it runs."""
 
 from __future__ import annotations
 
@@ -61,6 +63,19 @@ def _real_globals() -> list[tuple[Any, str]]:
     return entries
 
 
+def _megatron_globals() -> list[tuple[Any, str]]:
+    """What Megatron-LM core 0.16+ puts in `args` beyond the basics (the harmless
+    classes megatron-core itself registers as safe): SimpleNamespace, PosixPath and
+    `signal.Signals`. Python pickles a signal as a call `Signals(15)` (3.11) or as the
+    global `signal.SIGTERM`; both are read as the plain int."""
+    import pathlib
+    import signal
+    import types
+
+    return ([(types.SimpleNamespace, "types.SimpleNamespace"), (pathlib.PosixPath, "pathlib.PosixPath"), (int, "signal.Signals")]
+            + [(int(v), f"signal.{k}") for k, v in signal.Signals.__members__.items()])
+
+
 def load(path: Path) -> Any:
     """Unpickle a torch file without running code from it; tensors stay memory-mapped."""
     import torch
@@ -69,7 +84,7 @@ def load(path: Path) -> Any:
     if not zipfile.is_zipfile(path):
         raise FormatError(f"{path}: not a torch zip checkpoint (legacy torch.save files are not supported; re-save it with torch >= 1.6)")
     check_zip(path)
-    real = _real_globals()
+    real = _real_globals() + _megatron_globals()
     known = {name for _, name in real}
     try:
         unknown = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in known]

@@ -1,0 +1,218 @@
+"""A template's weights under two naming schemes, compiled into row links (runner.
+convert.rows): the generic mechanism behind every conversion. Nothing here knows a
+model family; the template says which weight of one scheme is which weight (a rename)
+or which row blocks of which weights (`fuse`) of the other.
+
+The destination tensors are *logical*: the scheme's names with global layer numbers,
+and, with `stack_experts`, one tensor per layer for a weight stored once per expert
+(`{expert}` shown as `*`), so that expert parallelism is a dim-0 split. A Megatron
+folder then stores them under per-file names (`file_names`): layer numbers local to
+the stage, one tensor per local expert."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from runner.convert.model import Model
+from runner.convert.rows import Link, Pad
+from runner.errors import ConfigError, LayoutError
+from runner.templates import Env, Template, Weight, evaluate, format_name, instances
+
+STACKED = "*"  # the {expert} of a logical tensor that stacks every expert
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One logical tensor of the destination scheme."""
+
+    weight: Weight
+    layer: int | None
+    shape: tuple[int, ...]
+    experts: int  # experts stacked on dim 0 from one tensor each (0: none)
+    stored: tuple[int, ...] | None  # the whole tensor's stored shape, when fused
+
+
+@dataclass
+class NameMap:
+    """Source <-> destination links, with every tensor's shape and row dims."""
+
+    template: Template
+    env: Env
+    scheme: str  # the destination scheme
+    links: list[Link] = field(default_factory=list)
+    pads: list[Pad] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # destination (logical) tensors
+    row_dims: dict[str, int] = field(default_factory=dict)  # of source and destination tensors
+    hf_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # source tensors
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    vocab: dict[str, str] = field(default_factory=dict)  # padded tensor -> the tensor whose rows it holds
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor: all dims but the last, flattened (a 1-D tensor's elements)."""
+    return math.prod(shape[:row_dims(shape)])
+
+
+def row_dims(shape: tuple[int, ...]) -> int:
+    return max(1, len(shape) - 1)
+
+
+def stage_of(w: Weight, layer: int | None, pp: int, num_layers: int) -> int:
+    """Megatron's pipeline stage of a weight: layers split evenly, embeddings first,
+    final norm and output layer last."""
+    if w.place == "layer":
+        return layer // (num_layers // pp)
+    return 0 if w.place in ("embedding", "first") else pp - 1
+
+
+def scheme_map(model: Model, src: str, dst: str, pp: int = 1, padded_vocab: int | None = None,
+               stack_experts: bool = False) -> NameMap:
+    """Links from every `src` tensor to the `dst` tensors. `padded_vocab` pads the
+    weights marked `pad: vocab`; with `pp` > 1 a tied weight whose stage differs from
+    its tie's gets a copy (Megatron-Core's GPTModel)."""
+    t, env = model.template, model.env()
+    for scheme in (src, dst):
+        if scheme not in t.schemes:
+            raise ConfigError(f"template {t.name} ({t.path}) has no {scheme!r} names (schemes: {', '.join(t.schemes)})")
+    m = NameMap(t, env, dst)
+    tied = model.tied
+    num_layers = env.int("num_layers")
+    experts = model.experts
+    for w in t.weights_of(dst):
+        origin = w
+        if w.tie is not None and tied:
+            target = t.role(w.tie)
+            if stage_of(w, None, pp, num_layers) == stage_of(target, None, pp, num_layers):
+                continue
+            origin = target
+        for layer in instances(w, env):
+            _add(m, w, origin, layer, src, padded_vocab, stack_experts, experts)
+    for w in t.weights_of(src):
+        if w.tie is not None and tied:
+            continue
+        for layer in instances(w, env):
+            for e in range(experts) if w.experts == "each" else [None]:
+                if format_name(w.names[src], env, layer, e) not in m.hf_shapes:
+                    raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {dst!r} name and is part of no {dst!r} weight")
+    return m
+
+
+def _add(m: NameMap, w: Weight, origin: Weight, layer: int | None, src: str, padded_vocab: int | None,
+         stack: bool, experts: int) -> None:
+    env, t = m.env, m.template
+    base = env.shape(w.shape)
+    if w.pad == "vocab" and padded_vocab is not None:
+        base = (padded_vocab, *base[1:])
+    per_expert = w.experts == "each" and not stack
+    for e in (range(experts) if per_expert else [None]):
+        stacked = experts if w.experts == "each" and stack else 0
+        name = format_name(w.names[m.scheme], env, layer, STACKED if stacked else e)
+        shape = (stacked, *base) if stacked else base
+        m.shapes[name] = shape
+        m.row_dims[name] = row_dims(shape)
+        stored = env.shape(w.stored) if w.stored is not None else None
+        m.tensors[name] = Tensor(w, layer, shape, stacked, (stacked, *stored) if stacked and stored else stored)
+        primary = origin is w
+        if w.pad == "vocab" and padded_vocab is not None:
+            m.vocab[name] = name if primary else format_name(origin.names[m.scheme], env, layer)
+        renamed = m.scheme in origin.names and src in origin.names
+        loop = range(experts) if stacked or (w.experts == "stacked" and not renamed) else [e]
+        per = rows_of(shape) // len(loop)
+        for k, expert in enumerate(loop):
+            filled = _fill(m, w, origin, layer, expert, src, name, k * per, primary)
+            if filled != per and not (w.pad == "vocab" and padded_vocab is not None):
+                raise ConfigError(f"template {t.name}: weight {w.role} has {per} rows, its {src} sources give {filled}")
+            if w.pad == "vocab" and padded_vocab is not None:
+                if filled > per:
+                    raise LayoutError(f"{name}: vocabulary {filled} is larger than the padded vocabulary {per}")
+                src_name = next(lk.a for lk in reversed(m.links) if lk.b == name)
+                if per > filled:
+                    m.pads.append(Pad(name, filled, per - filled, src_name, filled - 1))
+
+
+def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int | None, src: str,
+          dst: str, at: int, primary: bool) -> int:
+    """Link the source rows of one (expert's) destination block; the rows linked."""
+    env, t = m.env, m.template
+    if src in origin.names:
+        return _link(m, origin, layer, expert, src, None, False, dst, at, primary, 1)[0]
+    if origin.fuse is None:
+        raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {src!r} name and no fuse to build it from")
+    groups = int(evaluate(origin.fuse.groups, env))
+    spans = []
+    for p in origin.fuse.parts:
+        part = t.role(p.role)
+        if src not in part.names:
+            raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} is fused from {p.role}, which has no {src!r} name")
+        if part.experts == "each" and expert is None:
+            raise ConfigError(f"template {t.name}: weight {w.role} is fused from per-expert {p.role} but is not per expert")
+        spans.append((part, p))
+    cursor = at
+    for g in range(groups):
+        for part, p in spans:
+            cursor += _link(m, part, layer, expert, src, p.rows, p.transpose, dst, cursor, primary, groups, g)[1]
+    return cursor - at
+
+
+def _link(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: str, rows: tuple[str, str] | None,
+          transpose: bool, dst: str, at: int, primary: bool, groups: int, g: int = 0) -> tuple[int, int]:
+    """Link block g of `groups` of a source tensor's rows (or of `rows` of them) to
+    destination row `at`: (the tensor's rows, the block's rows)."""
+    env = m.env
+    name = format_name(part.names[src], env, layer, expert if part.experts == "each" else None)
+    shape = env.shape(part.stored or part.shape)
+    if transpose and len(shape) != 2:
+        raise ConfigError(f"template {m.template.name}: weight {part.role} is transposed but is not 2-D")
+    m.hf_shapes[name] = shape
+    m.row_dims[name] = row_dims(shape)
+    total = shape[-1] if transpose else rows_of(shape)
+    start, count = (int(evaluate(rows[0], env)), int(evaluate(rows[1], env))) if rows else (0, total)
+    if count % groups or start + count > total:
+        raise ConfigError(f"template {m.template.name}: rows [{start}, {start + count}) of {part.role} ({total} rows) "
+                          f"do not split into {groups} groups")
+    block = count // groups
+    m.links.append(Link(name, start + g * block, dst, at, block, primary, transpose))
+    return total, block
+
+
+# -- Megatron files ------------------------------------------------------------------------
+def file_names(m: NameMap, logical: str, first_layer: int, local_experts: int) -> list[str]:
+    """The names a Megatron file stores a logical tensor under: layer numbers local to
+    its stage (`first_layer` is the stage's first), one name per local expert."""
+    tensor = m.tensors[logical]
+    name = tensor.weight.names[m.scheme]
+    layer = tensor.layer - first_layer if tensor.weight.place == "layer" and tensor.layer is not None else tensor.layer
+    if tensor.experts:
+        return [format_name(name, m.env, layer, j) for j in range(local_experts)]
+    return [format_name(name, m.env, layer)]
+
+
+def extra_state_names(m: NameMap, stage: int, pp: int, local_experts: int) -> list[str]:
+    """`_extra_state` keys of a Megatron-Core stage (written as None)."""
+    num_layers = m.env.int("num_layers")
+    first = stage * (num_layers // pp)
+    out = []
+    for w in m.template.extra_state:
+        if m.scheme not in w.names:
+            continue
+        for layer in instances(w, m.env):
+            if stage_of(w, layer, pp, num_layers) != stage:
+                continue
+            local = layer - first if w.place == "layer" and layer is not None else layer
+            for j in range(local_experts) if w.experts == "each" else [None]:
+                out.append(format_name(w.names[m.scheme], m.env, local, j) + "._extra_state")
+    return out
+
+
+def renames(model: Model, src: str, dst: str) -> dict[str, str]:
+    """Source name -> destination name, where every weight is a plain rename (the
+    MindFormers <-> HF names of a dense model)."""
+    m = scheme_map(model, src, dst)
+    out = {}
+    for lk in m.links:
+        if lk.a_row or lk.b_row or lk.transpose or m.shapes[lk.b] != m.hf_shapes[lk.a]:
+            raise ConfigError(f"{lk.a}: template {model.template.name} stores it fused or stacked in {dst!r} names; "
+                              "only plain renames convert between these names")
+        out[lk.a] = lk.b
+    return out

@@ -1,0 +1,37 @@
+"""The one way the runner talks to its user: `say` (what happened), `warn` (what the
+user should know), `debug` (only with --debug). Everything goes to stderr with the
+`autotrans:` prefix; under MPI only rank 0 speaks, so a message appears once."""
+
+from __future__ import annotations
+
+import sys
+
+_quiet = False
+_debug = False
+
+
+def configure(*, quiet: bool | None = None, debug: bool | None = None) -> None:
+    """quiet: this process holds its tongue (an MPI rank other than 0); debug: --debug."""
+    global _quiet, _debug
+    if quiet is not None:
+        _quiet = quiet
+    if debug is not None:
+        _debug = debug
+
+
+def _emit(line: str) -> None:
+    if not _quiet:
+        print(line, file=sys.stderr, flush=True)
+
+
+def say(msg: str) -> None:
+    _emit(f"autotrans: {msg}")
+
+
+def warn(msg: str) -> None:
+    _emit(f"autotrans: warning: {msg}")
+
+
+def debug(msg: str) -> None:
+    if _debug:
+        _emit(f"autotrans: debug: {msg}")
