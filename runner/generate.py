@@ -165,11 +165,11 @@ def expand(template: Template, env: Env, scheme: str, layer_stage: list[int]) ->
         if w.tie is not None and tied:
             continue
         if w.place == "layer":
-            where = [(layer, (layer_stage[layer],)) for layer in instances(w, env)]
+            where = [(layer, (layer_stage[layer],)) for layer in instances(w, env, scheme)]
         else:
             stages = {"first": (0,), "last": (last,), "output": (last,),
                       "embedding": tuple(sorted({0, last})) if tied else (0,)}[w.place]
-            where = [(layer, stages) for layer in instances(w, env)]
+            where = [(layer, stages) for layer in instances(w, env, scheme)]
         experts = range(env.int("num_experts")) if w.experts == "each" else [None]
         for layer, stages in where:
             for e in experts:

@@ -13,7 +13,10 @@ Top-level keys:
   schemes         naming schemes: hf, mindformers, megatron (Megatron-Core with the
                   TransformerEngine spec), megatron_local (local spec), megatron_legacy
                   (Megatron-LM's `language_model.*` names), or any other name
-  switch          {model_config key: other template} taken when that key is truthy
+  switch          {model_config key: other template} taken when that key is set (true, or a
+                  count above 1), followed again from the template it leads to
+  unmodelled      model_config keys the template it extends models but this one does not
+                  (a job setting one is refused rather than given a different layout)
   defaults        {model_config key: expression} for keys the job / config.json leaves out
   divisible       [[model_config key, parallel key], ...] checked before generating
   weights         {role: weight}, below
@@ -37,7 +40,11 @@ A weight:
            tied) | output (last stage) | first | last
   layers   [start, stop] expressions: the layers that have this weight (default all
            layers, [0, num_layers]); e.g. dense layers [0, first_k_dense_replace]
-  when     expression: the weight exists only where it is true (q_lora_rank > 0)
+  when     expression: the weight exists only where it is true (q_lora_rank > 0); or
+           {scheme: expression}: its name in that scheme exists only where it is true
+           (MindSpore Transformers' qkv_concat stores w_qkv instead of wq, wk and wv)
+  kind     weight (default) | norm | embedding | bias | router: the dtype of a generated
+           parameter and whether MindSpore's parallel optimizer may shard it
   experts  each (one tensor per expert, `{expert}` in its names; Megatron stacks them
            into one logical tensor split over expert parallel) | stacked (dim 0 counts
            experts)
@@ -91,9 +98,11 @@ TEMPLATE_DIR = _template_dir()
 SPLITS = ("column", "row", "vocab", "replicate", "expert")
 PLACES = ("layer", "embedding", "output", "first", "last")
 DEFAULT_DIM = {"column": 0, "row": 1, "vocab": 0}
-TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "defaults", "divisible", "weights",
+TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "unmodelled", "defaults", "divisible", "weights",
             "extra_state", "megatron_args", "hf_config")
-WEIGHT_KEYS = ("names", "shape", "split", "dim", "place", "layers", "when", "experts", "stored", "tie", "pad", "fuse")
+WEIGHT_KEYS = ("names", "shape", "split", "dim", "place", "layers", "when", "experts", "stored", "tie", "pad", "fuse",
+               "kind")
+KINDS = ("weight", "norm", "embedding", "bias", "router")
 EXTRA_KEYS = ("names", "place", "layers", "when", "experts")
 
 # Canonical model_config names (MindSpore Transformers') and the names HF and
@@ -138,10 +147,11 @@ class Weight:
     experts: str | None  # None, "each", "stacked"
     stored: tuple[str, ...] | None
     layers: tuple[str, str] | None = None  # (start, stop) expressions
-    when: str | None = None
+    when: Mapping[str, str] | None = None  # scheme -> expression
     tie: str | None = None
     pad: str | None = None
     fuse: Fuse | None = None
+    kind: str = "weight"
 
 
 @dataclass(frozen=True)
@@ -158,12 +168,40 @@ class Template:
     megatron_args: Mapping[str, Any] = None  # type: ignore[assignment]
     hf_fixed: Mapping[str, Any] = None  # type: ignore[assignment]
     hf_computed: Mapping[str, str] = None  # type: ignore[assignment]
+    unmodelled: frozenset[str] = frozenset()
 
     def weights_of(self, scheme: str) -> list[Weight]:
         return [w for w in self.weights if scheme in w.names]
 
     def role(self, role: str) -> Weight:
         return next(w for w in self.weights if w.role == role)
+
+    def mentions(self) -> set[str]:
+        """The model_config keys the template models: those its expressions, defaults
+        and switch name, less `unmodelled`."""
+        exprs = [*self.defaults.values(), *(e for pair in self.divisible for e in pair)]
+        for w in (*self.weights, *self.extra_state):
+            exprs += [*w.shape, *(w.stored or ()), *(w.layers or ()), *(w.when or {}).values()]
+            exprs += [e for p in (w.fuse.parts if w.fuse else ()) for e in p.rows or ()] + ([w.fuse.groups] if w.fuse else [])
+            exprs += [f for name in w.names.values() for f in _FIELD.findall(name)]
+        names = {n.id for e in exprs for n in ast.walk(ast.parse(e.strip(), mode="eval")) if isinstance(n, ast.Name)}
+        return (names | set(self.defaults) | set(self.switch)) - self.unmodelled - {"layer", "expert"}
+
+    def switched(self, values: Mapping[str, Any]) -> "Template":
+        """Follow `switch` while a key is set: MindSpore Transformers' LlamaForCausalLM
+        with qkv_has_bias is Qwen2, and Qwen2 with experts is Qwen2-MoE."""
+        seen, t = {self.name}, self
+        while True:
+            for key, other in t.switch.items():
+                v = values.get(key)
+                if v is True or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1):
+                    t = resolve(other)
+                    break
+            else:
+                return t
+            if t.name in seen:
+                raise ConfigError(f"template {t.name} ({t.path}): key switch leads back to {t.name}")
+            seen.add(t.name)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -260,7 +298,7 @@ def _check_doc(doc: Any, path: Path) -> None:
     if not isinstance(doc, dict):
         raise ConfigError(f"template {path}: expected a mapping of keys ({', '.join(TOP_KEYS)})")
     c.keys(doc, "", TOP_KEYS, () if doc.get("extends") else ("weights",))
-    for key in ("architectures", "schemes"):
+    for key in ("architectures", "schemes", "unmodelled"):
         if key in doc and not (isinstance(doc[key], list) and all(isinstance(x, str) for x in doc[key])):
             raise c.fail(key, "expected a list of names")
     for key in ("switch", "defaults", "megatron_args"):
@@ -301,14 +339,30 @@ def _weight(c: _Checker, key: str, role: str, w: Any, allowed: tuple[str, ...]) 
     shape = c.exprs(w["shape"], f"{key}.shape") if "shape" in w else ()
     stored = c.exprs(w["stored"], f"{key}.stored") if w.get("stored") is not None else None
     layers = c.exprs(w["layers"], f"{key}.layers", 2) if w.get("layers") is not None else None
-    when = c.expr(w["when"], f"{key}.when") if w.get("when") is not None else None
+    when = _when(c, f"{key}.when", w.get("when"), w.get("names"))
+    kind = c.choice(w.get("kind", "weight"), f"{key}.kind", KINDS)
     tie = w.get("tie")
     if tie is not None and not isinstance(tie, str):
         raise c.fail(f"{key}.tie", f"expected a role name, got {tie!r}")
     pad = c.choice(w.get("pad"), f"{key}.pad", (None, "vocab"))
     fuse = _fuse(c, f"{key}.fuse", w["fuse"]) if w.get("fuse") is not None else None
     return Weight(role, c.names(w["names"], f"{key}.names"), shape, split, dim, place, experts, stored,
-                  layers, when, tie, pad, fuse)
+                  layers, when, tie, pad, fuse, kind)
+
+
+def _when(c: _Checker, key: str, when: Any, names: Any) -> dict[str, str] | None:
+    """`when` as {scheme: expression}; a bare expression holds in every scheme."""
+    if when is None:
+        return None
+    schemes = list(names) if isinstance(names, dict) else []
+    if not isinstance(when, dict):
+        expr = c.expr(when, key)
+        return {s: expr for s in schemes}
+    for s, e in when.items():
+        if s not in schemes:
+            raise c.fail(f"{key}.{s}", "the weight has no name in that scheme")
+        c.expr(e, f"{key}.{s}")
+    return {s: str(e) for s, e in when.items()}
 
 
 def _fuse(c: _Checker, key: str, f: Any) -> Fuse:
@@ -354,6 +408,7 @@ def _parse(doc: dict, path: Path) -> Template:
         divisible=tuple(tuple(d) for d in doc.get("divisible") or ()), weights=weights, extra_state=extra,
         megatron_args=dict(doc.get("megatron_args") or {}), hf_fixed=dict(hf.get("fixed") or {}),
         hf_computed={k: str(v) for k, v in (hf.get("computed") or {}).items()},
+        unmodelled=frozenset(doc.get("unmodelled") or ()),
     )
 
 
@@ -483,7 +538,7 @@ def evaluate(expr: str, env: Env, local: Mapping[str, Any] | None = None) -> Any
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)):
             return node.value
         if isinstance(node, ast.Name):
             return local[node.id] if local and node.id in local else env[node.id]
@@ -531,9 +586,10 @@ def format_name(name: str, env: Env, layer: int | None = None, expert: Any = Non
     return _FIELD.sub(field, name)
 
 
-def instances(w: Weight, env: Env) -> list[int | None]:
-    """The layer numbers a weight exists at (None: once, outside the layers)."""
-    if w.when is not None and not evaluate(w.when, env):
+def instances(w: Weight, env: Env, scheme: str) -> list[int | None]:
+    """The layer numbers a weight exists at under `scheme` (None: once, outside the
+    layers)."""
+    if w.when and scheme in w.when and not evaluate(w.when[scheme], env):
         return []
     if w.layers is not None:
         start, stop = (int(evaluate(e, env)) for e in w.layers)

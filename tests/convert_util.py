@@ -22,6 +22,9 @@ FAMILIES = {
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=150, num_local_experts=4, num_experts_per_tok=2,
                     tie_word_embeddings=False, rms_norm_eps=1e-6),
     # Qwen3: per-head q and k norms (tests/test_templates.py describes it in its own template)
+    # GPT-2: Conv1D weights [in, out], learned positions, LayerNorm with bias, tied embeddings
+    "gpt2": dict(cls="GPT2Config", model="GPT2LMHeadModel", n_embd=64, n_layer=4, n_head=4, n_positions=32, vocab_size=300,
+                 bos_token_id=0, eos_token_id=0, tie_word_embeddings=True),
     "qwen3": dict(cls="Qwen3Config", model="Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, tie_word_embeddings=False),
 }
@@ -34,9 +37,9 @@ def make_hf(folder: Path, family: str, dtype=torch.bfloat16, seed: int = 0) -> P
     cfg = getattr(transformers, spec.pop("cls"))(**{k: v for k, v in spec.items() if k != "model"})
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family]["model"])(cfg).to(dtype)
-    with torch.no_grad():  # norms are ones at init: make them distinguishable
+    with torch.no_grad():  # norms are ones and biases zeros at init: make them distinguishable
         for n, p in model.named_parameters():
-            if "norm" in n:
+            if "norm" in n or bool(torch.all(p == p.reshape(-1)[0])):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return Path(folder)

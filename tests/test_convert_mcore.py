@@ -5,6 +5,7 @@ transformers' on the HF model it came from."""
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import socket
 
 import pytest
@@ -47,17 +48,22 @@ def gpt_from_args(a, rms_eps: float, **kw):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if a.swiglu:
+        activation = torch.nn.functional.silu
+    else:  # GPT-2: the tanh approximation (openai_gelu) or the exact GELU
+        activation = partial(torch.nn.functional.gelu, approximate="tanh" if a.openai_gelu else "none")
     cfg = TransformerConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
         num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
-        normalization="RMSNorm", layernorm_epsilon=rms_eps, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=a.add_qkv_bias,
+        normalization=a.normalization, layernorm_epsilon=rms_eps, gated_linear_unit=a.swiglu,
+        activation_func=activation, add_bias_linear=a.add_bias_linear, add_qkv_bias=a.add_qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0,
         params_dtype=torch.float32, use_cpu_initialization=True, tensor_model_parallel_size=a.tensor_model_parallel_size,
     )
-    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=a.padded_vocab_size, max_sequence_length=64,
-                    position_embedding_type="rope", rotary_base=int(a.rotary_base),
-                    share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights, **kw)
+    rope = {"rotary_base": int(a.rotary_base)} if a.position_embedding_type == "rope" else {}
+    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=a.padded_vocab_size, max_sequence_length=a.max_position_embeddings,
+                    position_embedding_type=a.position_embedding_type,
+                    share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights, **rope, **kw)
 
 
 IDS = [[1, 7, 42, 99, 3, 120, 5, 8, 149, 0]]  # within every test family's vocabulary
@@ -86,6 +92,23 @@ def test_gpt_model_loads_strict_and_matches_transformers(tmp_path, mcore_cpu):
     # same weights, different kernels (fused QKV, batched SwiGLU): fp32 rounding only
     torch.testing.assert_close(got[..., : c["vocab_size"]], want, rtol=1e-4, atol=1e-5)
     assert torch.argmax(got[..., : c["vocab_size"]], -1).tolist() == torch.argmax(want, -1).tolist()
+
+
+def test_gpt2_loads_strict_and_matches_transformers(tmp_path, mcore_cpu):
+    """GPT-2 (learned absolute positions, LayerNorm with bias, biases on every linear,
+    GELU, Conv1D weights transposed, tied and padded vocabulary) in GPTModel."""
+    hf = make_hf(tmp_path / "hf", "gpt2", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    a = doc["args"]
+    model = gpt_from_args(a, a.norm_epsilon)
+    assert sorted(doc["model"]) == sorted(model.state_dict())
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    got = forward(model)
+    want = logits(hf, "gpt2", torch.tensor(IDS))
+    assert got.shape[-1] == a.padded_vocab_size > FAMILIES["gpt2"]["vocab_size"]
+    torch.testing.assert_close(got[..., : FAMILIES["gpt2"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
 
 
 TP_WORKER = """

@@ -17,13 +17,15 @@ LAYOUTS = [
     ("qwen2", dict(model_parallel=2, pipeline_stage=1), {"transformer_impl": "local"}),
     ("mixtral", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
     ("mixtral", dict(model_parallel=1, pipeline_stage=1, expert_parallel=4), {"transformer_impl": "local"}),
+    ("gpt2", dict(model_parallel=2, pipeline_stage=2), {}),
+    ("gpt2", dict(model_parallel=4, pipeline_stage=1), {"transformer_impl": "local"}),
 ]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {f: make_hf(root / f, f) for f in ("llama", "qwen2", "mixtral")}
+    return {f: make_hf(root / f, f) for f in ("llama", "qwen2", "mixtral", "gpt2")}
 
 
 @pytest.mark.parametrize("family,parallel,extra", LAYOUTS, ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}{w}" for k, w in v.items()))

@@ -124,6 +124,36 @@ def test_own_template_drives_hf_megatron_hf(tmp_path, parallel, impl):
         assert back[name].dtype == src[name].dtype and torch.equal(back[name].view(torch.int16), src[name].view(torch.int16)), name
 
 
+def test_gpt2_conv1d_weights_become_megatron_rows(tmp_path):
+    """gpt.yaml's transposed parts: Megatron's qkv is c_attn transposed, interleaved per
+    head; fc1 / fc2 / linear_proj are c_fc / c_proj transposed (torch slicing here)."""
+    hf = make_hf(tmp_path / "hf", "gpt2")
+    assert run(load_checkpoint=str(hf), output_format="megatron", parallel_config=dict(model_parallel=2),
+               output_dir=str(tmp_path / "m")) == 0
+    src = hf_tensors(hf)
+    files = megatron_files(tmp_path / "m" / "transformed_checkpoint")
+    heads, h = 4, 64
+    p, m = "transformer.h.2.", "decoder.layers.2."
+    q, k, v = src[p + "attn.c_attn.weight"].T.reshape(3, heads, h // heads, h)
+    qkv = torch.stack([q, k, v], 1).reshape(3 * h, h)  # [q_0; k_0; v_0; q_1; ...]
+    qb, kb, vb = src[p + "attn.c_attn.bias"].reshape(3, heads, h // heads)
+    bias = torch.stack([qb, kb, vb], 1).reshape(3 * h)
+    for tp, name in enumerate(("mp_rank_00", "mp_rank_01")):
+        model = files[name]["model"]
+        assert torch.equal(model[m + "self_attention.linear_qkv.weight"], qkv.chunk(2)[tp])
+        assert torch.equal(model[m + "self_attention.linear_qkv.bias"], bias.chunk(2)[tp])
+        assert torch.equal(model[m + "mlp.linear_fc1.weight"], src[p + "mlp.c_fc.weight"].T.chunk(2)[tp])
+        assert torch.equal(model[m + "mlp.linear_fc2.weight"], src[p + "mlp.c_proj.weight"].T.chunk(2, 1)[tp])
+        assert torch.equal(model[m + "self_attention.linear_proj.weight"], src[p + "attn.c_proj.weight"].T.chunk(2, 1)[tp])
+        assert torch.equal(model["embedding.position_embeddings.weight"], src["transformer.wpe.weight"])
+    args = files["mp_rank_00"]["args"]
+    assert (args.normalization, args.position_embedding_type, args.add_bias_linear, args.swiglu) == ("LayerNorm", "learned_absolute", True, False)
+    # `autotrans inspect` names the template and scheme the checkpoint's names match
+    r = subprocess.run([sys.executable, "-m", "runner", "inspect", str(tmp_path / "m" / "transformed_checkpoint")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "(template gpt, megatron names)" in r.stdout.splitlines()[0], r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("edit,key", [
     (("    split: column\n    fuse: {parts: [q, k, v]", "    splt: column\n    fuse: {parts: [q, k, v]"), "weights.qkv.splt"),
     (("    split: row\n  ffn_norm", "    split: rows\n  ffn_norm"), "weights.attention_out.split"),

@@ -20,10 +20,10 @@ from typing import Callable
 from runner import __version__, dtypes, lora as lora_merge, plan as planner, strategy as strat
 from runner.config import JobConfig
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, open_rank_file, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
-from runner.convert.names import NameMap, renames, scheme_map
+from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
 from runner.errors import ConfigError, FormatError
 from runner.execute import LocalPool, WrittenFile, tensor_bits, write_file
 from runner.formats.base import TensorInfo
@@ -53,7 +53,8 @@ class HFInput:
     source: Source
     spec: Model
     infos: dict[str, TensorInfo]  # by HF name
-    stored_as: Callable[[str], str]  # HF name -> name in the files
+    held: dict[str, TensorInfo]  # as the files name them
+    built: dict[str, rows.Recipe]  # HF tensors from the files' (MindFormers names); {}: the files hold HF names
     reference: Path | None
     lora: lora_merge.LoraMerge | None = None  # adapters merged into the weights as they are read
 
@@ -82,16 +83,12 @@ class HFInput:
             _, spec = read_hf_config(Path(cfg.reference_hf_dir), arch)
             if "mindformers" not in spec.template.schemes:
                 raise ConfigError(f"template {spec.family} has no MindFormers names; {source.root} is not an HF folder")
-            to_mf = renames(spec, "hf", "mindformers")
-            to_hf = {m: h for h, m in to_mf.items()}
-            unknown = sorted(set(held) - set(to_hf))
-            if unknown:
-                raise FormatError(f"{source.root}: tensor {unknown[0]} is not a MindFormers name of template {spec.family}")
-            infos = {to_hf[n]: t for n, t in held.items()}
-            return HFInput(source, spec, infos, to_mf.__getitem__, Path(cfg.reference_hf_dir))
+            spec = spec.with_job(cfg.model)
+            infos, built = hf_tensors(spec, "mindformers", held, str(source.root))
+            return HFInput(source, spec, infos, held, built, Path(cfg.reference_hf_dir))
         _, spec = read_hf_config(source.root, arch)
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
-        return HFInput(source, spec, held, lambda n: n, reference)
+        return HFInput(source, spec, held, held, {}, reference)
 
     def check(self, nmap: NameMap) -> None:
         """Every source tensor is mapped and has the shape the config implies."""
@@ -108,10 +105,11 @@ class HFInput:
                 raise FormatError(f"{self.source.root}: tensor {n} has shape {list(self.infos[n].shape)}, config.json implies {list(shape)}")
 
     def pool(self, recipes: dict[str, rows.Recipe]) -> rows.RecipePool:
+        recipes = rows.compose(recipes, self.built)  # read the files' own tensors
         if self.lora is None:
             reader = self.source.open(0)
-            return rows.RecipePool(recipes, lambda n: reader.array(self.stored_as(n)), owned=reader)
-        merged = MergedTensors(lora_merge.wrap(LocalPool(self.source), self.lora), self.infos, self.stored_as)
+            return rows.RecipePool(recipes, reader.array, owned=reader)
+        merged = MergedTensors(lora_merge.wrap(LocalPool(self.source), self.lora), self.held)
         return rows.RecipePool(recipes, merged, owned=merged)
 
     kind = "hf"
@@ -128,14 +126,14 @@ class MergedTensors:
     """Whole HF tensors with their LoRA adapters merged (runner.lora); keeps the last
     one, since consecutive reads come from the same tensor (q, k, v of one layer)."""
 
-    def __init__(self, pool, infos: dict[str, TensorInfo], stored_as: Callable[[str], str]):
-        self.pool, self.infos, self.stored_as = pool, infos, stored_as
+    def __init__(self, pool, infos: dict[str, TensorInfo]):
+        self.pool, self.infos = pool, infos
         self._last: tuple[str, object] | None = None
 
     def __call__(self, name: str):
         if self._last is None or self._last[0] != name:
             whole = Box((0,) * len(self.infos[name].shape), self.infos[name].shape)
-            self._last = (name, self.pool.region(ReadItem(0, self.stored_as(name), whole, whole)))
+            self._last = (name, self.pool.region(ReadItem(0, name, whole, whole)))
         return self._last[1]
 
     def release(self) -> None:
@@ -200,9 +198,7 @@ class MegatronInput:
 
 
 def _megatron_dtype(mf: MegatronFolder) -> str:
-    from runner.formats.torch_pt import TorchReader
-
-    r = TorchReader(mf.files[0])
+    r = open_rank_file(mf.files[0])
     try:
         kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
     finally:
@@ -264,7 +260,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if isinstance(src, HFInput):
         src.check(nmap)
-        infos = _infos(nmap.shapes, lambda n: _linked_dtype(nmap, n, src.infos))
+        infos = _infos(nmap.shapes, lambda n: linked_dtype(nmap, n, src.infos))
         recipes = rows.forward(nmap.links, nmap.pads, src.infos, infos, nmap.row_dims)
         plan_src = Strategy.full(infos)
         make_pool = lambda: src.pool(recipes)  # noqa: E731
@@ -290,13 +286,6 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
     return Target(dst, dst.ranks, path, write, make_pool, dst.rank_bytes, doc,
                   finish=lambda: write_iteration_marker(out, cfg.iteration))
-
-
-def _linked_dtype(nmap: NameMap, logical: str, hf_infos: dict[str, TensorInfo]) -> str:
-    kinds = {hf_infos[lk.a].dtype for lk in nmap.links if lk.b == logical}
-    if len(kinds) != 1:
-        raise FormatError(f"the HF tensors that make {logical} have different dtypes ({', '.join(sorted(kinds))})")
-    return kinds.pop()
 
 
 def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: NameMap):
@@ -375,9 +364,8 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
                         recipes: dict[str, rows.Recipe], cast_to: str | None, out: Path) -> Target:
     from runner.job import destination_strategy
 
-    to_mf = renames(src.spec, "hf", "mindformers")
-    mf = {to_mf[n]: t for n, t in infos.items()}
-    mf_recipes = {to_mf[n]: r for n, r in recipes.items()}
+    mf, to_mf = scheme_tensors(src.spec.with_job(cfg.model), "mindformers", infos)
+    mf_recipes = rows.compose(to_mf, recipes)
     full = Strategy.full(mf)
     dst, full = destination_strategy(cfg, full)
     planner.check_compatible(full, dst, cast_to)

@@ -1,7 +1,8 @@
-"""Megatron-LM torch-format checkpoint folders (SPEC 4 and 6):
-`latest_checkpointed_iteration.txt`, `iter_NNNNNNN/` or `release/`, and one
-`mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt` per (tensor, pipeline, expert) rank
-holding `args`, `checkpoint_version`, `iteration` and `model`.
+"""Megatron-LM checkpoint folders (SPEC 4 and 6): `latest_checkpointed_iteration.txt`,
+`iter_NNNNNNN/` or `release/`, and either one `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`
+per (tensor, pipeline, expert) rank holding `args`, `checkpoint_version`, `iteration`
+and `model` (torch format), or a `torch_dist` distributed checkpoint, read as one rank
+file of the whole model (runner.formats.torch_dist).
 
 Reading exposes each rank file's weights under logical names (runner.convert.names,
 from the template), so the core planner reshards them like any distributed checkpoint.
@@ -22,12 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from runner import dtypes
-from runner.convert.megatron_layout import MegatronLayout
-from runner.convert.model import Model
+from runner.convert.megatron_layout import MegatronLayout, detect
+from runner.convert.model import Model, candidates, megatron_config
 from runner.durable import DurableFile, temp_path, write_bytes
-from runner.errors import FormatError, excerpt, one_line
+from runner.errors import ConfigError, FormatError, excerpt, one_line
 from runner.execute import SlicePool, WrittenFile, write_file
+from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
+from runner.formats.dcp import METADATA
 from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
 from runner.outputs import file_crc32
 from runner.plan import FilePlan
@@ -51,7 +54,7 @@ def checkpoint_dir(root: Path) -> Path:
     """The folder holding the mp_rank_* folders: `root` itself, the iteration named by
     latest_checkpointed_iteration.txt, else the newest iter_* folder, else release/."""
     root = Path(root)
-    if any(_RANK.fullmatch(p.name) for p in root.iterdir() if p.is_dir()):
+    if any(_RANK.fullmatch(p.name) for p in root.iterdir() if p.is_dir()) or torch_dist.is_torch_dist(root):
         return root
     marker = root / ITER_FILE
     if os.path.lexists(marker):
@@ -85,12 +88,20 @@ def read_marker(marker: Path) -> str:
     return text.decode()
 
 
-def _args_of(path: Path) -> tuple[argparse.Namespace, dict[str, TensorInfo]]:
+def open_rank_file(path: Path):
+    """A rank file's reader: `model_optim_rng.pt`, or a torch_dist folder's `.metadata`
+    (the whole model as one rank file)."""
+    if Path(path).name == METADATA:
+        return torch_dist.TorchDistReader(Path(path).parent)
     from runner.formats.torch_pt import TorchReader
 
-    r = TorchReader(path)
+    return TorchReader(path)
+
+
+def _args_of(path: Path) -> tuple[argparse.Namespace, dict[str, TensorInfo]]:
+    r = open_rank_file(path)
     try:
-        args = r.objects.get("args")
+        args = torch_dist.common(path.parent).get("args") if path.name == METADATA else r.objects.get("args")
         if not isinstance(args, argparse.Namespace):
             raise FormatError(f"{path}: no argparse.Namespace `args` entry; not a Megatron checkpoint")
         return args, dict(r.tensors())
@@ -116,15 +127,18 @@ def _size(args: argparse.Namespace, key: str, path: Path, limit: int) -> int | N
     return v
 
 
-def check_args(args: argparse.Namespace, path: Path, rank_folders: int, tensors: dict[str, TensorInfo]) -> MegatronLayout:
+def check_args(args: argparse.Namespace, path: Path, tensors: dict[str, TensorInfo], rank_folders: int | None) -> MegatronLayout:
     """The parallel layout, after checking every size the conversion uses: positive
     integers no larger than the files on disk can back (a size is never trusted
-    before it is allocated)."""
-    tp, pp, ep = (_size(args, k, path, rank_folders) or 1 for k in _PARALLEL)
+    before it is allocated). `rank_folders`: the mp_rank_* folders found; None for a
+    torch_dist folder, whose tensors have their global shapes."""
+    tp, pp, ep = (_size(args, k, path, rank_folders or 1 << 16) or 1 for k in _PARALLEL)
     lay = MegatronLayout(tp, pp, ep)
-    if lay.world_size > rank_folders:
+    if rank_folders is not None and lay.world_size > rank_folders:
         raise FormatError(f"{path}: args say TP {tp} PP {pp} EP {ep} ({lay.world_size} rank files), "
                           f"but the folder holds {rank_folders} mp_rank_* folder(s)")
+    if rank_folders is None:
+        tp = pp = ep = 1
     widest = max((d for t in tensors.values() for d in t.shape), default=1)
     for key in _WIDTHS:  # a width is at most TP times the widest dim of a rank file's tensor
         _size(args, key, path, widest * tp)
@@ -132,7 +146,7 @@ def check_args(args: argparse.Namespace, path: Path, rank_folders: int, tensors:
     for key in _COUNTS:
         _size(args, key, path, hidden)
     _size(args, "num_layers", path, max(len(tensors), 1) * pp)  # each layer has tensors in stage 0's file
-    _size(args, "num_experts", path, max(len(tensors), 1) * ep)
+    _size(args, "num_experts", path, max(len(tensors), widest) * ep)
     _size(args, "max_position_embeddings", path, 1 << 40)
     for key in ("norm_epsilon", "rotary_base"):
         v = getattr(args, key, None)
@@ -152,10 +166,13 @@ class MegatronFolder:
     files: dict[int, Path]
     args: argparse.Namespace
     first_names: frozenset[str]
+    fmt: str = "torch"  # or "torch_dist"
 
     @staticmethod
     def open(root: Path) -> "MegatronFolder":
         ckdir = checkpoint_dir(Path(root))
+        if torch_dist.is_torch_dist(ckdir):
+            return MegatronFolder._open_torch_dist(Path(root), ckdir)
         found = {}
         for p in ckdir.iterdir():
             m = _RANK.fullmatch(p.name)
@@ -165,7 +182,7 @@ class MegatronFolder:
             raise FormatError(f"{ckdir}: no mp_rank_* folders")
         first = found[min(found, key=natural_key)]
         args, tensors = _args_of(first)
-        lay = check_args(args, first, len(found), tensors)
+        lay = check_args(args, first, tensors, len(found))
         files = {r: ckdir / lay.folder(r) / CKPT for r in range(lay.world_size)}
         missing = [str(p.relative_to(ckdir)) for p in files.values() if not p.is_file()]
         if missing:
@@ -173,6 +190,16 @@ class MegatronFolder:
                               f"{'is' if len(missing) == 1 else 'are'} missing ({len(missing)} of {lay.world_size})")
         weights = frozenset(n[len("model."):] for n in tensors if is_weight(n))
         return MegatronFolder(Path(root), ckdir, lay, files, args, weights)
+
+    @staticmethod
+    def _open_torch_dist(root: Path, ckdir: Path) -> "MegatronFolder":
+        """Global shapes, whatever the parallel settings it was saved with: one logical
+        rank (TP 1, PP 1, EP 1) holding the whole model, served from the chunks."""
+        path = ckdir / METADATA
+        args, tensors = _args_of(path)
+        check_args(args, path, tensors, None)
+        weights = frozenset(n[len("model."):] for n in tensors if is_weight(n))
+        return MegatronFolder(root, ckdir, MegatronLayout(1, 1, 1), {0: path}, args, weights, "torch_dist")
 
     @property
     def iteration(self) -> str:
@@ -190,10 +217,8 @@ class MegatronRankReader:
     are the one copy it makes: the file holds one tensor per local expert."""
 
     def __init__(self, path: Path, names: dict[str, tuple[str, ...]]):
-        from runner.formats.torch_pt import TorchReader
-
         self.path = Path(path)
-        self._reader = TorchReader(path)
+        self._reader = open_rank_file(path)
         self._names = names
         held = self._reader.tensors()
         stored = {f for fs in names.values() for f in fs}
@@ -323,22 +348,33 @@ def write_iteration_marker(folder: Path, iteration: int) -> Path:
     return path
 
 
+def _naming(mf: MegatronFolder) -> str:
+    """The template and naming scheme whose names the first rank file holds."""
+    where = str(mf.files[0])
+    try:
+        model, scheme = detect(megatron_config(mf.args, where), candidates(None, None), mf.layout, mf.first_names, where)
+    except (ConfigError, FormatError) as e:
+        return f"names of no template: {e}"
+    return f"template {model.family}, {scheme} names"
+
+
 def describe_folder(path: Path) -> str:
     """`autotrans inspect` of a Megatron folder: layout, naming, sizes, files."""
     mf = MegatronFolder.open(Path(path))
     a = mf.args
+    layout = f"TP {mf.layout.tp} PP {mf.layout.pp} EP {mf.layout.ep}, {mf.layout.world_size} rank file(s)"
+    if mf.fmt == "torch_dist":
+        layout = (f"torch_dist saved at TP {getattr(a, 'tensor_model_parallel_size', '?')} PP {getattr(a, 'pipeline_model_parallel_size', '?')}, "
+                  "global shapes read as one rank")
     lines = [
-        f"megatron checkpoint {mf.ckdir}: "
-        f"TP {mf.layout.tp} PP {mf.layout.pp} EP {mf.layout.ep}, {mf.layout.world_size} rank file(s)",
+        f"megatron checkpoint {mf.ckdir} ({_naming(mf)}): {layout}",
         f"model: {getattr(a, 'num_layers', '?')} layers, hidden {getattr(a, 'hidden_size', '?')}, "
         f"ffn {getattr(a, 'ffn_hidden_size', '?')}, heads {getattr(a, 'num_attention_heads', '?')}, "
         f"query groups {getattr(a, 'num_query_groups', None) or getattr(a, 'num_attention_heads', '?')}, "
         f"padded vocab {getattr(a, 'padded_vocab_size', '?')}, experts {getattr(a, 'num_experts', None) or 0}",
     ]
-    from runner.formats.torch_pt import TorchReader
-
     for r, p in mf.files.items():
-        reader = TorchReader(p)
+        reader = open_rank_file(p)
         try:
             infos = {n: t for n, t in reader.tensors().items() if is_weight(n)}
             nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())

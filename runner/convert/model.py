@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from runner.errors import FormatError
+from runner.errors import ConfigError, FormatError
 from runner.templates import Env, Template, available, canonical_config, evaluate, find, resolve
 
 
@@ -55,18 +55,21 @@ class Model:
     def with_config(self, **values: Any) -> "Model":
         return Model(self.template, {**self.config, **values})
 
+    def with_job(self, model_section: Any) -> "Model":
+        """The model with a job's model.model_config over the checkpoint's values: a
+        MindSpore Transformers layout key such as qkv_concat."""
+        mc = (model_section or {}).get("model_config") if isinstance(model_section, Mapping) else None
+        if mc is not None and not isinstance(mc, Mapping):
+            raise ConfigError("config key model.model_config: expected a mapping")
+        values = canonical_config(mc or {})
+        for key in sorted(self.template.unmodelled):
+            if values.get(key):
+                raise ConfigError(f"config key model.model_config.{key}: template {self.family} ({self.template.path}) "
+                                  "does not model it; no conversion is made for a layout it cannot name")
+        return Model(self.template, {**self.config, **values})
+
     def to_json(self) -> dict:
         return {"template": str(self.template.path), "config": dict(self.config)}
-
-
-def select(template: Template, values: Mapping[str, Any]) -> Template:
-    """The template's `switch`: another template when a model_config key is truthy
-    (MindSpore Transformers runs Qwen2 as Llama with qkv_has_bias)."""
-    for key, other in template.switch.items():
-        v = values.get(key)
-        if v is True or (isinstance(v, int) and not isinstance(v, bool) and v > 1):
-            return resolve(other)
-    return template
 
 
 def from_hf_config(cfg: dict, where: str, arch: Any = None) -> Model:
@@ -80,7 +83,7 @@ def from_hf_config(cfg: dict, where: str, arch: Any = None) -> Model:
     if template is None:
         raise FormatError(f"{where}: model_type {cfg.get('model_type')!r} has no template in strategies/ "
                           f"(templates: {', '.join(available())}); set model.arch to a template file of your own")
-    return Model(select(template, values), values)
+    return Model(template.switched(values), values)
 
 
 def read_hf_config(folder: Path, arch: Any = None) -> tuple[dict, Model]:

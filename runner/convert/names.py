@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass, field
 
 from runner.convert.model import Model
-from runner.convert.rows import Link, Pad
-from runner.errors import ConfigError, LayoutError
+from runner.convert.rows import Link, Pad, Recipe, backward, forward
+from runner.errors import ConfigError, FormatError, LayoutError
+from runner.formats.base import TensorInfo
 from runner.templates import Env, Template, Weight, evaluate, format_name, instances
 
 STACKED = "*"  # the {expert} of a logical tensor that stacks every expert
@@ -86,12 +87,12 @@ def scheme_map(model: Model, src: str, dst: str, pp: int = 1, padded_vocab: int 
             if stage_of(w, None, pp, num_layers) == stage_of(target, None, pp, num_layers):
                 continue
             origin = target
-        for layer in instances(w, env):
+        for layer in instances(w, env, dst):
             _add(m, w, origin, layer, src, padded_vocab, stack_experts, experts)
     for w in t.weights_of(src):
         if w.tie is not None and tied:
             continue
-        for layer in instances(w, env):
+        for layer in instances(w, env, src):
             for e in range(experts) if w.experts == "each" else [None]:
                 if format_name(w.names[src], env, layer, e) not in m.hf_shapes:
                     raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {dst!r} name and is part of no {dst!r} weight")
@@ -196,7 +197,7 @@ def extra_state_names(m: NameMap, stage: int, pp: int, local_experts: int) -> li
     for w in m.template.extra_state:
         if m.scheme not in w.names:
             continue
-        for layer in instances(w, m.env):
+        for layer in instances(w, m.env, m.scheme):
             if stage_of(w, layer, pp, num_layers) != stage:
                 continue
             local = layer - first if w.place == "layer" and layer is not None else layer
@@ -205,14 +206,34 @@ def extra_state_names(m: NameMap, stage: int, pp: int, local_experts: int) -> li
     return out
 
 
-def renames(model: Model, src: str, dst: str) -> dict[str, str]:
-    """Source name -> destination name, where every weight is a plain rename (the
-    MindFormers <-> HF names of a dense model)."""
-    m = scheme_map(model, src, dst)
-    out = {}
-    for lk in m.links:
-        if lk.a_row or lk.b_row or lk.transpose or m.shapes[lk.b] != m.hf_shapes[lk.a]:
-            raise ConfigError(f"{lk.a}: template {model.template.name} stores it fused or stacked in {dst!r} names; "
-                              "only plain renames convert between these names")
-        out[lk.a] = lk.b
-    return out
+def linked_dtype(m: NameMap, name: str, sources: dict[str, TensorInfo]) -> str:
+    """The dtype of destination tensor `name`: that of the source tensors it is made of."""
+    kinds = {sources[lk.a].dtype for lk in m.links if lk.b == name}
+    if len(kinds) != 1:
+        raise FormatError(f"the tensors that make {name} have different dtypes ({', '.join(sorted(kinds))})")
+    return kinds.pop()
+
+
+def scheme_tensors(model: Model, scheme: str, hf: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], dict[str, Recipe]]:
+    """The tensors of `scheme` (MindFormers names: renamed, fused, experts stacked), each
+    with its recipe from the whole HF tensors `hf`."""
+    m = scheme_map(model, "hf", scheme)
+    infos = {n: TensorInfo(linked_dtype(m, n, hf), shape) for n, shape in m.shapes.items()}
+    return infos, forward(m.links, m.pads, hf, infos, m.row_dims)
+
+
+def hf_tensors(model: Model, scheme: str, held: dict[str, TensorInfo], where: str) -> tuple[dict[str, TensorInfo], dict[str, Recipe]]:
+    """The HF tensors a checkpoint named in `scheme` holds, each with its recipe from
+    the checkpoint's tensors (`held`, which must be exactly the scheme's)."""
+    m = scheme_map(model, "hf", scheme)
+    unknown, missing = sorted(set(held) - set(m.shapes)), sorted(set(m.shapes) - set(held))
+    if unknown or missing:
+        what = f"holds {unknown[0]}, which is" if unknown else f"lacks {missing[0]}, which is"
+        raise FormatError(f"{where}: the checkpoint {what} a {scheme} name of template {model.family} "
+                          f"for this config.json ({len(held)} tensors held, {len(m.shapes)} expected)")
+    for n, shape in m.shapes.items():
+        if held[n].shape != shape:
+            raise FormatError(f"{where}: tensor {n} has shape {list(held[n].shape)}, config.json implies {list(shape)}")
+    back = {lk.a: held[lk.b].dtype for lk in m.links if lk.primary}
+    infos = {n: TensorInfo(back[n], shape) for n, shape in m.hf_shapes.items()}
+    return infos, backward(m.links, infos, held, m.row_dims)

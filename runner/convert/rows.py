@@ -95,20 +95,68 @@ class Recipe:
         rows = np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), self.shape[: self.row_dims]).reshape(-1)
         col_slices = box.slices()[self.row_dims:]
         out = np.empty((rows.size, *box.sizes[self.row_dims:]), dtypes.bits_dtype(self.dtype))
+        # Each row's source: one pass per source tensor, however many blocks read it
+        # (an interleaved fuse has one block per row).
         starts = np.cumsum([0] + [b.count for b in self.blocks])
         which = np.searchsorted(starts, rows, side="right") - 1
-        for i in np.unique(which):
-            b = self.blocks[i]
-            mask = which == i
-            src = _rows_of(fetch, b, cols)
-            local = rows[mask] - starts[i]
-            if b.repeat:
-                out[mask] = src[b.start][col_slices]
-            elif local[-1] - local[0] + 1 == local.size and np.all(np.diff(local) == 1):
-                out[mask] = src[b.start + local[0]: b.start + local[-1] + 1][(slice(None), *col_slices)]
+        first = np.array([b.start for b in self.blocks])
+        repeat = np.array([b.repeat for b in self.blocks])
+        src_rows = first[which] + np.where(repeat[which], 0, rows - starts[which])
+        keys = {k: i for i, k in enumerate(dict.fromkeys((b.src, b.transpose) for b in self.blocks))}
+        key_of = np.array([keys[(b.src, b.transpose)] for b in self.blocks])[which]
+        for (name, transpose), k in keys.items():
+            mask = key_of == k
+            if not mask.any():
+                continue
+            src = _rows_of(fetch, Block(name, 0, 0, transpose=transpose), cols)
+            picked = src_rows[mask]
+            if picked[-1] - picked[0] + 1 == picked.size and np.all(np.diff(picked) == 1):
+                out[mask] = src[picked[0]: picked[-1] + 1][(slice(None), *col_slices)]
             else:
-                out[mask] = src[b.start + local][(slice(None), *col_slices)]
+                out[mask] = src[(picked, *col_slices)]
         return out.reshape(box.sizes)
+
+
+def compose(outer: dict[str, Recipe], inner: dict[str, Recipe]) -> dict[str, Recipe]:
+    """`outer`'s recipes with every block that reads a tensor `inner` builds rewritten
+    to read that tensor's own sources (MindFormers names <- HF names <- Megatron ranks),
+    so a conversion through a middle naming never materialises the middle tensors."""
+    out = {}
+    for name, r in outer.items():
+        if not any(b.src in inner for b in r.blocks):
+            out[name] = r
+            continue
+        mid = inner[r.blocks[0].src] if len(r.blocks) == 1 else None
+        if mid is not None and mid.shape == r.shape and not r.transpose and not r.blocks[0].repeat \
+                and r.blocks[0].start == 0 and r.blocks[0].count == r.rows and not r.blocks[0].transpose:
+            out[name] = Recipe(r.shape, r.dtype, mid.row_dims, mid.blocks, mid.transpose)  # a rename
+            continue
+        blocks: list[Block] = []
+        for b in r.blocks:
+            if b.src not in inner:
+                blocks.append(b)
+                continue
+            mid = inner[b.src]
+            if r.transpose or b.transpose or mid.transpose or \
+                    math.prod(mid.shape[mid.row_dims:]) != math.prod(r.shape[r.row_dims:]):
+                raise PlanError(f"conversion map: {name} reads rows of {b.src} that are not rows of its sources")
+            blocks += _sub_blocks(mid.blocks, b.start, 1 if b.repeat else b.count, b.count if b.repeat else 0)
+        out[name] = Recipe(r.shape, r.dtype, r.row_dims, tuple(blocks))
+    return out
+
+
+def _sub_blocks(blocks: tuple[Block, ...], start: int, count: int, repeat: int) -> list[Block]:
+    """Rows [start, start + count) of the tensor `blocks` build, as blocks of its
+    sources; with `repeat`, that one row `repeat` times."""
+    out, pos = [], 0
+    for b in blocks:
+        lo, hi = max(start, pos), min(start + count, pos + b.count)
+        if lo < hi:
+            row = b.start if b.repeat else b.start + lo - pos
+            n = repeat or hi - lo
+            out.append(Block(b.src, row, n, repeat=b.repeat or bool(repeat), transpose=b.transpose))
+        pos += b.count
+    return out
 
 
 def _recipes(items: dict[str, list[Block]], infos: dict[str, TensorInfo], row_dims: dict[str, int],

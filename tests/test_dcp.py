@@ -1,0 +1,193 @@
+"""PyTorch distributed checkpoints and Megatron's torch_dist, read without a process
+group. Artefacts come from the real tools on the CPU: torch.distributed.checkpoint.save,
+and megatron-core's dist_checkpointing.save from a GPTModel under gloo (TP1 and TP2).
+Oracles: torch's own dcp_to_torch_save, and the HF weights and transformers' logits
+of the model the checkpoint was made from."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runner.errors import FormatError
+from runner.formats.dcp import DcpReader
+from runner.layout import Box
+from tests.convert_util import FAMILIES, hf_tensors, logits, make_hf, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# megatron-core's own save of a GPTModel (local spec) holding a torch-format rank file;
+# a file, not `-c`: the async writer's helper process re-imports the main module.
+SAVE_WORKER = """
+import os, sys, torch, torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import random as mrandom
+from tests.test_convert_mcore import cpu_patches, gpt_from_args
+
+if __name__ == "__main__":
+    rank, tp, port, src, out, eps = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], float(sys.argv[6])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+    parallel_state.initialize_model_parallel(tp, 1)
+    for obj, name, value in cpu_patches(mrandom):
+        setattr(obj, name, value)
+    torch.cuda.synchronize = lambda *a, **k: None  # the writer syncs the (absent) GPU
+    doc = torch.load(f"{src}/iter_0000001/mp_rank_{rank:02d}/model_optim_rng.pt", weights_only=False)
+    model = gpt_from_args(doc["args"], eps)
+    model.load_state_dict(doc["model"], strict=True)
+    state = {"args": doc["args"], "checkpoint_version": 3.0, "iteration": 1, "model": model.sharded_state_dict()}
+    os.makedirs(f"{out}/iter_0000001", exist_ok=True)
+    dist_checkpointing.save(state, f"{out}/iter_0000001")
+    if rank == 0:
+        open(f"{out}/latest_checkpointed_iteration.txt", "w").write("1")
+    dist.destroy_process_group()
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torch_dist(tmp_path_factory):
+    """{tp: torch_dist folder} saved by megatron-core at TP1 and TP2 from one tiny Llama
+    (GQA, untied), and that model's HF folder."""
+    tmp = tmp_path_factory.mktemp("torch_dist")
+    hf = make_hf(tmp / "hf", "llama", dtype=torch.float32)
+    worker = tmp / "save_worker.py"
+    worker.write_text(SAVE_WORKER)
+    procs, folders = [], {}
+    for tp in (1, 2):
+        assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local",
+                   parallel_config={"model_parallel": tp}, output_dir=str(tmp / f"torch{tp}")) == 0
+        folders[tp] = tmp / f"dist{tp}"
+        port = _port()
+        procs += [subprocess.Popen([sys.executable, str(worker), str(r), str(tp), str(port), str(tmp / f"torch{tp}" / "transformed_checkpoint"),
+                                    str(folders[tp]), str(FAMILIES["llama"]["rms_norm_eps"])],
+                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(tp)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return folders, hf
+
+
+def _reference(folder: Path, tmp: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, tmp / "reference.pt")
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:  # DCP flattens nested dicts with dots
+        for k, v in node.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, v)
+
+    walk(torch.load(tmp / "reference.pt", weights_only=False), "")
+    return flat
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    size = t.element_size()
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).numpy().view(f"u{size}")
+
+
+def _assert_reads_like_torch(reader: DcpReader, reference: dict) -> None:
+    """Whole tensors and an off-grid box of each equal torch's own reassembly."""
+    tensors = {n: t for n, t in reference.items() if isinstance(t, torch.Tensor)}
+    assert sorted(reader.tensors()) == sorted(tensors)
+    for name, t in tensors.items():
+        want = _bits(t)
+        assert reader.tensors()[name].shape == tuple(t.shape)
+        assert np.array_equal(reader.array(name), want), name
+        box = Box(tuple(s // 3 for s in t.shape), tuple(max(1, s // 2) for s in t.shape))
+        assert np.array_equal(reader.region(name, box), want[box.slices()]), name
+
+
+def test_dcp_save_reads_like_dcp_to_torch_save(tmp_path):
+    """A plain DCP folder (no process group): dtypes, a non-contiguous tensor, nested
+    keys and a non-tensor entry."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    state = {"model": {"w": torch.randn(6, 10, dtype=torch.bfloat16), "t": torch.randn(8, 5).t(),
+                       "ids": torch.arange(12, dtype=torch.int64).reshape(3, 4), "s": torch.tensor(3.5)},
+             "step": 7}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ck"))
+    reader = DcpReader(tmp_path / "ck")
+    try:
+        _assert_reads_like_torch(reader, _reference(tmp_path / "ck", tmp_path))
+        assert sorted(reader.index.objects) == ["step"]
+    finally:
+        reader.close()
+
+
+def test_torch_dist_chunks_read_like_dcp_to_torch_save(tmp_path, torch_dist):
+    """Megatron's TP2 save: every tensor in several chunks over two ranks' files (fc1's
+    gate and up halves apart), read back as torch reassembles them."""
+    folders, _ = torch_dist
+    reader = DcpReader(folders[2] / "iter_0000001")
+    try:
+        assert max(len(t.chunks) for t in reader.index.tensors.values()) > 2
+        _assert_reads_like_torch(reader, _reference(folders[2] / "iter_0000001", tmp_path))
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_torch_dist_to_hf_is_the_original_model(tmp_path, torch_dist, tp):
+    folders, hf = torch_dist
+    assert run(load_checkpoint=str(folders[tp]), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "o")) == 0
+    out = tmp_path / "o" / "transformed_checkpoint"
+    got, want = hf_tensors(out), hf_tensors(hf)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    ids = torch.tensor([[1, 7, 42, 99, 3, 120, 5]])
+    assert torch.equal(logits(out, "llama", ids), logits(hf, "llama", ids))
+
+
+def test_torch_dist_reshards_to_torch_format_and_verifies(tmp_path, torch_dist):
+    """torch_dist (saved at TP2; local-spec norms under TransformerEngine's names, as
+    Megatron-Core saves them) -> torch-format TP1 PP2 holds the same model (verify
+    compares both under HF names), and the iteration folder itself is a source."""
+    from runner.verify import Checkpoint, compare
+
+    folders, hf = torch_dist
+    assert run(load_checkpoint=str(folders[2] / "iter_0000001"), output_format="megatron",
+               parallel_config={"pipeline_stage": 2}, output_dir=str(tmp_path / "m")) == 0
+    out = tmp_path / "m" / "transformed_checkpoint"
+    assert sorted(p.name for p in (out / "iter_0000001").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
+    assert compare(Checkpoint.open(hf), Checkpoint.open(out), None) == []
+
+
+def test_metadata_pickle_that_would_run_code_is_refused(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    marker = tmp_path / "ran"
+    with open(bad / ".metadata", "wb") as f:
+        pickle.dump(type("Evil", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})(), f)
+    with pytest.raises(FormatError, match="refused.*posix.system|refused.*os.system"):
+        DcpReader(bad)
+    assert not marker.exists()
+
+
+def test_torch_dist_missing_data_file_is_one_clear_error(tmp_path, torch_dist):
+    import shutil
+
+    folders, _ = torch_dist
+    broken = tmp_path / "broken"
+    shutil.copytree(folders[2], broken)
+    next((broken / "iter_0000001").glob("__1_*.distcp")).unlink()
+    with pytest.raises(FormatError, match=r"names data file '__1_\d\.distcp', which is missing"):
+        reader = DcpReader(broken / "iter_0000001")
+        for name in reader.tensors():
+            reader.array(name)
