@@ -7,18 +7,25 @@ read). A rerun of the same job keeps every file whose record still proves it rig
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
+import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runner.checksum import crc32
-from runner.errors import ConfigError
+from runner.errors import AutotransError, ConfigError, excerpt, one_line
 from runner.durable import write_json
 from runner.execute import WrittenFile
 
 MANIFEST = "autotrans.json"
 PROGRESS = ".autotrans-progress"
+LOCK = ".autotrans.lock"  # in output_dir; never removed (removing a lock file races its next holder)
+_HELD: dict[tuple[int, int], list] = {}  # lock files this process holds: (st_dev, st_ino) -> [fd, holds]
 
 
 def read_json(path: Path) -> Any:
@@ -35,6 +42,51 @@ def check_no_overlap(output: Path, protected: list[Path]) -> None:
         src = p.resolve()
         if out == src or src.is_relative_to(out) or out.is_relative_to(src):
             raise ConfigError(f"output_dir {output} overlaps the source {p}; choose a folder outside it")
+
+
+def lock_output(output_dir: Path, wait: bool = False) -> Callable[[], None]:
+    """Hold output_dir's lock (flock on a file inside it) until the returned function is
+    called; a process may take it more than once. Another process holding it is waited
+    for (`wait`) or refused with one line naming it (pid, host, start)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        os.close(fd)
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0)
+            os.close(fd)
+            raise AutotransError(f"{output_dir} is in use by another autotrans run ({_holder(holder)}); "
+                                 "wait for it to finish, or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "start": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode(), 0)
+        _HELD[key] = [fd, 0]
+    _HELD[key][1] += 1
+    return lambda: _release(key)
+
+
+def _release(key: tuple[int, int]) -> None:
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        os.close(held[0])  # closing the last descriptor releases the flock
+
+
+def _holder(raw: bytes) -> str:
+    try:
+        h = json.loads(raw)
+        return one_line(f"pid {int(h['pid'])} on {str(h['host'])[:64]}, started {str(h['start'])[:40]}")
+    except (ValueError, TypeError, KeyError):
+        return f"holder unknown: {excerpt(raw)}"
 
 
 class OutputFolder:
@@ -61,7 +113,10 @@ class OutputFolder:
 
     def claim(self) -> None:
         """Make the folder this job's: resume our own, replace another job's, refuse
-        anything else that is not empty. Call on one process per output folder."""
+        anything else that is not empty. Call on one process per output folder. The
+        output_dir's lock is taken first and held as long as this object lives (the
+        driver keeps it for the whole job)."""
+        weakref.finalize(self, lock_output(self.folder.parent))
         if self.folder.exists() and any(self.folder.iterdir()):
             # the progress folder is the first thing a job creates: a job killed before
             # job.json was renamed into place still owns the folder

@@ -494,3 +494,41 @@ def test_reference_file_that_is_a_symlink_is_not_copied(tmp_path: Path, capsys) 
     line = one_error_line(capsys)
     assert "tokenizer.json" in line and "symlink" in line, line
     assert not [p for p in out.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
+
+
+# -- one run at a time per output_dir ---------------------------------------------------------
+HOLD = """
+import sys, time
+from runner.outputs import lock_output
+lock_output(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_run_on_a_held_output_dir_is_refused(tmp_path: Path, capsys) -> None:
+    """While another process holds output_dir (a run in progress), a run is refused with
+    one line naming the holder (pid, host, start), exit 1, and touches nothing there;
+    once it is gone, the run proceeds. Runs one after another in one process work."""
+    import socket
+
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
+    assert main(cfg) == 0
+    (out / "transformed_checkpoint" / MANIFEST).unlink()  # so that the next run has work to do
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        capsys.readouterr()
+        assert main(cfg) == 1
+        line = one_error_line(capsys)
+        assert f"pid {holder.pid} on {socket.gethostname()}" in line and "in use by another autotrans run" in line, line
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(cfg) == 0
+    assert main(cfg) == 0  # the lock of the run before was released
