@@ -27,24 +27,29 @@ def checkpoint_for_rank(cfg: str | Path | Mapping[str, Any] | config.JobConfig, 
     when it already has the destination layout and format, else the transformed one
     (transformed first, once, if needed). `rank` defaults to RANK_ID / RANK from the
     environment, else 0. Raises AutotransError (exit_code 2 for a bad config)."""
-    from runner import job as jobs
+    from runner.job import needs_change
     from runner.outputs import OutputFolder, lock_output
+    from runner.run import LocalWorld, run
 
     cfg = _config(cfg, overrides)
     rank = _rank(rank)
     if cfg.only_save_strategy:
         raise ConfigError("only_save_strategy is set: a dry run writes strategies and no checkpoint to load")
-    job = jobs.prepare(cfg)
+    world = LocalWorld()
+    compiled = world.compile(cfg)
+    job = compiled.job
+    if job is None:
+        raise ConfigError("checkpoint_for_rank returns per-rank checkpoint files; this job converts between ecosystems: run `autotrans run`")
     if rank not in job.dst.ranks:
         raise ConfigError(f"rank {rank} is not a destination rank (the layout has ranks 0..{job.dst.world_size - 1})")
-    if not jobs.needs_change(job):
+    if not needs_change(job):
         return _source_file(job, rank)
     if not cfg.auto_trans_ckpt:
         raise AutotransError(f"{cfg.load_checkpoint} does not match the destination layout and auto_trans_ckpt is false; set auto_trans_ckpt: true")
     release = lock_output(cfg.output_path, wait=True)  # blocks until the transforming rank is done
     try:
-        if not OutputFolder(job.out_dir, job.digest()).is_complete():
-            code = jobs.run(cfg, show_progress=False)
+        if not OutputFolder(job.out_dir, world.digest(compiled)).is_complete():
+            code = run(cfg, show_progress=False)
             if code != 0:
                 raise AutotransError(f"transforming {cfg.load_checkpoint} failed (exit code {code}); run `autotrans run` on the config for details")
     finally:

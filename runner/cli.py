@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         build_parser().print_help()
         return 2
+    from runner import log
     from runner.errors import AutotransError, one_line
 
+    log.configure(debug=bool(getattr(args, "debug", False)))
     try:
         return dispatch(args)
     except AutotransError as e:

@@ -25,18 +25,7 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
         from runner.mpi import run_mpi
 
         return run_mpi(cfg, show_progress)
-    if is_conversion(cfg):
-        from runner.convert.job import run_conversion
-
-        return run_conversion(cfg, show_progress)
-    from runner.job import run
+    from runner.run import run
 
     return run(cfg, show_progress)
 
-
-def is_conversion(cfg: JobConfig) -> bool:
-    """Whether the job converts between ecosystems: HF / Megatron / MindFormers (SPEC 6).
-    A LoRA merge rides along either way (runner.lora in the core, HFInput in conversions)."""
-    from runner.convert import wants_conversion
-
-    return wants_conversion(cfg)

@@ -1,32 +1,25 @@
-"""The transform job (SPEC 3): resolve source and strategies, compare, plan, execute,
-write the manifest. Every step before execution is deterministic, so each worker or
-MPI rank can prepare the same Job and take its own share of destination ranks."""
+"""Preparing a layout transform (SPEC 3): resolve source and strategies, reconcile
+names with the checkpoint, compare. Deterministic, so each worker or MPI rank prepares
+the same Job (runner.compile turns it into units; runner.run runs them)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Mapping
 
-from runner import __version__, dtypes, lora, plan as planner, strategy as strat
+from runner import dtypes, lora, plan as planner, strategy as strat
 from runner.config import JobConfig
 from runner.errors import ConfigError
-from runner.execute import LocalPool, SlicePool, WrittenFile, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.registry import output_format
-from runner.outputs import OutputFolder, check_no_overlap
 from runner.source import Source, discover
 from runner.layout import ParamLayout
-from runner.log import say, warn
+from runner.log import warn
 from runner.strategy import Strategy
 from runner.templates import regroup
 
-T = TypeVar("T")
 TRANSFORMED = "transformed_checkpoint"
-STRATEGY_DIR = "strategy"
 
 
 Headers = Mapping[int, Mapping[str, TensorInfo]]
@@ -56,16 +49,15 @@ class Job:
         suffix = output_format(self.cfg.output_format).suffix
         return self.out_dir / f"rank_{rank}" / f"{self.cfg.prefix}{rank}{suffix}"
 
-    def digest(self) -> str:
+    def describe(self) -> dict:
         """What the job does, independent of paths: strategies, options, extras."""
-        doc = {
+        return {
             "src": self.src.to_json() if self.src else None,
             "dst": self.dst.to_json(),
             "options": self.cfg.options(),
             "extras": sorted(self.extras),
             "lora": self.lora.describe() if self.lora else None,
         }
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def plan(self, rank: int, available: Callable[[int], bool] | None = None,
              prefer: Callable[[int], bool] | None = None) -> planner.FilePlan:
@@ -210,200 +202,3 @@ def needs_change(job: Job) -> list[str]:
     if job.cfg.lora:
         reasons.append("LoRA merge")
     return reasons
-
-
-def write_strategies(job: Job, ranks: list[int] | None = None, merged: bool = True) -> None:
-    check_no_overlap(job.cfg.output_path, protected_paths(job.cfg))  # a dry run never writes into the source either
-    folder = job.cfg.output_path / STRATEGY_DIR
-    if job.cfg.strategy_format == "mindspore":
-        from runner.formats.mindspore_strategy import write_rank_file, write_merged_file
-    else:
-        write_rank_file, write_merged_file = strat.write_rank_file, strat.write_merged_file
-    for r in job.dst.ranks if ranks is None else ranks:
-        write_rank_file(job.dst, r, folder)
-    if merged and len(job.dst.stages) > 1:
-        write_merged_file(job.dst, folder)
-
-
-# -- executing ------------------------------------------------------------------------------
-def balance(sizes: dict[int, int], workers: int) -> list[list[int]]:
-    """Split destination ranks into `workers` shares balanced by bytes (largest first)."""
-    shares: list[list[int]] = [[] for _ in range(workers)]
-    loads = [0] * workers
-    for rank in sorted(sizes, key=lambda r: (-sizes[r], r)):
-        i = loads.index(min(loads))
-        shares[i].append(rank)
-        loads[i] += sizes[rank]
-    return [sorted(s) for s in shares]
-
-
-def run_ranks(job: Job, ranks: list[int], folder: OutputFolder, pool: SlicePool,
-              on_bytes: Callable[[int], None] = lambda n: None,
-              local: Callable[[int], bool] | None = None) -> list[WrittenFile]:
-    """Plan and write the files of `ranks`, keeping ones an earlier run proved right.
-    `local`: the source ranks this process sees (default all); reads prefer them, and
-    only their files can be stamped in the progress record."""
-    fmt = output_format(job.cfg.output_format)
-    done = []
-    for rank in ranks:
-        fp = job.plan(rank, prefer=local)
-        path = job.out_path(rank)
-        seen = {p for r in fp.src_ranks if local is None or local(r) for p in job.source.files[r]}
-        sources = sorted(seen | set(job.lora.files if job.lora else ()))
-        kept = folder.finished(rank, path, sources)
-        if kept is not None:
-            on_bytes(fp.write_bytes)
-            done.append(kept)
-            continue
-        written = write_file(fp, pool, fmt, path, on_bytes)
-        folder.record(rank, written, sources)
-        done.append(written)
-    return done
-
-
-_COUNTER = None  # a worker process's shared byte counter, set by _init_worker
-
-
-def _init_worker(counter) -> None:
-    global _COUNTER
-    _COUNTER = counter
-
-
-def _worker(job: Job, ranks: list[int], digest: str) -> list[WrittenFile]:
-    def on_bytes(n: int) -> None:
-        with _COUNTER.get_lock():
-            _COUNTER.value += n
-
-    pool = lora.wrap(LocalPool(job.source), job.lora)
-    try:
-        return run_ranks(job, ranks, OutputFolder(job.out_dir, digest), pool, on_bytes)
-    finally:
-        pool.close()
-
-
-def execute_local(job: Job, folder: OutputFolder, progress) -> list[WrittenFile]:
-    """All destination ranks in this process, or in `transform_process_num` workers."""
-    ranks = job.dst.ranks
-    nproc = min(job.cfg.transform_process_num, len(ranks))
-    if nproc <= 1:
-        pool = lora.wrap(LocalPool(job.source), job.lora)
-        try:
-            return run_ranks(job, ranks, folder, pool, progress.update)
-        finally:
-            pool.close()
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("q", 0)
-    shares = balance({r: job.dst.rank_bytes(r) for r in ranks}, nproc)
-    written: list[WrittenFile] = []
-    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as ex:
-        futures = [ex.submit(_worker, job, share, folder.digest) for share in shares if share]
-        seen = 0
-        while not all(f.done() for f in futures):
-            time.sleep(0.1)
-            progress.update(counter.value - seen)
-            seen = counter.value
-        progress.update(counter.value - seen)
-        for f in futures:
-            written.extend(f.result())
-    return sorted(written, key=lambda w: str(w.path))
-
-
-def manifest(job: Job, written: list[WrittenFile], elapsed: float) -> dict:
-    return {
-        "format": "autotrans-manifest",
-        "version": 1,
-        "autotrans": __version__,
-        "source": str(Path(job.cfg.load_checkpoint).resolve()),
-        "src_strategy": job.cfg.src_strategy_path_or_dir or None,
-        "dst_strategy": job.cfg.dst_strategy_path_or_dir or "generated",
-        "options": job.cfg.options(),
-        "world_size": job.dst.world_size,
-        "files": [{"path": str(w.path.relative_to(job.out_dir)), "bytes": w.size, "crc32": w.crc32} for w in written],
-        "bytes_written": sum(w.size for w in written),
-        "elapsed_s": round(elapsed, 3),
-    }
-
-
-class LocalWorld:
-    """Where the job's steps run: this process and its local workers. runner.mpi's
-    MpiWorld runs the same steps on every MPI rank, each step failing on all at once."""
-
-    is_root = True
-    progress_tty_only = True  # a progress bar only when stderr is a terminal
-
-    def step(self, name: str, fn: Callable[[], T]) -> T:
-        return fn()
-
-    def prepare(self, cfg: JobConfig) -> Job:
-        return prepare(cfg)
-
-    def write_strategies(self, job: Job) -> None:
-        write_strategies(job)
-
-    def claim(self, job: Job) -> OutputFolder | None:
-        """The output folder, claimed; None when it already holds this job's output."""
-        check_no_overlap(job.cfg.output_path, protected_paths(job.cfg))
-        folder = OutputFolder(job.out_dir, job.digest())
-        if folder.is_complete():
-            return None
-        folder.claim()
-        return folder
-
-    def execute(self, job: Job, folder: OutputFolder, progress) -> list[WrittenFile]:
-        return execute_local(job, folder, progress)
-
-    def finish(self, job: Job, folder: OutputFolder, written: list[WrittenFile], elapsed: float) -> list[WrittenFile]:
-        """Write the manifest; every file written, for the summary."""
-        folder.write_manifest(manifest(job, written, elapsed))
-        return written
-
-    def verify(self, job: Job) -> int:
-        from runner.verify import verify_job
-
-        return verify_job(job)
-
-
-def protected_paths(cfg: JobConfig) -> list[Path]:
-    return [Path(p) for p in (cfg.load_checkpoint, cfg.src_strategy_path_or_dir) if p]  # Path("") would be the cwd
-
-
-def run(cfg: JobConfig, show_progress: bool = True, world: LocalWorld | None = None) -> int:
-    """Run a transform job in this process (and its local workers), or as one MPI rank
-    of many (`world`); the exit code."""
-    from runner.progress import Progress
-
-    world = world or LocalWorld()
-    job = world.step("prepare", lambda: world.prepare(cfg))
-    if cfg.only_save_strategy:
-        world.step("write strategies", lambda: world.write_strategies(job))
-        say(f"wrote {job.dst.world_size} strategy file(s) to {cfg.output_path / STRATEGY_DIR}; no weights touched")
-        return 0
-    reasons = needs_change(job)
-    if not cfg.auto_trans_ckpt:
-        if reasons:
-            say(f"the source does not match the destination ({len(reasons)} difference(s)); first: {reasons[0]}")
-            return 1
-        say("the source already matches the destination layout")
-        return 0
-    if not reasons:
-        say(f"nothing to do: {cfg.load_checkpoint} already has the destination layout and format")
-        return 0
-    folder = world.step("claim output", lambda: world.claim(job))
-    if folder is None:
-        say(f"{job.out_dir} already holds this job's complete output; nothing to do")
-        return 0
-    world.step("write strategies", lambda: world.write_strategies(job))
-    start = time.monotonic()
-    total = sum(job.dst.rank_bytes(r) for r in job.dst.ranks)
-    with Progress(total, enabled=show_progress and world.is_root, tty_only=world.progress_tty_only) as progress:
-        written = world.step("transform", lambda: world.execute(job, folder, progress))
-    elapsed = time.monotonic() - start
-    written = world.step("manifest", lambda: world.finish(job, folder, written, elapsed))
-    nbytes = sum(w.size for w in written)
-    say(f"done: {len(written)} files, {nbytes / 1e9:.3f} GB in {elapsed:.2f} s ({nbytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) -> {job.out_dir}")
-    if cfg.verify:
-        return world.step("verify", lambda: world.verify(job))
-    return 0

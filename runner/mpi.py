@@ -1,6 +1,6 @@
 """Running a transform job as one MPI rank of many (SPEC 9).
 
-Every rank runs the job's steps (runner.job.run) through MpiWorld: the source is the
+Every rank runs the job's steps (runner.run.run) through MpiWorld: the source is the
 union of what the ranks see, each rank reads the headers of the source ranks it serves
 and all share them, every rank prepares the same Job and the digests are compared;
 destination ranks are split across MPI ranks (balanced by bytes, or rank r -> rank r),
@@ -18,8 +18,11 @@ import time
 import uuid
 from pathlib import Path
 
+from runner.compile import Compiled, compile_job, content_digest, stamp, write_strategies
 from runner.config import JobConfig
 from runner.errors import AutotransError, ConfigError
+from runner.outputs import OutputFolder
+from runner.run import LocalWorld, balance, file_entries, finish_folder, manifest, run_units
 
 # World-size variables set by MPICH / Intel MPI (hydra; also Slurm's PMI2), Open MPI
 # and MVAPICH; not MPI_LOCALNRANKS, which counts only this node's ranks.
@@ -37,16 +40,14 @@ def launched_size(environ=os.environ) -> int:
 
 def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
     """This rank's part of the job; the exit code (the same on every rank)."""
-    from runner import job as jobs, log
+    from runner import log
     from runner.collective import Link, StepError
+    from runner.run import run
 
     link = Link()
     log.configure(quiet=link.rank != 0)
     try:
-        world = MpiWorld(link)
-        if world.converts(cfg):
-            return world.convert(cfg, show_progress)
-        return jobs.run(cfg, show_progress, world)
+        return run(cfg, show_progress, MpiWorld(link))
     except StepError:
         raise
     except BaseException as e:  # outside a step the other ranks cannot hear of it
@@ -54,72 +55,80 @@ def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
         raise
 
 
-class MpiWorld:
-    """runner.job.LocalWorld's steps, run by every MPI rank together."""
+class MpiWorld(LocalWorld):
+    """runner.run.LocalWorld's steps, run by every MPI rank together."""
 
     progress_tty_only = False  # rank 0's stderr is a pipe to mpiexec
 
     def __init__(self, link):
-        from runner.job import LocalWorld
-
+        super().__init__()
         self.link = link
         self.is_root = link.rank == 0
         self.step = link.step
-        self._local_world = LocalWorld()
         self.union = None  # runner.union.Union, once the source is known
-        self.share: list[int] = []  # the destination ranks this rank writes
+        self.share: list[int] = []  # the unit keys this rank writes
         self.group: tuple[int, ...] = (link.rank,)  # the ranks that share this rank's output_dir
         self.groups = 1
 
-    # -- conversions between ecosystems (SPEC 6) ------------------------------------------
     def converts(self, cfg: JobConfig) -> bool:
         """Whether any rank takes the job for a conversion (an HF or Megatron source it
         sees whole, or output); a source a rank sees only in part is not one."""
-        from runner.dispatch import is_conversion
+        from runner.convert import wants_conversion
         from runner.errors import FormatError
 
         def here() -> bool:
             try:
-                return is_conversion(cfg)
+                return wants_conversion(cfg)
             except FormatError:
                 return False
 
         return any(self.link.exchange(self.step("classify the job", here)))
 
-    def convert(self, cfg: JobConfig, show_progress: bool) -> int:
-        """Conversions are not split across ranks yet: rank 0 runs it, the others wait."""
-        from runner.convert.job import run_conversion
+    # -- compile ------------------------------------------------------------------------
+    def compile(self, cfg: JobConfig) -> Compiled:
+        """Every rank compiles the same job. A reshard's source is the union of what the
+        ranks see, each reading the headers of the source ranks it serves; a conversion
+        is compiled by every rank from its own view of the source (a copy per node will
+        do), and the views are joined the same way. Source files are stamped by the
+        ranks that serve them, so every rank computes the same digest."""
+        from runner.union import union_source
 
-        code = self.step("convert", lambda: run_conversion(cfg, show_progress) if self.is_root else 0)
-        return max(self.link.exchange(code))
-
-    # -- prepare ------------------------------------------------------------------------
-    def prepare(self, cfg: JobConfig):
-        from runner.job import prepare, read_headers
-        from runner.source import Source
-        from runner.union import local_view, union_source
-
-        if not cfg.load_checkpoint:
-            job = self.step("prepare", lambda: prepare(cfg))
+        root = Path(cfg.load_checkpoint) if cfg.load_checkpoint else None
+        if root is None:
+            job = self.step("prepare", lambda: compile_job(cfg))
+        elif self.converts(cfg):
+            job = self.step("prepare", lambda: compile_job(cfg))
+            views = self.link.exchange(self.step("find source files", lambda: _view(job.source)))
+            self.union = self.step("join what the ranks see", lambda: union_source(root, views, cfg.shared_disk))
         else:
-            root = Path(cfg.load_checkpoint)
-            views = self.link.exchange(self.step("find source files", lambda: local_view(root)))
-            self.union = u = self.step("join what the ranks see", lambda: union_source(root, views, cfg.shared_disk))
-            mine = Source(root, u.source.kind, {s: f for s, f in u.source.files.items() if u.server(s) == self.link.rank})
-            headers = {}
-            for part in self.link.exchange(self.step("read source headers", lambda: read_headers(mine))):
-                headers.update(part)
-            job = self.step("prepare", lambda: prepare(cfg, u.source, dict(sorted(headers.items()))))
-        digests = self.link.exchange(job.digest())
-        self.step("compare jobs", lambda: _same_job(digests))
-        self._find_output_folders(cfg)
+            job = self._compile_reshard(cfg, root)
+        self.step("compare jobs", lambda: _same_job(self.link.exchange(content_digest(job))))
+        if root is not None:
+            u, me = self.union, self.link.rank
+            mine = self.step("stamp source files", lambda: [
+                stamp(label, p) for label, p in job.source_files(lambda s: u.server(s) == me, extras=self.is_root)])
+            self.stamps = [s for part in self.link.exchange(mine) for s in part]
+        self._find_output_folders(cfg, job)
         self.share = self.step("split the work", lambda: self._split(job))
         return job
 
-    def _find_output_folders(self, cfg: JobConfig) -> None:
+    def _compile_reshard(self, cfg: JobConfig, root: Path) -> Compiled:
+        from runner.compile import compile_reshard
+        from runner.job import read_headers
+        from runner.source import Source
+        from runner.union import local_view, union_source
+
+        views = self.link.exchange(self.step("find source files", lambda: local_view(root)))
+        self.union = u = self.step("join what the ranks see", lambda: union_source(root, views, cfg.shared_disk))
+        mine = Source(root, u.source.kind, {s: f for s, f in u.source.files.items() if u.server(s) == self.link.rank})
+        headers = {}
+        for part in self.link.exchange(self.step("read source headers", lambda: read_headers(mine))):
+            headers.update(part)
+        return self.step("prepare", lambda: compile_reshard(cfg, u.source, dict(sorted(headers.items()))))
+
+    def _find_output_folders(self, cfg: JobConfig, job: Compiled) -> None:
         """Which ranks share this rank's output_dir (one disk, or one per node): each
         rank drops a token file there and looks for the others' tokens."""
-        from runner.job import protected_paths
         from runner.outputs import check_no_overlap
 
         out = cfg.output_path
@@ -127,8 +136,7 @@ class MpiWorld:
         token = out / f".autotrans-{nonce}-{self.link.rank}"
 
         def drop() -> None:
-            if cfg.load_checkpoint:
-                check_no_overlap(out, protected_paths(cfg))
+            check_no_overlap(out, list(job.protected))
             out.mkdir(parents=True, exist_ok=True)
             token.touch()
 
@@ -147,80 +155,93 @@ class MpiWorld:
         """This rank speaks for its output folder."""
         return self.group[0] == self.link.rank
 
-    def _split(self, job) -> list[int]:
-        from runner.job import balance
-
-        n, world, me = self.link.size, job.dst.world_size, self.link.rank
+    def _split(self, job: Compiled) -> list[int]:
+        n, world, me = self.link.size, len(job.units), self.link.rank
         if job.cfg.transform_by_rank:
             if n != world:
                 raise ConfigError(f"transform_by_rank: the destination has {world} ranks but MPI runs {n}; "
                                   f"launch {world} MPI ranks or set transform_by_rank: false")
-            return [me]
+            return [job.units[me].key]
         if self.groups > 1 and n == world:
-            return [me]  # each node keeps the files of its own ranks
-        return balance({r: job.dst.rank_bytes(r) for r in job.dst.ranks}, n)[me]
+            return [job.units[me].key]  # each node keeps the files of its own ranks
+        return balance({u.key: u.write_bytes for u in job.units}, n)[me]
 
-    # -- the steps of runner.job.run ------------------------------------------------------
-    def write_strategies(self, job) -> None:
-        """Rank r writes destination rank r's file when the worlds match, else its share."""
-        from runner.job import write_strategies
-
+    # -- the steps of runner.run.run ------------------------------------------------------
+    def write_strategies(self, job: Compiled) -> None:
+        """Rank r writes destination rank r's file when the worlds match, else those of
+        its share of the units."""
         same = self.link.size == job.dst.world_size
-        write_strategies(job, [self.link.rank] if same else self.share, merged=self.leader)
+        ranks = [self.link.rank] if same else [k for k in self.share if k in set(job.dst.ranks)]
+        write_strategies(job, ranks, merged=self.leader)
 
-    def claim(self, job):
-        from runner.outputs import OutputFolder
-
-        folder = OutputFolder(job.out_dir, job.digest())
+    def claim(self, job: Compiled):
+        folder = OutputFolder(job.out_dir, self.digest(job))
         complete = self.link.exchange(self.step("check output", folder.is_complete))
         if all(complete):
             return None
         self.step("claim output", lambda: folder.claim() if self.leader else None)
         return folder
 
-    def execute(self, job, folder, progress):
-        from runner import lora
+    def execute(self, job: Compiled, folder, progress) -> list[dict]:
         from runner.execute import LocalPool
-        from runner.job import run_ranks
         from runner.remote import RemotePool
 
         u = self.union
         seen = {s for s, ranks in u.seers.items() if self.link.rank in ranks}
         relay = ProgressRelay(self.link, progress)
         pool = RemotePool(self.link, LocalPool(job.source), seen, {s: u.server(s) for s in u.seers})
+        units = [unit for unit in job.units if unit.key in set(self.share)]
 
         def work():
-            written = run_ranks(job, self.share, folder, lora.wrap(pool, job.lora), relay.on_bytes, seen.__contains__)
+            written = run_units(job, units, folder, Borrowed(pool), relay.on_bytes, seen.__contains__)
             relay.flush()
             return written
 
         try:
             written = self.step("transform", work)
         finally:
-            pool.close()
+            pool.close()  # only once every rank is done: until then peers may ask for slices
         relay.drain(self.link.exchange(relay.sent))
-        return written
+        return file_entries(job, written, self.link.rank)
 
-    def finish(self, job, folder, written, elapsed):
-        from runner.execute import WrittenFile
-        from runner.job import manifest
-
-        records = self.link.exchange([(str(w.path.relative_to(job.out_dir)), w.size, w.crc32) for w in written])
+    def finish(self, job: Compiled, folder, files: list[dict], elapsed: float) -> list[dict]:
+        everyone = self.link.exchange(files)
         if self.leader:
-            ours = sorted((rec for r in self.group for rec in records[r]), key=lambda rec: rec[0])
-            doc = manifest(job, [WrittenFile(job.out_dir / p, size, crc) for p, size, crc in ours], elapsed)
-            folder.write_manifest({**doc, "mpi_ranks": self.link.size})
-        return [WrittenFile(job.out_dir / p, size, crc) for recs in records for p, size, crc in recs]
+            ours = [f for r in self.group for f in everyone[r]] + finish_folder(job, self.link.rank)
+            folder.write_manifest({**manifest(job, ours, self.stamps, elapsed), "mpi_ranks": self.link.size})
+        return [f for part in everyone for f in part]
 
-    def verify(self, job) -> int:
+    def verify(self, job: Compiled) -> int:
         from runner.log import warn
 
         u = self.union
         if self.groups > 1 or (u and any(len(s) < self.link.size for s in u.seers.values())):
             warn("verify skipped: under MPI it needs one output folder and every source file on every node")
             return 0
-        code = self.step("verify", lambda: self._local_world.verify(job) if self.is_root else 0)
+        code = self.step("verify", lambda: job.verify() if self.is_root else 0)
         return max(self.link.exchange(code))
+
+
+class Borrowed:
+    """A pool lent to run_units, which closes what it reads through: the lender closes it."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def region(self, read):
+        return self.pool.region(read)
+
+    def release(self) -> None:
+        self.pool.release()
+
+    def close(self) -> None:
+        pass
+
+
+def _view(source):
+    """What this rank sees of a conversion's source, as runner.union.local_view says it."""
+    root = source.root
+    return source.kind, {r: [(str(p.relative_to(root)), p.stat().st_size) for p in ps] for r, ps in source.files.items()}
 
 
 def _same_job(digests: list[str]) -> None:

@@ -18,25 +18,30 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from runner import dtypes, plan as planner, strategy as strat
+from runner import plan as planner, strategy as strat
+from runner.compile import Compiled, compile_job, from_job
 from runner.config import JobConfig
 from runner.errors import ConfigError
-from runner.job import Job, destination_strategy, needs_change, prepare
+from runner.job import Job, destination_strategy
 
 MAX_GROUPS = 40  # text output: more runs of equal ranks than this are shown per stage
 
 
-def plan_job(cfg: JobConfig) -> Job:
-    """The job `run` would prepare; without a checkpoint, from native strategies alone."""
+def plan_job(cfg: JobConfig) -> Compiled:
+    """The job `run` would compile; without a checkpoint, from native strategies alone."""
     cfg = replace(cfg, only_save_strategy=False)
     if cfg.preprocess_data is not None:
         raise ConfigError("this job preprocesses a dataset: autotrans plan has no checkpoint layout to plan")
-    from runner.convert import wants_conversion
-
-    if cfg.output_format in ("hf", "megatron") or wants_conversion(cfg):
-        raise ConfigError("autotrans plan covers layout transforms; HF / Megatron conversions (SPEC 6) are not planned")
+    if cfg.load_checkpoint and Path(cfg.load_checkpoint).exists():
+        return compile_job(cfg)
+    if cfg.output_format in ("hf", "megatron", "mindformers"):
+        raise ConfigError(f"load_checkpoint {cfg.load_checkpoint or '(not set)'} does not exist: "
+                          "conversions are planned from their checkpoint's headers")
     if cfg.load_checkpoint:
-        return prepare(cfg)
+        from runner.log import warn
+
+        warn(f"load_checkpoint {cfg.load_checkpoint} does not exist yet: planned from the strategies alone")
+        cfg = replace(cfg, load_checkpoint="")
     if not cfg.src_strategy_path_or_dir:
         raise ConfigError("autotrans plan needs load_checkpoint, or src_strategy_path_or_dir naming native strategy files")
     src = strat.load(Path(cfg.src_strategy_path_or_dir))
@@ -49,45 +54,44 @@ def plan_job(cfg: JobConfig) -> Job:
     dst, src = destination_strategy(cfg, src)
     job = Job(cfg, None, src, dst)
     planner.check_compatible(job.src, job.dst, job.cast_to)
-    return job
+    return from_job(job)
 
 
-def rank_rows(job: Job) -> tuple[list[dict], set[int]]:
-    """Plan every destination rank, keeping only its summary; also the source ranks read."""
+def rank_rows(job: Compiled) -> tuple[list[dict], set[int]]:
+    """Plan every unit, keeping only its summary; also the source ranks read."""
     rows, touched = [], set()
-    for rank in job.dst.ranks:
-        fp = job.plan(rank)
-        src_ranks = fp.src_ranks
+    for unit in job.units:
+        fp = job.plan(unit, None)
+        src_ranks = set(job.source.ranks) if job.whole_source else fp.src_ranks
         touched |= src_ranks
         read, write = fp.read_bytes, fp.write_bytes
-        rows.append({"rank": rank, "stage": job.dst.stage_of(rank), "file": str(job.out_path(rank)), "files": 1,
+        rows.append({"rank": unit.key, "stage": unit.stage, "file": str(job.out_dir / unit.path), "files": 1,
                      "tensors": len(fp.tensors), "read_bytes": read, "write_bytes": write,
                      "src_ranks": len(src_ranks), "src_files": _file_count(job, src_ranks),
                      "read_amplification": _ratio(read, write)})
     return rows, touched
 
 
-def _file_count(job: Job, src_ranks: set[int]) -> int:
+def _file_count(job: Compiled, src_ranks: set[int]) -> int:
     """Source files behind `src_ranks`: one per rank when no checkpoint is given."""
     return sum(len(job.source.files[r]) for r in src_ranks) if job.source else len(src_ranks)
 
 
-def source_summary(job: Job) -> dict:
+def source_summary(job: Compiled) -> dict:
     if job.source is None:
-        return {"path": None, "kind": "distributed", "assumed": True,
-                "ranks": job.src.world_size, "files": job.src.world_size,
-                "bytes": sum(job.src.rank_bytes(r) for r in job.src.ranks)}
-    nbytes = sum(t.numel * dtypes.itemsize(t.dtype) for h in job.headers.values() for t in h.values())
+        src = job.job.src
+        return {"path": None, "kind": "distributed", "assumed": True, "ranks": src.world_size,
+                "files": src.world_size, "bytes": sum(src.rank_bytes(r) for r in src.ranks)}
     return {"path": str(job.source.root), "kind": job.source.kind, "assumed": False,
             "ranks": len(job.source.ranks), "files": sum(len(f) for f in job.source.files.values()),
-            "bytes": nbytes}
+            "bytes": job.source_bytes}
 
 
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def summarize(job: Job) -> dict:
+def summarize(job: Compiled) -> dict:
     """The whole report as a JSON-ready document."""
     rows, touched = rank_rows(job)
     source = source_summary(job)
@@ -95,10 +99,11 @@ def summarize(job: Job) -> dict:
     write = sum(r["write_bytes"] for r in rows)
     return {
         "format": "autotrans-plan", "version": 1,
+        "kind": job.kind,
         "source": source,
         "destination": {"ranks": job.dst.world_size, "stages": len(job.dst.stages),
                         "output_format": job.cfg.output_format, "output_dir": str(job.out_dir)},
-        "nothing_to_do": not needs_change(job) if job.source is not None else None,
+        "nothing_to_do": not job.changes if job.source is not None else None,
         "ranks": rows,
         "total": {"files": len(rows), "tensors": sum(r["tensors"] for r in rows),
                   "read_bytes": read, "write_bytes": write, "read_amplification": _ratio(read, write),

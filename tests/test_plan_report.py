@@ -336,7 +336,7 @@ def test_mindspore_strategy_reads_headers(tmp_path, capsys, no_weights) -> None:
     assert code == 2 and "load_checkpoint" in err
 
 
-def test_conversions_are_refused(tmp_path, capsys) -> None:
+def test_conversions_need_their_checkpoint(tmp_path, capsys) -> None:
     ss, sp, ds, dp = tp2_to_tp4()
     code, _, err = plan(capsys, tmp_path, json_out=False, output_format="megatron",
                         src_strategy_path_or_dir=write_strategy(tmp_path / "src", ss, sp),

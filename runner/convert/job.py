@@ -10,14 +10,12 @@ MindFormers outputs are whole tensors served by recipes from either side."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from runner import __version__, dtypes, lora as lora_merge, plan as planner, strategy as strat
+from runner import dtypes, lora as lora_merge, plan as planner
+from runner.compile import TRANSFORMED, Compiled, Unit, protected_paths
 from runner.config import JobConfig
 from runner.convert import hf_dir, rows
 from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, open_rank_file, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
@@ -25,18 +23,15 @@ from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map,
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
 from runner.errors import ConfigError, FormatError
-from runner.execute import LocalPool, WrittenFile, tensor_bits, write_file
+from runner.execute import LocalPool, SlicePool, WrittenFile, tensor_bits, write_file
 from runner.formats.base import TensorInfo
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.layout import Box, ParamLayout
-from runner.log import say, warn
-from runner.plan import ReadItem
-from runner.outputs import OutputFolder, check_no_overlap
+from runner.log import warn
+from runner.plan import FilePlan, ReadItem
 from runner.source import Source, discover
 from runner.strategy import Strategy
 
-TRANSFORMED = "transformed_checkpoint"
-STRATEGY_DIR = "strategy"
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
 _IGNORABLE = (".rotary_emb.inv_freq",)
 
@@ -104,13 +99,12 @@ class HFInput:
             if self.infos[n].shape != shape:
                 raise FormatError(f"{self.source.root}: tensor {n} has shape {list(self.infos[n].shape)}, config.json implies {list(shape)}")
 
-    def pool(self, recipes: dict[str, rows.Recipe]) -> rows.RecipePool:
+    def pool(self, recipes: dict[str, rows.Recipe], base: SlicePool) -> rows.RecipePool:
+        """Recipes over whole tensors as the files hold them, read from `base` (LoRA
+        merged as they are read)."""
         recipes = rows.compose(recipes, self.built)  # read the files' own tensors
-        if self.lora is None:
-            reader = self.source.open(0)
-            return rows.RecipePool(recipes, reader.array, owned=reader)
-        merged = MergedTensors(lora_merge.wrap(LocalPool(self.source), self.lora), self.held)
-        return rows.RecipePool(recipes, merged, owned=merged)
+        whole = WholeTensors(lora_merge.wrap(base, self.lora), self.held)
+        return rows.RecipePool(recipes, whole, owned=whole)
 
     kind = "hf"
 
@@ -122,9 +116,9 @@ class HFInput:
         return list(self.source.files[0]) + (self.lora.files if self.lora else [])
 
 
-class MergedTensors:
-    """Whole HF tensors with their LoRA adapters merged (runner.lora); keeps the last
-    one, since consecutive reads come from the same tensor (q, k, v of one layer)."""
+class WholeTensors:
+    """Whole HF tensors from a SlicePool (with LoRA adapters merged, runner.lora); keeps
+    the last one, since consecutive reads come from the same tensor (q, k, v of one layer)."""
 
     def __init__(self, pool, infos: dict[str, TensorInfo]):
         self.pool, self.infos = pool, infos
@@ -183,9 +177,9 @@ class MegatronInput:
             first.close()
         return MegatronInput(mf, spec, scheme, nmap, infos, s, source, reference)
 
-    def pool(self, recipes: dict[str, rows.Recipe]) -> rows.RecipePool:
+    def pool(self, recipes: dict[str, rows.Recipe], base: SlicePool) -> rows.RecipePool:
         """Recipes over whole logical tensors; other reads straight from the rank files."""
-        asm = Assembler(self.strategy, LocalPool(self.source))
+        asm = Assembler(self.strategy, base)
         return rows.RecipePool(recipes, asm, inner=asm.pool, owned=asm)
 
     kind = "megatron"
@@ -213,7 +207,7 @@ class Assembler:
     one, since HF tensors are written in the order their sources come (q, k and v from
     one QKV tensor, gate and up from one fc1)."""
 
-    def __init__(self, s: Strategy, pool: LocalPool):
+    def __init__(self, s: Strategy, pool: SlicePool):
         self.strategy, self.pool = s, pool
         self._cache: dict[str, object] = {}
 
@@ -235,22 +229,21 @@ class Assembler:
 
 
 # -- targets --------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Target:
-    """What a conversion writes: per output unit (rank file or HF shard), a plan and a path."""
+    """What a conversion writes (runner.compile.Compiled's output side): its units (rank
+    files or HF shards), each unit's plan and writer, and the finishing steps."""
 
     dst: Strategy  # written to output_dir/strategy
-    units: list[int]
-    path: Callable[[int], Path]
-    write: Callable[[int, object], WrittenFile]  # (unit, pool) -> file
-    make_pool: Callable[[], object]
-    unit_bytes: Callable[[int], int]
+    units: tuple[Unit, ...]
+    plan: Callable[[Unit], FilePlan]
+    write: Callable[[Unit, FilePlan, SlicePool, Path, Callable[[int], None]], WrittenFile]
+    wrap: Callable[[SlicePool], SlicePool]  # base pool -> the pool the plans read (recipes)
     doc: dict
-    finish: Callable[[], None] = lambda: None
-    notes: list[str] = field(default_factory=list)
+    finish: Callable[[Path], list[Path]] = lambda out: []
 
 
-def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target:
+def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     pc = cfg.parallel_config
     lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel)
     spec = src.spec
@@ -263,29 +256,28 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> 
         infos = _infos(nmap.shapes, lambda n: linked_dtype(nmap, n, src.infos))
         recipes = rows.forward(nmap.links, nmap.pads, src.infos, infos, nmap.row_dims)
         plan_src = Strategy.full(infos)
-        make_pool = lambda: src.pool(recipes)  # noqa: E731
+        wrap = lambda base: src.pool(recipes, base)  # noqa: E731
     else:
         infos = _infos(nmap.shapes, lambda n: next(iter(src.infos.values())).dtype)
-        plan_src, make_pool = _reshard_source(src, infos, nmap)
+        plan_src, wrap = _reshard_source(src, infos, nmap)
     dst = mm.strategy(infos)
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
     args = megatron_args(spec, lay, padded, cfg.make_vocab_size_divisible_by, cfg.transformer_impl,
                          cfg.megatron_naming, out_dtype, cfg.iteration)
     head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": cfg.iteration}
-    iter_dir = out / f"iter_{cfg.iteration:07d}"
 
-    def path(rank: int) -> Path:
-        return iter_dir / lay.folder(rank) / CKPT
+    def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
+        names = mm.file_names(unit.key, [t.name for t in fp.tensors])
+        written = write_rank(fp, pool, path, names, mm.extra_state(unit.key), head, cfg.megatron_naming == "legacy")
+        on_bytes(fp.write_bytes)
+        return written
 
-    def write(rank: int, pool) -> WrittenFile:
-        fp = planner.plan_rank(plan_src, dst, rank, cast_to=cast_to)
-        names = mm.file_names(rank, [t.name for t in fp.tensors])
-        return write_rank(fp, pool, path(rank), names, mm.extra_state(rank), head, cfg.megatron_naming == "legacy")
-
+    units = tuple(Unit(r, f"iter_{cfg.iteration:07d}/{lay.folder(r)}/{CKPT}", dst.rank_bytes(r), dst.stage_of(r))
+                  for r in dst.ranks)
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
-    return Target(dst, dst.ranks, path, write, make_pool, dst.rank_bytes, doc,
-                  finish=lambda: write_iteration_marker(out, cfg.iteration))
+    return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, u.key, cast_to=cast_to), write, wrap, doc,
+                  finish=lambda out: [write_iteration_marker(out, cfg.iteration)])
 
 
 def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: NameMap):
@@ -305,7 +297,7 @@ def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: Name
     recipes = rows.forward(links, pads, src.infos, {n: infos[n] for n in infos if n not in direct}, {})
     params = dict(direct)
     params.update({n: ParamLayout.replicated(infos[n].shape, infos[n].dtype) for n in recipes})
-    return Strategy(src.strategy.stages, params, "native"), lambda: src.pool(recipes)
+    return Strategy(src.strategy.stages, params, "native"), lambda base: src.pool(recipes, base)
 
 
 def megatron_hf_recipes(src: MegatronInput) -> tuple[dict[str, TensorInfo], dict[str, rows.Recipe]]:
@@ -322,10 +314,15 @@ def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows
 
     src = MegatronInput.open(from_mapping({"load_checkpoint": str(path), "output_format": "hf"}), Path(path))
     infos, recipes = megatron_hf_recipes(src)
-    return infos, lambda: src.pool(recipes)
+    return infos, lambda: src.pool(recipes, LocalPool(src.source))
 
 
-def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target:
+def _whole_unit_plan(infos: dict[str, TensorInfo], cast_to: str | None) -> FilePlan:
+    sub = Strategy.full(infos)
+    return planner.plan_rank(sub, sub, 0, cast_to=cast_to)
+
+
+def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     """HF folder (shards + index) or MindFormers files (rank layout of the core job)."""
     spec = src.spec
     if isinstance(src, HFInput):
@@ -338,30 +335,28 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> Target
         infos, recipes = megatron_hf_recipes(src)
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if cfg.output_format == "mindformers":
-        return _mindformers_target(cfg, src, infos, recipes, cast_to, out)
+        return _mindformers_target(cfg, src, infos, recipes, cast_to)
     names = list(nmap.hf_shapes)
     out_infos = {n: TensorInfo(dtypes.cast_dtype(infos[n].dtype, cast_to), infos[n].shape) for n in names}
     shards = hf_dir.shard(names, out_infos, hf_dir.parse_size(cfg.max_shard_size))
-    full = Strategy.full(infos)
 
-    def write(i: int, pool) -> WrittenFile:
-        sub = Strategy.full({n: infos[n] for n in shards[i]})
-        fp = planner.plan_rank(sub, sub, 0, cast_to=cast_to)
-        return write_file(fp, pool, SafetensorsFormat(), out / hf_dir.shard_name(i, len(shards)))
+    def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
+        return write_file(fp, pool, SafetensorsFormat(), path, on_bytes)
 
-    def finish() -> None:
-        hf_dir.write_index(out, shards, out_infos)
+    def finish(out: Path) -> list[Path]:
+        index = hf_dir.write_index(out, shards, out_infos)
         out_dtype = next(iter(out_infos.values())).dtype
-        hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype))
+        return [index, *hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype))]
 
-    doc = {"to": "hf", "shards": shards, "reference": str(src.reference) if src.reference else None}
-    return Target(full, list(range(len(shards))), lambda i: out / hf_dir.shard_name(i, len(shards)), write,
-                  lambda: src.pool(recipes), lambda i: sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shards[i]),
-                  doc, finish)
+    units = tuple(Unit(i, hf_dir.shard_name(i, len(shards)), sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shard))
+                  for i, shard in enumerate(shards))
+    doc = {"to": "hf", "shards": shards, "reference": bool(src.reference)}  # no path: ranks on other nodes compare it
+    return Target(Strategy.full(infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
+                  write, lambda base: src.pool(recipes, base), doc, finish)
 
 
 def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dict[str, TensorInfo],
-                        recipes: dict[str, rows.Recipe], cast_to: str | None, out: Path) -> Target:
+                        recipes: dict[str, rows.Recipe], cast_to: str | None) -> Target:
     from runner.job import destination_strategy
 
     mf, to_mf = scheme_tensors(src.spec.with_job(cfg.model), "mindformers", infos)
@@ -370,17 +365,15 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
     dst, full = destination_strategy(cfg, full)
     planner.check_compatible(full, dst, cast_to)
 
-    def path(rank: int) -> Path:
-        return out / f"rank_{rank}" / f"{cfg.prefix}{rank}.safetensors"
+    def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
+        return write_file(fp, pool, SafetensorsFormat(), path, on_bytes)
 
-    def write(rank: int, pool) -> WrittenFile:
-        return write_file(planner.plan_rank(full, dst, rank, cast_to=cast_to), pool, SafetensorsFormat(), path(rank))
-
-    return Target(dst, dst.ranks, path, write, lambda: src.pool(mf_recipes), dst.rank_bytes,
-                  {"to": "mindformers", "dst": dst.to_json()})
+    units = tuple(Unit(r, f"rank_{r}/{cfg.prefix}{r}.safetensors", dst.rank_bytes(r), dst.stage_of(r)) for r in dst.ranks)
+    return Target(dst, units, lambda u: planner.plan_rank(full, dst, u.key, cast_to=cast_to), write,
+                  lambda base: src.pool(mf_recipes, base), {"to": "mindformers", "dst": dst.to_json()})
 
 
-# -- running --------------------------------------------------------------------------------
+# -- compiling ------------------------------------------------------------------------------
 def open_input(cfg: JobConfig) -> HFInput | MegatronInput:
     root = Path(cfg.load_checkpoint)
     source = discover(root)
@@ -389,65 +382,30 @@ def open_input(cfg: JobConfig) -> HFInput | MegatronInput:
     return HFInput.open(cfg, source)
 
 
-def run_conversion(cfg: JobConfig, show_progress: bool = True) -> int:
-    """Run a conversion job in this process; the exit code."""
-    from runner.progress import Progress
-
+def compile_conversion(cfg: JobConfig) -> Compiled:
+    """A conversion as runner.run runs every job: its units, plans, writers, pool."""
     if not cfg.load_checkpoint:
         raise ConfigError("config key load_checkpoint is required")
     src = open_input(cfg)
-    out = cfg.output_path / TRANSFORMED
     if cfg.output_format == "megatron":
-        target = megatron_target(cfg, src, out)
+        target = megatron_target(cfg, src)
     elif cfg.output_format in ("hf", "mindformers"):
-        target = hf_target(cfg, src, out)
+        target = hf_target(cfg, src)
     else:
         raise ConfigError(f"a Megatron checkpoint converts to output_format megatron, hf or mindformers, not {cfg.output_format!r}")
-    protected = [Path(cfg.load_checkpoint)] + ([Path(cfg.reference_hf_dir)] if cfg.reference_hf_dir else [])
-    check_no_overlap(cfg.output_path, protected)
-    if cfg.only_save_strategy:
-        _write_strategies(cfg, target.dst)
-        say(f"wrote {target.dst.world_size} strategy file(s) to {cfg.output_path / STRATEGY_DIR}; no weights touched")
-        return 0
-    if not cfg.auto_trans_ckpt:
-        say(f"the source does not match the destination: format conversion to {cfg.output_format}")
-        return 1
-    doc = {"src": src.digest_doc(), "spec": src.spec.to_json(), "target": target.doc, "options": cfg.options(),
-           "parallel": asdict(cfg.parallel_config),
-           "stamps": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(src.files())]}  # same source files
-    digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-    folder = OutputFolder(out, digest)
-    if folder.is_complete():
-        say(f"{out} already holds this conversion's complete output (same source and settings); skipped")
-        return 0
-    folder.claim()
-    _write_strategies(cfg, target.dst)
-    start = time.monotonic()
-    sources = sorted(src.files())
-    written: list[WrittenFile] = []
-    with Progress(sum(target.unit_bytes(u) for u in target.units), enabled=show_progress, desc="convert") as progress:
-        pool = target.make_pool()
-        try:
-            for unit in target.units:
-                kept = folder.finished(unit, target.path(unit), sources)
-                w = kept or target.write(unit, pool)
-                if kept is None:
-                    folder.record(unit, w, sources)
-                progress.update(target.unit_bytes(unit))
-                written.append(w)
-        finally:
-            pool.close()
-    target.finish()
-    elapsed = time.monotonic() - start
-    folder.write_manifest({
-        "format": "autotrans-manifest", "version": 1, "autotrans": __version__,
-        "source": str(Path(cfg.load_checkpoint).resolve()), "conversion": f"{src.kind} -> {cfg.output_format}",
-        "options": cfg.options(), "files": [{"path": str(w.path.relative_to(out)), "bytes": w.size, "crc32": w.crc32} for w in written],
-        "bytes_written": sum(w.size for w in written), "elapsed_s": round(elapsed, 3),
-    })
-    nbytes = sum(w.size for w in written)
-    say(f"done: {len(written)} files, {nbytes / 1e9:.3f} GB in {elapsed:.2f} s -> {out}")
-    return verify_conversion(cfg, src, out) if cfg.verify else 0
+    content = {"src": src.digest_doc(), "spec": src.spec.to_json(), "target": target.doc, "options": cfg.options(),
+               "parallel": asdict(cfg.parallel_config)}
+    source = src.source
+    lora_files = tuple(src.lora.files) if isinstance(src, HFInput) and src.lora else ()
+    nbytes = sum(t.numel * dtypes.itemsize(t.dtype) for t in src.infos.values())
+    return Compiled(
+        cfg, "conversion", source, target.dst, target.units, content,
+        plan=lambda unit, prefer: target.plan(unit), write=target.write, wrap=target.wrap,
+        changes=(f"format: {src.kind} -> {cfg.output_format}",),
+        verify=lambda: verify_conversion(cfg, src, cfg.output_path / TRANSFORMED),
+        finish=target.finish, extra_files=lora_files, whole_source=True, source_bytes=nbytes,
+        protected=tuple(protected_paths(cfg)),
+    )
 
 
 def verify_conversion(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -> int:
@@ -462,11 +420,3 @@ def verify_conversion(cfg: JobConfig, src: HFInput | MegatronInput, out: Path) -
 
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     return report(compare(Checkpoint.open(cfg.load_checkpoint), Checkpoint.open(out), cast_to), "source and output")
-
-
-def _write_strategies(cfg: JobConfig, dst: Strategy) -> None:
-    folder = cfg.output_path / STRATEGY_DIR
-    for r in dst.ranks:
-        strat.write_rank_file(dst, r, folder)
-    if len(dst.stages) > 1:
-        strat.write_merged_file(dst, folder)
