@@ -9,6 +9,15 @@ class AutotransError(Exception):
     exit_code = 1
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, ended as Ctrl-C ends a job (temporaries removed on the way
+    out); the exit code is 128 + the signal number (SPEC 3)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class ConfigError(AutotransError):
     """Bad usage or a bad job file (exit 2)."""
 

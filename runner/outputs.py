@@ -58,14 +58,17 @@ def lock_output(output_dir: Path, wait: bool = False) -> Callable[[], None]:
     else:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "start": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
         except BlockingIOError:
             holder = os.pread(fd, 256, 0)
             os.close(fd)
             raise AutotransError(f"{output_dir} is in use by another autotrans run ({_holder(holder)}); "
                                  "wait for it to finish, or choose another output_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "start": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         _HELD[key] = [fd, 0]
     _HELD[key][1] += 1
     return lambda: _release(key)
@@ -78,6 +81,7 @@ def _release(key: tuple[int, int]) -> None:
     held[1] -= 1
     if held[1] == 0:
         del _HELD[key]
+        os.ftruncate(held[0], 0)  # the holder's line is only there while it holds the lock
         os.close(held[0])  # closing the last descriptor releases the flock
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from runner import durable
 from runner.cli import main
-from runner.outputs import MANIFEST, PROGRESS
+from runner.outputs import LOCK, MANIFEST, PROGRESS
 from tests import oracle
 
 SPECS = {f"layer{i}.w": ((16, 8), "F32") for i in range(3)} | {"norm": ((8,), "BF16"), "emb": ((32, 8), "F16")}
@@ -59,10 +59,11 @@ def job(root: Path, out: Path, **extra) -> Path:
 
 
 def outputs(out: Path) -> dict[str, bytes]:
-    """Every file under its final name in output_dir, but the progress records and the
-    manifest (which hold times): relative path -> bytes."""
+    """Every file under its final name in output_dir, but the progress records, the
+    manifest (which hold times) and the lock file (a killed holder's line stays in it):
+    relative path -> bytes."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and PROGRESS not in p.parts and p.name != MANIFEST}
+            if p.is_file() and PROGRESS not in p.parts and p.name not in (MANIFEST, LOCK)}
 
 
 def manifest_sans_time(out: Path) -> dict:
@@ -532,3 +533,41 @@ def test_second_run_on_a_held_output_dir_is_refused(tmp_path: Path, capsys) -> N
         holder.wait()
     assert main(cfg) == 0
     assert main(cfg) == 0  # the lock of the run before was released
+
+
+# -- signals ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP"),
+                                           (signal.SIGINT, 130, "SIGINT")])
+def test_sigterm_and_sighup_end_a_job_as_ctrl_c_does(tmp_path: Path, sig: int, code: int, name: str) -> None:
+    """The signal arrives in the middle of a rank file (at its 3rd write): one line,
+    exit 128 + signal, no temporary file left, and the rerun gives the bytes of an
+    uninterrupted run."""
+    make_source(tmp_path)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
+    err = tmp_path / "stderr.txt"
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            sys.stderr = open(err, "w", buffering=1)
+            calls = [0]
+            real = os.pwrite
+
+            def pwrite(*a):
+                calls[0] += 1
+                if calls[0] == 3:
+                    os.kill(os.getpid(), sig)
+                return real(*a)
+            os.pwrite = pwrite
+            os._exit(main(cfg))
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == code, status
+    lines = err.read_text().strip().splitlines()
+    assert lines == [f"autotrans: interrupted ({name}); run the same job again to resume"], lines
+    assert not list(out.rglob("*" + durable.PARTIAL))
+    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
+    assert main(cfg) == 0
+    assert outputs(out) == outputs(tmp_path / "ref")
