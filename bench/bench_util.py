@@ -135,7 +135,8 @@ def reshard_inputs():
     """The options of the reshard benches (--size among them), and the bench checkpoint
     (2-way, with its strategy and a 4-way one) under --dir, built on first use."""
     args, root = bench_inputs("/tmp/autotrans-bench-{size}", "ckpt/rank_1", lambda r, a: write_tp_checkpoint(r, 2, size=a.size),
-                              lambda ap: ap.add_argument("--size", choices=SIZES, default="1gb"))
+                              lambda ap: (ap.add_argument("--size", choices=SIZES, default="1gb"),
+                                          ap.add_argument("--no-naive", action="store_true", help="skip the slow naive method")))
     write_tp_strategy(root, 4, args.size)
     return args, root
 
@@ -201,3 +202,17 @@ def print_ratios(rows: list[tuple[str, float, int]], floor: float, floor_name: s
     print("|---|---:|---:|---:|")
     for name, t, rss in rows:
         print(f"| {name} | {t:.2f} | {t / floor:.2f} | {rss / 1e6:.0f} |")
+
+
+def print_table(results: dict[str, tuple[Stats, list[float]]], floor_name: str = "cp -r + sync") -> None:
+    """The markdown table of `alternating`'s results (ratios to `floor_name`), then the
+    wall time of every run, to show the noise."""
+    floor = results[floor_name][0]
+    print(f"| method | wall s | x ({floor_name}) | user + sys s | sys s | x sys | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (s, _) in results.items():
+        print(f"| {name} | {s.wall:.2f} | {s.wall / floor.wall:.2f} | {s.user + s.sys:.2f} | {s.sys:.2f} | "
+              f"{s.sys / max(floor.sys, 1e-9):.2f} | {s.rss / 1e6:.0f} |")
+    print("\nwall s of every run, in order:")
+    for name, (_, walls) in results.items():
+        print(f"  {name}: {' '.join(f'{w:.2f}' for w in walls)}")

@@ -2,7 +2,8 @@
 Llama-shaped bf16 GQA model of 1.2 GB (bench_util's shapes, 10 layers), with the peak memory of each run, to show that conversion
 streams: peak private memory is bounded by a few tensors, not by the model.
 
-Memory is sampled from /proc/PID/status every 10 ms in the child: RssAnon (private
+The floor of HF -> Megatron is torch.save of the tensors it wrote, fsynced (Megatron's
+files are pickles: their bytes come from torch.save). Memory is sampled from /proc/PID/status every 10 ms in the child: RssAnon (private
 memory: what streaming bounds) and VmRSS (also counts mapped file pages, which are
 reclaimable page cache). The naive baseline loads the whole HF model with
 safetensors, fuses QKV/fc1 with torch and torch.saves one TP1 file.
@@ -45,6 +46,23 @@ for i in range(L):
     out[g + "self_attention.linear_qkv.layer_norm_weight"] = sd[p + "input_layernorm.weight"]
     out[g + "mlp.linear_fc1.layer_norm_weight"] = sd[p + "post_attention_layernorm.weight"]
 torch.save({{"model": out, "checkpoint_version": 3.0}}, sys.argv[2])
+"""
+
+# The floor of a conversion to Megatron's torch files: torch.save of the very tensors the
+# conversion wrote (mapped from its output, so no copy is made before the save), each file
+# fsynced, as autotrans does.
+SAVE_FLOOR = """
+import os, sys, torch
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+for f in sorted(src.rglob("*.pt")):
+    sd = torch.load(f, mmap=True, weights_only=False)
+    out = dst / f.relative_to(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, out)
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 """
 
 
@@ -93,19 +111,26 @@ def measured(cmd: list[str]) -> tuple[float, int, int]:
     return time.perf_counter() - start, peak["RssAnon"], peak["VmRSS"]
 
 
+def work_folder(doc: str, prefix: str) -> tuple[Path, Path]:
+    """The bench's work folder (--keep, else a temporary one) and the bench model's HF
+    folder in it, built on first use."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    opts = ap.parse_args()
+    root = Path(opts.keep or tempfile.mkdtemp(prefix=prefix))
+    hf = root / "hf"
+    if not (hf / "model.safetensors").exists():
+        make_model(hf)
+    return root, hf
+
+
 def job(path: Path, **keys) -> Path:
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()) + "\n")
     return path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
-    opts = ap.parse_args()
-    root = Path(opts.keep or tempfile.mkdtemp(prefix="convert_bench_"))
-    hf = root / "hf"
-    if not (hf / "model.safetensors").exists():
-        make_model(hf)
+    root, hf = work_folder(__doc__, "convert_bench_")
     size = du(hf)
     exe = [sys.executable, "-m", "runner", "run"]
     rows = []
@@ -117,17 +142,23 @@ def main() -> None:
                  output_dir=str(root / "tp4"), parallel_config={"model_parallel": 4})
     for label, cfg in (("HF -> Megatron TP2 PP2", to_meg), ("Megatron TP2 PP2 -> HF", to_hf), ("Megatron TP2 PP2 -> TP4 PP1", to_tp4)):
         rows.append((label, *measured([*exe, str(cfg), "--no-progress"])))
+    rows.insert(1, ("floor: torch.save of the same tensors (TP2 PP2 files)",
+                    *measured([sys.executable, "-c", SAVE_FLOOR, str(root / "meg" / "transformed_checkpoint"), str(root / "floor")])))
     naive = root / "naive.py"
     naive.write_text(NAIVE.format(layers=BENCH_LAYERS, heads=HEADS, kv=KV_HEADS))
     rows.append(("naive HF -> Megatron TP1 (load all, torch.save)", *measured([sys.executable, str(naive), str(hf), str(root / "naive.pt")])))
-    check = subprocess.run([sys.executable, "-m", "runner", "verify", str(hf), str(root / "back" / "transformed_checkpoint")],
-                           capture_output=True, text=True)
     print(f"model: {size / 1e9:.2f} GB bf16 (hidden {HIDDEN}, {BENCH_LAYERS} layers, ffn {FFN}, vocab {VOCAB}); largest tensor "
           f"{VOCAB * HIDDEN * 2 / 1e6:.0f} MB")
+    report(rows, "round trip", hf, root / "back" / "transformed_checkpoint")
+
+
+def report(rows: list[tuple[str, float, int, int]], what: str, original: Path, back: Path) -> None:
+    """The measured runs as a table, then whether `back` verifies against `original`."""
+    check = subprocess.run([sys.executable, "-m", "runner", "verify", str(original), str(back)], capture_output=True, text=True)
     print("| run | time s | peak RssAnon MB | peak VmRSS MB |\n|---|---|---|---|")
     for label, t, anon, rss in rows:
         print(f"| {label} | {t:.1f} | {anon / 1e6:.0f} | {rss / 1e6:.0f} |")
-    print(f"round trip: {check.stdout.strip() or check.stderr.strip()}")
+    print(f"{what}: {check.stdout.strip() or check.stderr.strip()}")
 
 
 if __name__ == "__main__":

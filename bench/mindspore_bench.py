@@ -3,22 +3,22 @@ model parallel with MindSpore protobuf strategy files, .ckpt out.
 
 Compares, in one session and on the same (page-cached) source bytes:
   cp         `cp -r` of the source, then `sync` (the storage floor)
-  mindspore  mindspore.transform_checkpoints, then `sync` (skipped if MindSpore is absent)
+  mindspore  mindspore.transform_checkpoints, then `sync` (skipped without MindSpore)
   autotrans  `autotrans run` (one process; it fsyncs its outputs itself)
-checks that both tools wrote bit-identical tensors, and prints a markdown table of
-median wall times, peak RSS and the ratios MindSpore / autotrans.
+the methods taking turns run by run, checks that both tools wrote bit-identical
+tensors, and prints the table of bench/reshard.py and the ratios MindSpore / autotrans.
 
-  python bench/mindspore_bench.py [--runs 3] [--ms-runs 1] [--dir /tmp/autotrans-msbench]
+  python bench/mindspore_bench.py [--runs 5] [--ms-python /venv/bin/python] [--dir /tmp/autotrans-msbench]
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from bench_util import bench_inputs, du, median_run, python, write_tp_checkpoint, write_tp_strategy
+from bench_util import alternating, bench_inputs, du, print_table, python, write_tp_checkpoint, write_tp_strategy
 
 MINDSPORE = """
 import sys, mindspore as ms
@@ -72,7 +72,7 @@ def same_tensors(a: Path, b: Path, ranks: int) -> bool:
 
 def main() -> None:
     args, root = bench_inputs("/tmp/autotrans-msbench", "ckpt/rank_1", lambda r, a: build(r), lambda ap: ap.add_argument(
-        "--ms-runs", type=int, default=1, help="MindSpore takes ~30 s a run"))
+        "--ms-python", default=python(), help="a Python that has MindSpore (e.g. a virtual environment's)"))
     ckpt, size = root / "ckpt", du(root / "ckpt")
     src_s, dst_s = root / "ms_strategy_tp2" / "ckpt_strategy_rank_0.ckpt", root / "ms_strategy_tp4" / "ckpt_strategy_rank_0.ckpt"
     out, ms_out = root / "out", root / "ms_out"
@@ -83,26 +83,25 @@ def main() -> None:
     def clean() -> None:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(ms_out, ignore_errors=True)
+        os.sync()  # no run pays for another's writeback
 
-    rows = [("cp -r + sync", *median_run(lambda: ["sh", "-c", f"cp -r {ckpt} {out} && sync"], args.runs, clean))]
-    ours = median_run(lambda: [python(), "-m", "runner", "run", str(job), "--no-progress"], args.runs, clean)
-    rows.append(("autotrans", *ours))
-    has_ms = importlib.util.find_spec("mindspore") is not None
+    methods = {"cp -r + sync": lambda: ["sh", "-c", f"cp -r {ckpt} {out} && sync"],
+               "autotrans": lambda: [python(), "-m", "runner", "run", str(job), "--no-progress"]}
+    has_ms = subprocess.run([args.ms_python, "-c", "import mindspore"], capture_output=True).returncode == 0
     if has_ms:
-        clean()
-        theirs = median_run(lambda: ["sh", "-c", f"{python()} -c '{MINDSPORE}' {ckpt} {ms_out} {src_s} {dst_s} && sync"],
-                            args.ms_runs, lambda: shutil.rmtree(ms_out, ignore_errors=True))
-        rows.append(("MindSpore transform_checkpoints + sync", *theirs))
-        subprocess.run([python(), "-m", "runner", "run", str(job), "--no-progress"], check=True, capture_output=True)
+        methods["MindSpore transform_checkpoints + sync"] = lambda: [
+            "sh", "-c", f"{args.ms_python} -c '{MINDSPORE}' {ckpt} {ms_out} {src_s} {dst_s} && sync"]
+    results = alternating(methods, args.runs, clean)
+    if has_ms:
+        subprocess.run(methods["autotrans"](), check=True, capture_output=True)
+        subprocess.run(methods["MindSpore transform_checkpoints + sync"](), check=True, capture_output=True)
         identical = same_tensors(out / "transformed_checkpoint", ms_out, 4)
     print(f"\nsource {size / 1e9:.2f} GB bf16 .ckpt (2-way model parallel) -> 4-way .ckpt; "
-          f"median of {args.runs} runs ({args.ms_runs} for MindSpore)\n")
-    print("| method | wall s | peak RSS MB |")
-    print("|---|---|---|")
-    for name, t, rss in rows:
-        print(f"| {name} | {t:.2f} | {rss / 1e6:.0f} |")
+          f"median of {args.runs} alternating runs\n")
+    print_table(results)
     if has_ms:
-        print(f"\nMindSpore / autotrans: {theirs[0] / ours[0]:.1f}x the time, {theirs[1] / ours[1]:.1f}x the peak RSS; "
+        ours, theirs = results["autotrans"][0], results["MindSpore transform_checkpoints + sync"][0]
+        print(f"\nMindSpore / autotrans: {theirs.wall / ours.wall:.1f}x the time, {theirs.rss / ours.rss:.1f}x the peak RSS; "
               f"outputs bit-identical: {'yes' if identical else 'NO'}")
     clean()
 

@@ -7,6 +7,7 @@ against the types below and errors name the key. Sections only the runner has
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,6 +41,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "preprocess_data": ((dict, type(None)), None, None),
     "transformer_impl": ((str,), "transformer_engine", ("transformer_engine", "local")),
     "megatron_naming": ((str,), "core", ("core", "legacy")),
+    "megatron_format": ((str,), "torch", ("torch", "torch_dist")),
     "make_vocab_size_divisible_by": ((int,), 128, None),
     "iteration": ((int,), 1, None),
     "reference_hf_dir": ((str,), "", None),
@@ -110,6 +112,7 @@ class JobConfig:
     preprocess_data: Mapping[str, Any] | None = None
     transformer_impl: str = "transformer_engine"
     megatron_naming: str = "core"
+    megatron_format: str = "torch"
     make_vocab_size_divisible_by: int = 128
     iteration: int = 1
     reference_hf_dir: str = ""
@@ -123,7 +126,7 @@ class JobConfig:
     def options(self) -> dict[str, Any]:
         """What the job does, independent of where files are (for the job digest)."""
         keys = ("auto_trans_ckpt", "use_parallel", "output_format", "strategy_format", "prefix", "dtype",
-                "transformer_impl", "megatron_naming", "make_vocab_size_divisible_by", "iteration", "max_shard_size")
+                "transformer_impl", "megatron_naming", "megatron_format", "make_vocab_size_divisible_by", "iteration", "max_shard_size")
         out = {k: getattr(self, k) for k in keys}
         out["lora"] = {k: v for k, v in (self.lora or {}).items() if k != "adapter"}
         return out
@@ -217,6 +220,8 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
             hint = closest(k, TOP_KEYS)
             if hint is not None:
                 raise ConfigError(f"config key {k} is unknown; did you mean {hint}?")
+    if raw.get("transform_process_num") == "auto":  # one worker per core this process may run on
+        raw = {**raw, "transform_process_num": len(os.sched_getaffinity(0))}
     values: dict[str, Any] = {}
     for k, (types, default, allowed) in TOP_KEYS.items():
         if k in raw and raw[k] is not None or k in ("dtype", "lora", "preprocess_data"):
@@ -234,7 +239,7 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
         if getattr(parallel, k) < 1:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
     if values["transform_process_num"] < 1:
-        raise ConfigError("config key transform_process_num: must be >= 1")
+        raise ConfigError("config key transform_process_num: must be >= 1 or auto")
     if any(c in values["prefix"] for c in "/\\\0"):  # it becomes part of each rank file's name
         raise ConfigError(f"config key prefix: {values['prefix']!r} must be a file name stem, without '/', '\\' or NUL")
     values["parallel_config"] = parallel

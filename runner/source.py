@@ -70,8 +70,8 @@ def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:
         raise FormatError(f"load_checkpoint {root} does not exist")
     if root.is_file():
         return Source(root, "full", {0: (root,)})
-    if (root / "metadata.json").exists() and (root / ".metadata").exists():  # Megatron torch_dist iteration folder
-        return Source(root, "megatron", {})
+    if (root / ".metadata").is_file():  # a PyTorch DCP folder; with metadata.json, Megatron's torch_dist
+        return Source(root, "megatron", {}) if (root / "metadata.json").exists() else Source(root, "full", {0: (root / ".metadata",)})
     if (root / "latest_checkpointed_iteration.txt").exists() or any(
         p.is_dir() and (p.name == "release" or p.name.startswith(("iter_", "mp_rank_"))) for p in root.iterdir()
     ):

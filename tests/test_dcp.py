@@ -21,6 +21,7 @@ from runner.errors import FormatError
 from runner.formats.dcp import DcpReader
 from runner.layout import Box
 from tests.convert_util import FAMILIES, hf_tensors, logits, make_hf, run
+from tests.test_convert_mcore import IDS, forward, gpt_from_args, mcore_cpu  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,6 +131,25 @@ def test_dcp_save_reads_like_dcp_to_torch_save(tmp_path):
         reader.close()
 
 
+def test_plain_dcp_folder_is_a_full_checkpoint_source(tmp_path):
+    """A torchtitan-style DCP folder (weights under `model.`) is read as one full
+    checkpoint: a job writes its tensors, names as stored, equal to dcp_to_torch_save's."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    state = {"model": {"tok_embeddings.weight": torch.randn(50, 8, dtype=torch.bfloat16),
+                       "layers.0.attention.wq.weight": torch.randn(8, 8, dtype=torch.bfloat16),
+                       "norm.weight": torch.randn(8)}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ck"))
+    assert run(load_checkpoint=str(tmp_path / "ck"), use_parallel=False, output_dir=str(tmp_path / "out")) == 0
+    got = load_file(tmp_path / "out" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors")
+    want = _reference(tmp_path / "ck", tmp_path)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
 def test_torch_dist_chunks_read_like_dcp_to_torch_save(tmp_path, torch_dist):
     """Megatron's TP2 save: every tensor in several chunks over two ranks' files (fc1's
     gate and up halves apart), read back as torch reassembles them."""
@@ -191,3 +211,32 @@ def test_torch_dist_missing_data_file_is_one_clear_error(tmp_path, torch_dist):
         reader = DcpReader(broken / "iter_0000001")
         for name in reader.tensors():
             reader.array(name)
+
+
+def test_hf_to_torch_dist_loads_with_megatron_core_at_another_tp(tmp_path, mcore_cpu):
+    """HF -> torch_dist written for TP2; megatron-core's own dist_checkpointing.load fills
+    a TP1 GPTModel's sharded_state_dict (strict) and it gives transformers' logits."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", megatron_format="torch_dist", transformer_impl="local",
+               parallel_config={"model_parallel": 2}, output_dir=str(tmp_path / "m")) == 0
+    root = tmp_path / "m" / "transformed_checkpoint"
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "1"
+    folder = root / "iter_0000001"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    common = torch.load(folder / "common.pt", weights_only=False)
+    assert common["args"].tensor_model_parallel_size == 2 and common["iteration"] == 1
+    args = argparse.Namespace(**{**vars(common["args"]), "tensor_model_parallel_size": 1})
+    model = gpt_from_args(args, FAMILIES["llama"]["rms_norm_eps"])
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
+    assert state.pop("checkpoint_version") == 3.0 and state.pop("iteration") == 1 and state.pop("args") is not None
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    want = logits(hf, "llama", torch.tensor(IDS))
+    from runner.verify import Checkpoint, compare
+
+    assert compare(Checkpoint.open(hf), Checkpoint.open(root), None) == []  # and it reads back as the HF model
+    torch.testing.assert_close(forward(model)[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)

@@ -109,12 +109,13 @@ def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
     save_file(full, str(tmp_path / "full.safetensors"))
     oracle.write_strategy(layout_dp2_tp2_pp2(specs), tmp_path / "s")
     job = write_job(tmp_path, load_checkpoint="full.safetensors", dst_strategy_path_or_dir="s")
-    for n, out in ((1, "one"), (3, "three")):
+    for n, out in ((1, "one"), (3, "three"), ("auto", "auto")):
         r = autotrans("run", str(job), f"output_dir={out}", f"transform_process_num={n}", "--no-progress", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
     for i in range(8):
         rel = f"transformed_checkpoint/rank_{i}/checkpoint_{i}.safetensors"
-        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "three" / rel).read_bytes()
+        one = (tmp_path / "one" / rel).read_bytes()
+        assert one == (tmp_path / "three" / rel).read_bytes() == (tmp_path / "auto" / rel).read_bytes()
 
 
 def test_dtype_cast_rounds_like_torch(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ MindFormers outputs are whole tensors served by recipes from either side."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,10 +25,13 @@ from runner.convert.model import Model, candidates, hf_config, megatron_config, 
 from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
 from runner.errors import ConfigError, FormatError
 from runner.execute import LocalPool, SlicePool, WrittenFile, tensor_bits, write_file
+from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
+from runner.formats.dcp import METADATA
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.layout import Box, ParamLayout
 from runner.log import warn
+from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
 from runner.source import Source, discover
 from runner.strategy import Strategy
@@ -100,8 +104,8 @@ class HFInput:
                 raise FormatError(f"{self.source.root}: tensor {n} has shape {list(self.infos[n].shape)}, config.json implies {list(shape)}")
 
     def pool(self, recipes: dict[str, rows.Recipe], base: SlicePool) -> rows.RecipePool:
-        """Recipes over whole tensors as the files hold them, read from `base` (LoRA
-        merged as they are read)."""
+        """Recipes over whole tensors as the files name them, read from `base` (LoRA merged
+        as they are read)."""
         recipes = rows.compose(recipes, self.built)  # read the files' own tensors
         whole = WholeTensors(lora_merge.wrap(base, self.lora), self.held)
         return rows.RecipePool(recipes, whole, owned=whole)
@@ -117,8 +121,9 @@ class HFInput:
 
 
 class WholeTensors:
-    """Whole HF tensors from a SlicePool (with LoRA adapters merged, runner.lora); keeps
-    the last one, since consecutive reads come from the same tensor (q, k, v of one layer)."""
+    """Whole tensors, as the files name them, from a SlicePool (with LoRA adapters merged,
+    runner.lora); keeps the last one, since consecutive reads come from the same tensor
+    (q, k, v of one layer)."""
 
     def __init__(self, pool, infos: dict[str, TensorInfo]):
         self.pool, self.infos = pool, infos
@@ -248,7 +253,13 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel)
     spec = src.spec
     padded = spec.padded_vocab(cfg.make_vocab_size_divisible_by, lay.tp)
-    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), lay, padded)
+    dist = cfg.megatron_format == "torch_dist"
+    if dist and (cfg.megatron_naming == "legacy" or spec.experts):
+        raise ConfigError("megatron_format: torch_dist is written for dense models with Megatron-Core names (megatron_naming: core)")
+    # torch_dist holds whole tensors under TransformerEngine's names whatever the layer
+    # spec, as Megatron-Core saves them; its loader cuts them for any TP / PP
+    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, "transformer_engine" if dist else cfg.transformer_impl),
+                      MegatronLayout(1, 1, 1) if dist else lay, padded)
     nmap = mm.nmap
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if isinstance(src, HFInput):
@@ -266,6 +277,10 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     args = megatron_args(spec, lay, padded, cfg.make_vocab_size_divisible_by, cfg.transformer_impl,
                          cfg.megatron_naming, out_dtype, cfg.iteration)
     head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": cfg.iteration}
+    if dist:
+        local = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), MegatronLayout(1, 1, 1), padded)
+        objects = [n for n in local.extra_state(0) if n.startswith(torch_dist.LAYERS)]
+        return _torch_dist_target(cfg, mm, plan_src, dst, wrap, objects, head, cast_to)
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
         names = mm.file_names(unit.key, [t.name for t in fp.tensors])
@@ -277,6 +292,33 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
                   for r in dst.ranks)
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
     return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, u.key, cast_to=cast_to), write, wrap, doc,
+                  finish=lambda out: [write_iteration_marker(out, cfg.iteration)])
+
+
+def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wrap, objects: list[str], head: dict,
+                       cast_to: str | None) -> Target:
+    """One unit: the whole model streamed, one tensor at a time, into a torch_dist folder
+    whose `.metadata`, written last, is the unit's file."""
+    import torch
+
+    def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
+        names = mm.file_names(0, [t.name for t in fp.tensors])
+
+        def tensors():
+            for t in fp.tensors:
+                bits = tensor_bits(t, pool).reshape(t.stored_shape)
+                yield names[t.name][0], torch.from_numpy(bits).view(dtypes.torch_dtype(t.out_dtype))
+                pool.release()
+                on_bytes(t.write_bytes)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tensors over read-only mappings: torch warns, never writes
+            meta = torch_dist.write_folder(path.parent, tensors(), mm.nmap.env.int("num_layers"), objects, head)
+        return WrittenFile(meta, meta.stat().st_size, file_crc32(meta))
+
+    units = (Unit(0, f"iter_{cfg.iteration:07d}/{METADATA}", dst.rank_bytes(0)),)
+    return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, 0, cast_to=cast_to), write, wrap,
+                  {"to": "megatron torch_dist", "dst": dst.to_json()},
                   finish=lambda out: [write_iteration_marker(out, cfg.iteration)])
 
 

@@ -137,7 +137,9 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
     """Link the source rows of one (expert's) destination block; the rows linked."""
     env, t = m.env, m.template
     if src in origin.names:
-        return _link(m, origin, layer, expert, src, None, False, dst, at, primary, 1)[0]
+        name, start, block, total = _source(m, origin, layer, expert, src, None, False, 1)
+        m.links.append(Link(name, start, dst, at, block, primary))
+        return total
     if origin.fuse is None:
         raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {src!r} name and no fuse to build it from")
     groups = int(evaluate(origin.fuse.groups, env))
@@ -148,18 +150,19 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
             raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} is fused from {p.role}, which has no {src!r} name")
         if part.experts == "each" and expert is None:
             raise ConfigError(f"template {t.name}: weight {w.role} is fused from per-expert {p.role} but is not per expert")
-        spans.append((part, p))
+        spans.append((*_source(m, part, layer, expert, src, p.rows, p.transpose, groups)[:3], p.transpose))
     cursor = at
-    for g in range(groups):
-        for part, p in spans:
-            cursor += _link(m, part, layer, expert, src, p.rows, p.transpose, dst, cursor, primary, groups, g)[1]
+    for g in range(groups):  # one link per part and group: an interleaved fuse has one per row
+        for name, start, block, transpose in spans:
+            m.links.append(Link(name, start + g * block, dst, cursor, block, primary, transpose))
+            cursor += block
     return cursor - at
 
 
-def _link(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: str, rows: tuple[str, str] | None,
-          transpose: bool, dst: str, at: int, primary: bool, groups: int, g: int = 0) -> tuple[int, int]:
-    """Link block g of `groups` of a source tensor's rows (or of `rows` of them) to
-    destination row `at`: (the tensor's rows, the block's rows)."""
+def _source(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: str, rows: tuple[str, str] | None,
+            transpose: bool, groups: int) -> tuple[str, int, int, int]:
+    """A source tensor of a destination weight, its shape recorded: (name, first row
+    taken, rows per group, the tensor's rows); rows of its transpose with `transpose`."""
     env = m.env
     name = format_name(part.names[src], env, layer, expert if part.experts == "each" else None)
     shape = env.shape(part.stored or part.shape)
@@ -172,9 +175,7 @@ def _link(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: 
     if count % groups or start + count > total:
         raise ConfigError(f"template {m.template.name}: rows [{start}, {start + count}) of {part.role} ({total} rows) "
                           f"do not split into {groups} groups")
-    block = count // groups
-    m.links.append(Link(name, start + g * block, dst, at, block, primary, transpose))
-    return total, block
+    return name, start, count // groups, total
 
 
 # -- Megatron files ------------------------------------------------------------------------

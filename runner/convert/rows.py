@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -24,8 +24,7 @@ from runner.layout import Box
 Fetch = Callable[[str], np.ndarray]  # source tensor name -> its raw bits (any shape)
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(NamedTuple):  # a tuple: an interleaved fuse makes one per row
     """`count` rows: A's rows from `a_row` are B's rows from `b_row`. `primary` links
     are used from B back to A; a non-primary link makes a copy (a tied output layer)
     that is dropped on the way back."""
@@ -51,8 +50,7 @@ class Pad:
     a_row: int
 
 
-@dataclass(frozen=True)
-class Block:
+class Block(NamedTuple):
     src: str
     start: int
     count: int

@@ -12,6 +12,10 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 def open_reader(path: Path) -> CheckpointReader:
     """Open a checkpoint file for header-only metadata and slice reads."""
+    if Path(path).name == ".metadata":  # a PyTorch distributed checkpoint (DCP) folder
+        from runner.formats.dcp import DcpReader
+
+        return DcpReader(Path(path).parent)
     suffix = Path(path).suffix
     if suffix == ".safetensors":
         from runner.formats.safetensors_io import SafetensorsReader

@@ -8,13 +8,21 @@ axis (`decoder.layers.self_attention.linear_qkv.weight` is [num_layers, ...], gl
 layer numbers) at their global, tensor-parallel-merged shapes, and local-spec norms
 under TransformerEngine's names. The reader shows them as a single torch-format rank
 file holding the whole model: `model.decoder.layers.{i}.…` per layer, each a box of
-the stacked DCP tensor, so the torch-format naming reads them unchanged."""
+the stacked DCP tensor, so the torch-format naming reads them unchanged.
+
+Writing is the reverse: whole per-layer tensors become chunks (layer index on the leading
+axis) of the stacked tensors, each chunk one torch.save archive appended to a .distcp
+file, then `.metadata` (DCP's own dataclasses), `common.pt` and `metadata.json`.
+Megatron-Core's dist_checkpointing.load then cuts whatever boxes its TP / PP needs."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -28,6 +36,14 @@ META_JSON = "metadata.json"
 LAYERS = "decoder.layers."
 # DCP entries that are training state, not model weights (Megatron-LM's save).
 _TRAINING_STATE = ("optimizer.", "rng_state", "rerun_state_machine_state", "opt_param_scheduler")
+
+
+def stacked(name: str) -> tuple[str, tuple[int, ...]]:
+    """torch-format name (global layer number) -> (torch_dist key, leading indices)."""
+    if name.startswith(LAYERS):
+        layer, rest = name[len(LAYERS):].split(".", 1)
+        return LAYERS + rest, (int(layer),)
+    return name, ()
 
 
 def is_torch_dist(folder: Path) -> bool:
@@ -79,7 +95,7 @@ class TorchDistReader:
             elif key.startswith(LAYERS):
                 if not t.shape:
                     raise FormatError(f"{self.path}: {key} has no layer axis")
-                for i in range(t.shape[0]):
+                for i in range(t.shape[0]):  # the inverse of stacked()
                     self._add(f"model.{LAYERS}{i}.{key[len(LAYERS):]}", key, (i,))
             else:
                 self._add("model." + key, key, ())
@@ -109,3 +125,57 @@ class TorchDistReader:
 
     def close(self) -> None:
         self._dcp.close()
+
+
+def _durable(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: int, objects: list[str], head: dict) -> Path:
+    """Write a torch_dist iteration folder: `tensors` yields (torch-format name, torch
+    tensor) one at a time, whole; `objects` are module `_extra_state` names (saved as
+    None, as Megatron-Core's local linears hold it); `head` goes to common.pt. Returns the
+    path of `.metadata`, written last."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = "__0_0.distcp"
+    entries: dict[str, Any] = {}
+    storage: dict = {}
+
+    def write_data(f) -> None:
+        for name, t in tensors:
+            key, lead = stacked(name)
+            size = torch.Size((num_layers,) * len(lead) + tuple(t.shape))
+            offsets = torch.Size(lead + (0,) * t.dim())
+            entry = entries.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=t.dtype), size, []))
+            entry.chunks.append(ChunkStorageMetadata(offsets, torch.Size((1,) * len(lead) + tuple(t.shape))))
+            start = f.tell()
+            torch.save(t.reshape(entry.chunks[-1].sizes), f)
+            storage[MetadataIndex(key, offsets)] = _StorageInfo(data, start, f.tell() - start)
+        for name in objects:
+            key, lead = stacked(name)
+            fqn = f"{key}/shard_{'_'.join(str(i) for i in lead)}{'_' if lead else ''}{'_'.join(str(num_layers) for _ in lead)}"
+            blob = io.BytesIO()
+            torch.save([None], blob)  # Megatron-Core saves each object as a one-item list
+            start = f.tell()
+            f.write(blob.getvalue())
+            entries[fqn] = BytesStorageMetadata()
+            storage[MetadataIndex(fqn)] = _StorageInfo(data, start, f.tell() - start)
+
+    _durable(folder / data, write_data)
+    _durable(folder / COMMON, lambda f: torch.save(head, f))
+    (folder / META_JSON).write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                "common_backend": "torch", "common_backend_version": 1}))
+    path = folder / METADATA
+    _durable(path, lambda f: pickle.dump(Metadata(state_dict_metadata=entries, storage_data=storage), f))
+    return path
