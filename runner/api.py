@@ -12,19 +12,16 @@ each node transforms into its own `output_dir`.
 
 from __future__ import annotations
 
-import fcntl
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from runner import config
 from runner.errors import AutotransError, ConfigError
 from runner.job import needs_change
-from runner.outputs import OutputFolder
+from runner.outputs import OutputFolder, lock_output
 from runner.run import LocalWorld, run
 
-LOCK = ".autotrans.lock"
 RANK_VARIABLES = ("RANK_ID", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
@@ -49,11 +46,14 @@ def checkpoint_for_rank(cfg: str | Path | Mapping[str, Any] | config.JobConfig, 
         return _source_file(job, rank)
     if not cfg.auto_trans_ckpt:
         raise AutotransError(f"{cfg.load_checkpoint} does not match the destination layout and auto_trans_ckpt is false; set auto_trans_ckpt: true")
-    with _locked(cfg.output_path / LOCK):
+    release = lock_output(cfg.output_path, wait=True)  # blocks until the transforming rank is done
+    try:
         if not OutputFolder(job.out_dir, world.digest(compiled)).is_complete():
             code = run(cfg, show_progress=False)
             if code != 0:
                 raise AutotransError(f"transforming {cfg.load_checkpoint} failed (exit code {code}); run `autotrans run` on the config for details")
+    finally:
+        release()
     path = job.out_path(rank if cfg.use_parallel else 0)
     if not path.is_file():
         raise AutotransError(f"{path} is missing after the transform; remove {job.out_dir} and run again")
@@ -89,14 +89,4 @@ def _source_file(job, rank: int) -> Path:
     files = job.source.files[rank if len(job.source.files) > 1 else 0]
     return files[0] if len(files) == 1 else job.source.root
 
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # blocks until the transforming rank is done
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
@@ -153,10 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     from runner import log
-    from runner.errors import AutotransError, one_line
+    from runner.errors import AutotransError, Interrupted, one_line
 
     log.configure(debug=bool(getattr(args, "debug", False)))
     log.hold()  # until the job gets going: a failure's line comes before the warnings leading to it
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+    handlers = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return dispatch(args)
     except AutotransError as e:
@@ -175,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"autotrans: error: {one_line(str(disk_error(e, e.filename or 'a file', 'access')))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("autotrans: interrupted; run the same job again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"autotrans: interrupted ({signal.Signals(signum).name}); run the same job again to resume", file=sys.stderr)
+        return 128 + signum
     except Exception as e:  # a bug: say what, keep the traceback for --debug
         if args.debug:
             traceback.print_exc()
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         log.release()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,15 @@ class AutotransError(Exception):
     exit_code = 1
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, ended as Ctrl-C ends a job (temporaries removed on the way
+    out); the exit code is 128 + the signal number (SPEC 3)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class ConfigError(AutotransError):
     """Bad usage or a bad job file (exit 2)."""
 
@@ -44,6 +53,13 @@ def one_line(msg: str) -> str:
     """`msg` with control characters escaped: names from hostile files may hold
     newlines or terminal escapes, and an error stays one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
+def excerpt(data: bytes | str, limit: int = 80) -> str:
+    """At most `limit` characters of a file's content, escaped, for an error message:
+    a file may be a link to a secret or to /dev/zero."""
+    shown = repr(data[:limit])
+    return shown[:limit] + ("..." if len(shown) > limit or len(data) > limit else "")
 
 
 def disk_error(e: OSError, path: object, verb: str = "write") -> AutotransError:

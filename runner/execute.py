@@ -1,6 +1,6 @@
 """Runs file plans: for each destination file, compute its framing from the plan, then
 write every tensor's bytes at their final offset. Files are built under a temporary
-name, fsynced and renamed; the executor has no policy of its own.
+name, fsynced and renamed (runner.durable); the executor has no policy of its own.
 
 A plain copy (local source files, no dtype cast) moves each piece that is one run of
 bytes in its source file and in the destination (a dim-0 split, a whole tensor) file to
@@ -22,13 +22,12 @@ import numpy as np
 
 from runner import dtypes
 from runner.checksum import crc32
+from runner.durable import DurableFile
 from runner.errors import AutotransError, PlanError, disk_error
 from runner.formats.base import Entry, FileFormat, FileLayout
 from runner.layout import Box
 from runner.plan import FilePlan, ReadItem, TensorPlan
 from runner.source import RankReader, Source
-
-PARTIAL = ".partial"
 
 
 class SlicePool(Protocol):
@@ -226,12 +225,9 @@ def write_file(
         [*((o, b, 0, len(b)) for o, b in lay.pieces), *((o, t, a, n) for t in fp.tensors for o, a, n in _runs(lay, t))],
         key=lambda w: (w[0], w[3] > 0),  # an empty run before whatever starts at its offset
     )
-    tmp = path.with_name(path.name + PARTIAL)
-    fd = -1
+    file = DurableFile(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        out, pos = _Output(fd), 0
+        out, pos = _Output(file.open().fd), 0
         segments: list[Segment] = []  # of the tensor whose runs are being written
         for offset, what, start, n in writes:
             if offset != pos:
@@ -247,19 +243,12 @@ def write_file(
             pool.release()
         if pos != lay.size:
             raise PlanError(f"{path}: wrote {pos} bytes, the layout says {lay.size}")
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        file.commit()
         return WrittenFile(path, pos, out.crc)
     except OSError as e:
         raise disk_error(e, path) from None
     finally:
-        if fd >= 0:
-            os.close(fd)
-        if tmp.exists():
-            tmp.unlink()
+        file.discard()
 
 
 def _write_run(out: _Output, segments: list[Segment], start: int, n: int, offset: int, pool: SlicePool) -> None:
@@ -324,11 +313,3 @@ def _runs(lay: FileLayout, t: TensorPlan) -> list[tuple[int, int, int]]:
 
 def _as_bytes(bits: np.ndarray) -> memoryview:
     return memoryview(bits.reshape(-1)).cast("B") if bits.size else memoryview(b"")
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

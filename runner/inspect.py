@@ -9,7 +9,7 @@ from pathlib import Path
 from runner import strategy as strat, strategy_files
 from runner.convert.megatron_dir import describe_folder
 from runner.dtypes import itemsize
-from runner.errors import ConfigError, FormatError, shown
+from runner.errors import ConfigError, FormatError, one_line, shown
 from runner.formats.mindspore_strategy import fill_shapes
 from runner.source import discover, rank_folders, read_headers
 
@@ -78,13 +78,13 @@ def inspect(path: str) -> int:
     for r in src.ranks:
         h = headers[r]
         nbytes = sum(t.numel * _size(t.dtype) for t in h.values())
-        print(f"rank {r}: {', '.join(str(f) for f in src.files[r])}: {len(h)} tensors, {nbytes} bytes")
+        print(one_line(f"rank {r}: {', '.join(str(f) for f in src.files[r])}: {len(h)} tensors, {nbytes} bytes"))
     names = sorted(set().union(*(h.keys() for h in headers.values())))
     print(f"{len(names)} tensors (shapes as stored on the first rank holding each)")
     for n in names:
         r = next(r for r in src.ranks if n in headers[r])
         t = headers[r][n]
-        print(f"  {n}: {list(t.shape)} {t.dtype}")
+        print(one_line(f"  {n}: {list(t.shape)} {t.dtype}"))
     beside = p.resolve().parent / "strategy"
     if src.kind == "distributed" and beside.is_dir() and _is_strategy(beside):  # as training and autotrans lay them out
         s = strategy_files.load(beside)
@@ -99,7 +99,7 @@ def _print_layouts(s: strat.Strategy) -> None:
     print(f"strategy ({s.origin}): {s.world_size} ranks in {len(s.stages)} stage(s): {[list(x) for x in s.stages]}")
     print(f"{len(s.params)} parameters")
     for name in sorted(s.params):
-        print(f"  {name}: {strat.describe(s.params[name])}")
+        print(one_line(f"  {name}: {strat.describe(s.params[name])}"))
 
 
 def _size(dtype: str) -> int:
@@ -127,5 +127,5 @@ def diff(a: str, b: str) -> int:
         return 0
     print(f"autotrans: diff: {len(lines)} difference(s)")
     for line in lines:
-        print(f"  {line}")
+        print(one_line(f"  {line}"))
     return 1

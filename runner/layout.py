@@ -123,6 +123,8 @@ class ParamLayout:
         for i, (s, p) in enumerate(zip(self.shape, self.parts)):
             if s % p:
                 raise LayoutError(f"parameter {name}: dim {i} of size {s} cannot be split into {p} equal parts")
+        if self.stored_shape is not None and any(d < 0 for d in self.stored_shape):  # [-2, -2] holds 4 elements too
+            raise LayoutError(f"parameter {name}: stored_shape {list(self.stored_shape)} has a negative size; its entries must be positive")
         if self.stored_shape is not None and math.prod(self.stored_shape) != self.local_numel:
             raise LayoutError(f"parameter {name}: stored_shape {list(self.stored_shape)} does not hold the local box {list(self.chunk)}")
 

@@ -7,30 +7,25 @@ read). A rerun of the same job keeps every file whose record still proves it rig
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runner.checksum import crc32
-from runner.errors import ConfigError
-from runner.execute import PARTIAL, WrittenFile, fsync_dir
+from runner.errors import AutotransError, ConfigError, excerpt, one_line
+from runner.durable import write_json
+from runner.execute import WrittenFile
 
 MANIFEST = "autotrans.json"
 PROGRESS = ".autotrans-progress"
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL)
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+LOCK = ".autotrans.lock"  # in output_dir; never removed (removing a lock file races its next holder)
+_HELD: dict[tuple[int, int], list] = {}  # lock files this process holds: (st_dev, st_ino) -> [fd, holds]
 
 
 def read_json(path: Path) -> Any:
@@ -47,6 +42,55 @@ def check_no_overlap(output: Path, protected: list[Path]) -> None:
         src = p.resolve()
         if out == src or src.is_relative_to(out) or out.is_relative_to(src):
             raise ConfigError(f"output_dir {output} overlaps the source {p}; choose a folder outside it")
+
+
+def lock_output(output_dir: Path, wait: bool = False) -> Callable[[], None]:
+    """Hold output_dir's lock (flock on a file inside it) until the returned function is
+    called; a process may take it more than once. Another process holding it is waited
+    for (`wait`) or refused with one line naming it (pid, host, start)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        os.close(fd)
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "start": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0)
+            os.close(fd)
+            raise AutotransError(f"{output_dir} is in use by another autotrans run ({_holder(holder)}); "
+                                 "wait for it to finish, or choose another output_dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        _HELD[key] = [fd, 0]
+    _HELD[key][1] += 1
+    return lambda: _release(key)
+
+
+def _release(key: tuple[int, int]) -> None:
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        os.ftruncate(held[0], 0)  # the holder's line is only there while it holds the lock
+        os.close(held[0])  # closing the last descriptor releases the flock
+
+
+def _holder(raw: bytes) -> str:
+    try:
+        h = json.loads(raw)
+        return one_line(f"pid {int(h['pid'])} on {str(h['host'])[:64]}, started {str(h['start'])[:40]}")
+    except (ValueError, TypeError, KeyError):
+        return f"holder unknown: {excerpt(raw)}"
 
 
 class OutputFolder:
@@ -73,7 +117,10 @@ class OutputFolder:
 
     def claim(self) -> None:
         """Make the folder this job's: resume our own, replace another job's, refuse
-        anything else that is not empty. Call on one process per output folder."""
+        anything else that is not empty. Call on one process per output folder. The
+        output_dir's lock is taken first and held as long as this object lives (the
+        driver keeps it for the whole job)."""
+        weakref.finalize(self, lock_output(self.folder.parent))
         if self.folder.exists() and any(self.folder.iterdir()):
             # the progress folder is the first thing a job creates: a job killed before
             # job.json was renamed into place still owns the folder
@@ -87,7 +134,7 @@ class OutputFolder:
             if job.get("job_digest") != self.digest:
                 self._clear()
         (self.folder / MANIFEST).unlink(missing_ok=True)
-        write_json_atomic(self.progress / "job.json", {"job_digest": self.digest})
+        write_json(self.progress / "job.json", {"job_digest": self.digest})
 
     def _clear(self) -> None:
         """Remove a previous job's outputs (the folder is known to be ours)."""
@@ -98,7 +145,7 @@ class OutputFolder:
                 child.unlink()
 
     def record(self, rank: int, written: WrittenFile, sources: list[Path]) -> None:
-        write_json_atomic(self.progress / f"rank_{rank}.json", {
+        write_json(self.progress / f"rank_{rank}.json", {
             "job_digest": self.digest,
             "file": str(written.path.relative_to(self.folder)),
             "size": written.size,
@@ -121,7 +168,7 @@ class OutputFolder:
         return WrittenFile(path, rec["size"], rec["crc32"])
 
     def write_manifest(self, doc: dict) -> None:
-        write_json_atomic(self.folder / MANIFEST, {**doc, "job_digest": self.digest})
+        write_json(self.folder / MANIFEST, {**doc, "job_digest": self.digest})
 
 
 def _stamp(p: Path) -> list:

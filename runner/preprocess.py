@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from runner import log
+from runner.durable import DurableFile
 from runner.errors import AutotransError, ConfigError, FormatError, shown
 from runner.launch import launched_size
 
@@ -501,14 +502,6 @@ def _encoded_blocks(spec: _EncodeSpec, encode: Callable[[str], list[int]], block
 # ---------------------------------------------------------------------------- output
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _DatasetWriter:
     """Writes `{prefix}.bin` and `{prefix}.idx` as blocks arrive, under temporary names.
 
@@ -523,19 +516,18 @@ class _DatasetWriter:
     # (shifted by the sequences before the part), then the sequence lengths
     PART_STREAMS = ("tokens", "documents", "sequences")
 
-    def __init__(self, prefix: str, dtype: np.dtype, temp_suffix: str = ".tmp"):
+    def __init__(self, prefix: str, dtype: np.dtype, tag: str = ""):
         self.bin_path, self.idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
         self.dtype = dtype
         self.sequences = self.documents = self.tokens = 0
-        self._temps = [p.with_name(p.name + s + temp_suffix) for p, s in ((self.bin_path, ""), (self.idx_path, ""), (self.idx_path, ".docs"))]
-        self._files = []
+        self._outs = [DurableFile(self.bin_path, tag), DurableFile(self.idx_path, tag), DurableFile(self.idx_path, tag + ".docs")]
         try:
-            for path in self._temps:
-                self._files.append(open(path, "w+b"))
+            for out in self._outs:
+                out.open()
         except OSError:
             self.discard()
             raise
-        self._bin, self._idx, self._docs = self._files
+        self._bin, self._idx, self._docs = (out.stream() for out in self._outs)
         self._idx.write(bytes(_INDEX_HEADER.size))
         self._docs.write(np.zeros(1, np.int64).tobytes())  # the document indices start at 0
 
@@ -579,14 +571,9 @@ class _DatasetWriter:
         self._idx.seek(0)
         code = _DTYPE_CODES[self.dtype]
         self._idx.write(_INDEX_HEADER.pack(_INDEX_MAGIC, _INDEX_VERSION, code, self.sequences, self.documents + 1))
-        for f in (self._bin, self._idx):
-            f.flush()
-            os.fsync(f.fileno())
-        self._close()
-        os.replace(self._temps[0], self.bin_path)  # .bin first: a final .idx means both are complete
-        os.replace(self._temps[1], self.idx_path)
-        self._temps[2].unlink()
-        _fsync_dir(self.idx_path.parent)
+        self._outs[0].commit()  # .bin first: a final .idx means both are complete
+        self._outs[1].commit()
+        self._outs[2].discard()
         return [self.bin_path, self.idx_path]
 
     def _append_pointers(self) -> None:
@@ -599,26 +586,21 @@ class _DatasetWriter:
             self._idx.write((ends - nbytes).data)
             offset = int(ends[-1])
 
-    def _close(self) -> None:
-        for f in self._files:
-            f.close()
-
     def discard(self) -> None:
         """Close and remove the temporary files (after a failure, or a part once absorbed)."""
-        self._close()
-        for path in self._temps:
-            path.unlink(missing_ok=True)
+        for out in self._outs:
+            out.discard()
 
 
 @contextmanager
-def _writers(cfg: PreprocessConfig, dtype: np.dtype, temp_suffix: str = ".tmp") -> Iterator[list[_DatasetWriter]]:
+def _writers(cfg: PreprocessConfig, dtype: np.dtype, tag: str = "") -> Iterator[list[_DatasetWriter]]:
     """One writer per JSON key; on any failure their temporary files are removed."""
     prefix = os.path.expanduser(cfg.output_prefix)
     writers: list[_DatasetWriter] = []
     try:
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         for key in cfg.json_keys:
-            writers.append(_DatasetWriter(f"{prefix}_{key}_document", dtype, temp_suffix))
+            writers.append(_DatasetWriter(f"{prefix}_{key}_document", dtype, tag))
         yield writers
     except BaseException as e:
         for writer in writers:
@@ -774,7 +756,7 @@ def _mpi_steps(link, cfg: PreprocessConfig, show_progress: bool) -> dict:
     start = time.perf_counter()
     inp = link.step("read the input", lambda: _open_input(cfg))
     seen = link.exchange([(str(p), n) for p, n in zip(inp.files, inp.sizes)])
-    suffix = ".tmp" if link.rank == 0 else f".rank{link.rank}.tmp"
+    suffix = "" if link.rank == 0 else f".rank{link.rank}"  # names of the temporaries (runner.durable)
     with _writers(cfg, inp.dtype, suffix) as writers:
         try:
             def tokenize() -> _Share:

@@ -5,13 +5,12 @@ runner.formats.mindspore_strategy. Per-rank and per-stage files merge into one S
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from runner import dtypes
+from runner import dtypes, durable
 from runner.errors import FormatError, LayoutError, shown
 from runner.formats.base import TensorInfo
 from runner.layout import Box, ParamLayout
@@ -257,18 +256,7 @@ def dumps(doc: dict) -> str:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    write_atomic(path, dumps(doc).encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a strategy file under a temporary name, fsync it, rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.write_bytes(path, dumps(doc).encode())
 
 
 # -- comparison ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 
 from runner import dtypes, plan as planner, strategy_files
 from runner.convert.job import megatron_as_hf
-from runner.errors import AutotransError, ConfigError, FormatError, name_list, shown
+from runner.errors import AutotransError, ConfigError, FormatError, name_list, one_line, shown
 from runner.execute import LocalPool, tensor_bits
 from runner.formats.mindspore_strategy import fill_shapes
 from runner.job import Job
@@ -121,9 +121,9 @@ def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[st
 
 def report(problems: list[str], what: str) -> int:
     if problems:
-        print(f"autotrans: verify: {what} differ: {problems[0]}")
+        print(one_line(f"autotrans: verify: {what} differ: {problems[0]}"))
         for p in problems[1:]:
-            print(f"  {p}")
+            print(one_line(f"  {p}"))
         return 1
     print(f"autotrans: verify: {what} are bit-identical")
     return 0

@@ -145,6 +145,32 @@ def test_header_offsets_out_of_bounds_or_overlapping(dist: Path, capsys) -> None
     run_fails(capsys, dist, merge_job(dist), 1, str(path), "'w'", "needs 64")
 
 
+W4 = '"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}'
+
+
+@pytest.mark.parametrize("header,phrase", [
+    ('{"w":{"dtype":"F32","shape":[true,4],"data_offsets":[0,16]}}', "corrupt header entry"),
+    ('{"w\\ud800":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', "lone surrogate"),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', "appears twice"),
+    ('{"__metadata__":{"format":1},' + W4 + "}", "__metadata__"),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', "belong to no tensor"),
+    ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', "belong to no tensor"),
+    ('{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16],"x":NaN}}', "NaN"),
+])
+def test_safetensors_headers_the_library_refuses(dist: Path, capsys, header: str, phrase: str) -> None:
+    """Headers the safetensors library refuses (its verdict checked on the same bytes):
+    one line naming the file, exit 1."""
+    from safetensors import SafetensorError, deserialize
+
+    data = struct.pack("<Q", len(header)) + header.encode() + bytes(16)
+    with pytest.raises(SafetensorError):
+        deserialize(data)
+    path = rank_file(dist, 0)
+    path.write_bytes(data)
+    run_fails(capsys, dist, merge_job(dist), 1, str(path), phrase)
+    fails(capsys, ["inspect", str(path)], 1, phrase)
+
+
 def test_unknown_dtype(dist: Path, capsys) -> None:
     path = rank_file(dist, 0)
     path.write_bytes(raw_safetensors({"w": {"dtype": "F128", "shape": [4, 4], "data_offsets": [0, 64]}}, bytes(64)))
@@ -193,6 +219,11 @@ def test_split_does_not_divide(dist: Path, capsys) -> None:
     bad_strategy(dist, capsys, {"shape": [7, 4]}, "dim 0 of size 7", "2 equal parts")
 
 
+def test_negative_stored_shape(dist: Path, capsys) -> None:
+    """[-4, -4] holds the local box's 16 elements by product, and no reader could read it."""
+    bad_strategy(dist, capsys, {"stored_shape": [-4, -4]}, "stored_shape [-4, -4]", "positive")
+
+
 # -- other formats --------------------------------------------------------------------------
 class _Payload:
     """Pickles as a call to os.system: loading it would create the marker file."""
@@ -224,6 +255,71 @@ def test_corrupt_torch_file(tmp_path: Path, capsys) -> None:
     run_fails(capsys, tmp_path, cfg, 1, "model.pt")
 
 
+def pt_job(tmp: Path, pt: Path) -> Path:
+    return job(tmp, load_checkpoint=str(pt), use_parallel=False, output_dir=str(tmp / "out"))
+
+
+def test_torch_stride0_view_claiming_gigabytes(tmp_path: Path) -> None:
+    """A 1 KB file whose tensor is a stride-0 view claiming [24000, 24000] float32 (2.3 GB):
+    one line, exit 1, within 200 MB, nothing written."""
+    from tests.limited import one_line, run_limited
+
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1).as_strided((24000, 24000), (0, 0)), "b": torch.ones(3)}, pt)
+    assert pt.stat().st_size < 4096
+    one_line(run_limited(["inspect", str(pt)], 200 << 20), 1, "'w'", "overlap")
+    one_line(run_limited(["run", str(pt_job(tmp_path, pt)), "--no-progress"], 200 << 20), 1, "'w'", "overlap")
+    assert not (tmp_path / "out" / "transformed_checkpoint").exists() or not list((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_torch_overlapping_view_is_refused(tmp_path: Path, capsys) -> None:
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.arange(10.0).as_strided((5, 4), (1, 1))}, pt)  # rows share elements
+    run_fails(capsys, tmp_path, pt_job(tmp_path, pt), 1, "'w'", "overlap")
+
+
+def test_torch_zip_bomb(tmp_path: Path) -> None:
+    """A .pt whose pickle member is deflated from 300 MB to well under 1 MB: refused before
+    anything is decompressed (one line, exit 1, within 100 MB)."""
+    import zipfile
+
+    from tests.limited import one_line, run_limited
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(4)}, good)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as z:
+        for m in src.infolist():
+            if not m.filename.endswith("data.pkl"):
+                z.writestr(m, src.read(m))
+                continue
+            info = zipfile.ZipInfo(m.filename)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                f.write(src.read(m))  # the real pickle, then 300 MB the unpickler never reaches
+                for _ in range(300):
+                    f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    one_line(run_limited(["inspect", str(bomb)], 100 << 20), 1, "data.pkl", "compressed")
+    one_line(run_limited(["run", str(pt_job(tmp_path, bomb)), "--no-progress"], 100 << 20), 1, "data.pkl", "compressed")
+
+
+def test_torch_dicts_nested_2000_deep(tmp_path: Path, capsys) -> None:
+    """Read without recursion: the tensor is found under its 2,000-part name."""
+    doc: dict = {"w": torch.arange(6.0).reshape(2, 3)}
+    for _ in range(2000):
+        doc = {"a": doc}
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # torch.save itself recurses
+    try:
+        torch.save(doc, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(old)
+    assert main(["inspect", str(tmp_path / "deep.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "a." * 2000 + "w: [2, 3] F32" in out
+
+
 @pytest.mark.parametrize("content,phrase", [
     (b"\xd9\x5e\x3a\x7f" + bytes(60), "encrypted"),  # MindSpore's AES-GCM magic
     (b"\x0a\xff\xff\xff\xff\x0f" + bytes(10), "corrupt"),  # a record claiming 4 GB
@@ -235,10 +331,109 @@ def test_encrypted_or_corrupt_ckpt(tmp_path: Path, capsys, content: bytes, phras
     run_fails(capsys, tmp_path, cfg, 1, "model.ckpt", phrase)
 
 
+def test_ckpt_of_many_tiny_records_reads_in_bounded_memory(tmp_path: Path) -> None:
+    """50,000 one-byte tensors (1.2 MB): inspect lists them all within 28x the file's size
+    (the reader once kept several objects per record: 40x)."""
+    from tests.limited import run_limited
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while n > 0x7F:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        return bytes(out + bytes([n]))
+
+    def field(number: int, payload: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    tensor = b"\x08\x01" + field(2, b"UInt8") + field(3, b"\x07")  # dims [1], UInt8, one byte
+    path = tmp_path / "many.ckpt"
+    path.write_bytes(b"".join(field(1, field(1, f"t{i}".encode()) + field(2, tensor)) for i in range(50_000)))
+    proc = run_limited(["inspect", str(path)], 28 * path.stat().st_size, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "50000 tensors" in proc.stdout and "  t49999: [1] U8" in proc.stdout
+
+
 def test_corrupt_mindspore_strategy(dist: Path, capsys) -> None:
     (dist / "ms").mkdir()
     (dist / "ms" / "ckpt_strategy_rank_0.ckpt").write_bytes(b"\xff\xff\xff garbage")
     run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "ms")), 1, "ckpt_strategy_rank_0.ckpt")
+
+
+# -- Megatron folders ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def megatron_tp2(tmp_path_factory) -> Path:
+    """A Megatron TP2 checkpoint (root with latest_checkpointed_iteration.txt and iter_*/)."""
+    from tests.convert_util import make_hf, run
+
+    root = tmp_path_factory.mktemp("megatron")
+    assert run(load_checkpoint=str(make_hf(root / "hf", "qwen2")), output_format="megatron",
+               parallel_config={"model_parallel": 2}, output_dir=str(root / "m")) == 0
+    return root / "m" / "transformed_checkpoint"
+
+
+def megatron_copy(src: Path, dst: Path, **args) -> Path:
+    """A copy of `src` whose first rank file's args have `args` set (plain torch: test data)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    first = sorted(dst.glob("iter_*/mp_rank_00/model_optim_rng.pt"))[0]
+    doc = torch.load(first, weights_only=False)
+    for k, v in args.items():
+        setattr(doc["args"], k, v)
+    torch.save(doc, first)
+    return dst
+
+
+@pytest.mark.parametrize("key,value", [
+    ("tensor_model_parallel_size", "2"), ("tensor_model_parallel_size", 2.0), ("tensor_model_parallel_size", -3),
+    ("tensor_model_parallel_size", True), ("pipeline_model_parallel_size", 0), ("hidden_size", "64"),
+    ("num_attention_heads", -1), ("num_layers", 2.5), ("norm_epsilon", "tiny"),
+])
+def test_megatron_args_that_are_not_positive_ints(megatron_tp2: Path, tmp_path: Path, capsys, key: str, value) -> None:
+    folder = megatron_copy(megatron_tp2, tmp_path / "m", **{key: value})
+    fails(capsys, ["inspect", str(folder)], 1, "Megatron args", key)
+    cfg = job(tmp_path, load_checkpoint=str(folder), output_format="hf", output_dir=str(tmp_path / "out"))
+    run_fails(capsys, tmp_path, cfg, 1, "Megatron args", key)
+
+
+@pytest.mark.parametrize("key", ["tensor_model_parallel_size", "expert_model_parallel_size", "hidden_size", "num_layers",
+                                 "num_query_groups", "padded_vocab_size", "num_experts"])
+def test_megatron_args_claiming_huge_sizes(megatron_tp2: Path, tmp_path: Path, key: str) -> None:
+    """10^9 in any size: one line and exit 1, within 300 MB more than start-up needs."""
+    from tests.limited import one_line, run_limited
+
+    folder = megatron_copy(megatron_tp2, tmp_path / "m", **{key: 10**9})
+    cfg = job(tmp_path, load_checkpoint=str(folder), output_format="hf", output_dir=str(tmp_path / "out"))
+    one_line(run_limited(["run", str(cfg), "--no-progress"], 300 << 20), 1, key)
+
+
+@pytest.mark.parametrize("content", ["9" * 5000, "\u00b2", "12 13", "-1", "release\nrelease", "\x00" * 10, ""])
+def test_megatron_marker_file_that_is_not_an_iteration(megatron_tp2: Path, tmp_path: Path, capsys, content: str) -> None:
+    import shutil
+
+    shutil.copytree(megatron_tp2, tmp_path / "m")
+    marker = tmp_path / "m" / "latest_checkpointed_iteration.txt"
+    marker.write_text(content)
+    line = fails(capsys, ["inspect", str(tmp_path / "m")], 1, "latest_checkpointed_iteration.txt", "not an iteration number")
+    assert len(line) < len(str(marker)) + 150, line
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/etc/passwd"])
+def test_megatron_marker_linked_to_a_device_or_a_secret(megatron_tp2: Path, tmp_path: Path, target: str) -> None:
+    """At most 64 bytes are read and at most 80 characters shown, within 100 MB of memory."""
+    import shutil
+
+    from tests.limited import one_line, run_limited
+
+    shutil.copytree(megatron_tp2, tmp_path / "m")
+    marker = tmp_path / "m" / "latest_checkpointed_iteration.txt"
+    marker.unlink()
+    marker.symlink_to(target)
+    line = one_line(run_limited(["inspect", str(tmp_path / "m")], 100 << 20, timeout=60), 1, "not an iteration number")
+    assert len(line) < len(str(marker)) + 150, line
+    lines = Path(target).read_text().splitlines() if target == "/etc/passwd" else []
+    assert not any(x in line for x in lines[1:] if x), line
 
 
 # -- the job file ---------------------------------------------------------------------------
@@ -249,6 +444,20 @@ def test_yaml_misspelled_key_and_wrong_type(dist: Path, capsys) -> None:
     fails(capsys, ["run", str(merge_job(dist)), "parallel_config.model_parallel=x"], 2, "parallel_config.model_parallel")
     (dist / "broken.yaml").write_text("load_checkpoint: [unclosed\n")
     fails(capsys, ["run", str(dist / "broken.yaml")], 2, "broken.yaml", "line")
+
+
+def test_job_file_with_nul_byte_or_unclosed_override(dist: Path, capsys) -> None:
+    cfg = merge_job(dist)
+    (dist / "nul.yaml").write_bytes(cfg.read_bytes().replace(b"ckpt", b"ck\x00pt", 1))
+    fails(capsys, ["run", str(dist / "nul.yaml")], 2, "nul.yaml", "cannot parse YAML")
+    fails(capsys, ["run", str(cfg), "load_checkpoint=[1,2"], 2, "load_checkpoint=[1,2", "cannot parse")
+
+
+@pytest.mark.parametrize("size", ["1" + "0" * 400 + "GB", "99999999999999999999TB", 2**70])
+def test_max_shard_size_too_big(megatron_tp2: Path, tmp_path: Path, capsys, size) -> None:
+    cfg = job(tmp_path, load_checkpoint=str(megatron_tp2), output_format="hf", output_dir=str(tmp_path / "out"),
+              max_shard_size=size)
+    fails(capsys, ["run", str(cfg), "--no-progress"], 2, "max_shard_size", "too large")
 
 
 # -- replicas and names ---------------------------------------------------------------------
@@ -337,3 +546,29 @@ def test_hostile_name_in_an_error_stays_one_line(dist: Path, capsys) -> None:
     line = run_fails(capsys, dist, merge_job(dist, src_strategy_path_or_dir=str(dist / "s_evil")), 1,
                      "in the source strategy but not the checkpoint")
     assert "evil\\nname\\x1b[2J" in line
+
+
+EVIL = "evil\x1b[2J\nautotrans: done: 0 files\r"
+
+
+def test_names_from_files_are_escaped_in_inspect_diff_and_verify(tmp_path: Path, capsys) -> None:
+    """A tensor name holding a newline, a carriage return and a terminal escape never
+    reaches the terminal raw: no fake lines, no escape sequences."""
+    def st(path: Path, value: float) -> Path:
+        arr = np.full((2,), value, np.float32)
+        header = {EVIL: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+        path.write_bytes(raw_safetensors(header, arr.tobytes()))
+        return path
+
+    a, b = st(tmp_path / "a.safetensors", 1.0), st(tmp_path / "b.safetensors", 2.0)
+    s1 = oracle.strategy([[0]], {EVIL: oracle.param((2,), "F32")})
+    s2 = oracle.strategy([[0]], {EVIL: oracle.param((2,), "F16")})
+    oracle.write_strategy(s1, tmp_path / "s1")
+    oracle.write_strategy(s2, tmp_path / "s2")
+    for args, code in ((["inspect", str(a)], 0), (["verify", str(a), str(b)], 1),
+                       (["diff", str(tmp_path / "s1"), str(tmp_path / "s2")], 1), (["inspect", str(tmp_path / "s1")], 0)):
+        assert main(args) == code, args
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\r" not in out, (args, out)
+        assert not any(line.startswith("autotrans: done") for line in out.splitlines()), (args, out)
+        assert "evil\\x1b[2J\\nautotrans: done: 0 files\\r" in out, (args, out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import execute
+from runner import durable, execute
 from runner.cli import main
 from runner.outputs import MANIFEST, PROGRESS
 from tests import oracle
@@ -116,7 +116,7 @@ def test_a_disk_error_in_a_kernel_copy_is_one_line_and_no_partial_file(source, m
                                "dst_strategy_path_or_dir": str(root / "dst"), "output_dir": str(root / "full")}))
     assert main(["run", str(job), "--no-progress"]) == 1
     assert "disk full" in capsys.readouterr().err
-    assert not list((root / "full").rglob("*" + execute.PARTIAL))
+    assert not list((root / "full").rglob("*" + durable.PARTIAL))
 
 
 def test_manifest_checksums_are_zlib_crc32_of_the_files(source) -> None:

@@ -7,6 +7,7 @@ above its normal time) and a header claiming a huge size allocates nothing like 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import struct
 import tracemalloc
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from runner import strategy as strat, strategy_files
+from runner import dtypes, strategy as strat, strategy_files
 from runner.errors import AutotransError
 from runner.formats.base import Entry
 from runner.formats.safetensors_io import SafetensorsReader, read_header
@@ -154,6 +155,108 @@ def test_deeply_nested_header_is_a_format_error(scratch: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     with pytest.raises(AutotransError, match="header"):
         read_header(path)
+
+
+# the safetensors library's dtypes and element sizes in bits (its Dtype enum)
+LIB_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+            "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+            "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+MISTAKES = ["shape", "offsets", "meta", "extra", "dup", "tail", "drop", "nan", "negzero", "surrogate"]
+
+
+@st.composite
+def near_valid_header(draw) -> tuple[bytes, int]:
+    """(raw header JSON, data length): a valid safetensors header, or one with a single mistake."""
+    pairs, pos = [], 0
+    for i in range(draw(st.integers(0, 4))):
+        dtype = draw(st.sampled_from(sorted(LIB_BITS)))
+        shape = draw(st.lists(st.integers(0, 3), max_size=3))
+        nbytes = math.prod(shape) * LIB_BITS[dtype] // 8
+        entry = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+        pairs.append([f"t{i}", entry])
+    meta = draw(st.none() | st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
+    if meta is not None or draw(st.booleans()):
+        pairs.insert(0, ["__metadata__", meta])
+    mistake = draw(st.sampled_from([None, None, *MISTAKES]))
+    tensors = [e for k, e in pairs if k != "__metadata__"]
+    target = draw(st.sampled_from(tensors)) if tensors else {}
+    if mistake == "shape" and target:
+        target["shape"] = [*target["shape"], draw(st.sampled_from([-1, True, 1.0, 2**64, "2", None, [1]]))]
+    elif mistake == "offsets" and target:
+        b, e = target["data_offsets"]
+        target["data_offsets"] = draw(st.sampled_from([[b + 1, e + 1], [b, e - 1], [b - 1, e], [b], [b, e, e], [False, e], [b, float(e)]]))
+    elif mistake == "meta":
+        pairs.insert(0, ["__metadata__", draw(st.sampled_from([{"k": 1}, {"k": None}, {"k": []}, [], "text", 0]))])
+    elif mistake == "extra" and target:
+        depth = draw(st.integers(120, 130))
+        target["z"] = json.loads("[" * depth + "]" * depth) if depth < 128 else {"x": draw(JSON)}
+    elif mistake == "drop" and target:
+        del target[draw(st.sampled_from(sorted(target)))]
+    elif mistake == "dup" and pairs:
+        pairs.append(list(draw(st.sampled_from(pairs))))
+    elif mistake == "surrogate" and pairs:
+        pairs[-1][0] += "\ud800"
+    text = {"nan": "NaN", "negzero": "-0"}.get(mistake or "")
+    raw = "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}"
+    if text and tensors:  # spliced in as raw JSON text, which json.dumps would not write
+        raw = raw.replace('"shape": [', f'"shape": [{text}, ', 1)
+    return raw.encode("utf-8", "surrogatepass"), pos + (draw(st.integers(1, 3)) if mistake == "tail" else 0)
+
+
+def library_accepts(data: bytes) -> bool:
+    from safetensors import SafetensorError, deserialize
+
+    try:
+        deserialize(data)
+    except SafetensorError:
+        return False
+    return True
+
+
+def we_accept(path: Path) -> bool:
+    with no_hang():
+        try:
+            read_header(path)
+        except AutotransError:
+            return False
+    return True
+
+
+def plain(data: bytes) -> bool:
+    """No duplicate JSON keys and only dtypes autotrans supports: autotrans refuses
+    more than the library only where one of these fails."""
+    found = []
+
+    def pairs(kv: list) -> dict:
+        found.append(len({k for k, _ in kv}) == len(kv) and all(v in dtypes.ITEMSIZE for k, v in kv if k == "dtype"))
+        return dict(kv)
+    try:
+        json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]], object_pairs_hook=pairs)
+    except (ValueError, RecursionError, struct.error):
+        pass
+    return all(found)
+
+
+def same_verdict(path: Path, data: bytes) -> None:
+    """Whatever the safetensors library refuses, autotrans refuses; what it accepts,
+    autotrans accepts unless the header is not `plain`."""
+    path.write_bytes(data)
+    ours, theirs = we_accept(path), library_accepts(data)
+    assert ours == theirs or (not ours and not plain(data)), (ours, theirs, data[:300])
+
+
+@FUZZ
+@given(case=near_valid_header())
+def test_safetensors_header_verdict_equals_the_library(scratch: Path, case) -> None:
+    raw, data_len = case
+    same_verdict(scratch / "v.safetensors", struct.pack("<Q", len(raw)) + raw + bytes(data_len))
+
+
+@FUZZ
+@given(data=st.data())
+def test_safetensors_mutated_file_verdict_equals_the_library(scratch: Path, data) -> None:
+    same_verdict(scratch / "mv.safetensors", data.draw(mutated(safetensors_seed())))
 
 
 # -- native strategy files ----------------------------------------------------------------

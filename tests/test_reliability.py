@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from runner import execute
+from runner import durable
 from runner.cli import main
-from runner.outputs import MANIFEST, PROGRESS
+from runner.outputs import LOCK, MANIFEST, PROGRESS
 from tests import oracle
 
 SPECS = {f"layer{i}.w": ((16, 8), "F32") for i in range(3)} | {"norm": ((8,), "BF16"), "emb": ((32, 8), "F16")}
@@ -59,10 +59,11 @@ def job(root: Path, out: Path, **extra) -> Path:
 
 
 def outputs(out: Path) -> dict[str, bytes]:
-    """Every file under its final name in output_dir, but the progress records and the
-    manifest (which hold times): relative path -> bytes."""
+    """Every file under its final name in output_dir, but the progress records, the
+    manifest (which hold times) and the lock file (a killed holder's line stays in it):
+    relative path -> bytes."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and PROGRESS not in p.parts and p.name != MANIFEST}
+            if p.is_file() and PROGRESS not in p.parts and p.name not in (MANIFEST, LOCK)}
 
 
 def manifest_sans_time(out: Path) -> dict:
@@ -116,7 +117,7 @@ def check_intact(out: Path, ref: dict[str, bytes]) -> None:
     records are whole JSON; a manifest only with every file."""
     got = outputs(out)
     for name, data in got.items():
-        if not name.endswith(execute.PARTIAL):
+        if not name.endswith(durable.PARTIAL):
             assert name in ref and data == ref[name], f"{name} is under its final name but not complete"
     tc = out / "transformed_checkpoint"
     for rec in (tc / PROGRESS).glob("*.json") if (tc / PROGRESS).exists() else ():
@@ -162,7 +163,7 @@ def test_sigkill_at_every_filesystem_call_then_rerun(tmp_path: Path) -> None:
         assert code == 0, f"rerun after a kill at call {n} failed"
         assert outputs(out) == ref, f"kill at call {n}: rerun output differs from an uninterrupted run"
         assert manifest_sans_time(out) == manifest_sans_time(ref_out)
-        assert not [p for p in out.rglob("*" + execute.PARTIAL)], f"kill at call {n}: temporary files left"
+        assert not [p for p in out.rglob("*" + durable.PARTIAL)], f"kill at call {n}: temporary files left"
         for path, stamp in done.items():
             st = Path(path).stat()
             assert (st.st_ino, st.st_mtime_ns) == stamp, f"kill at call {n}: finished file {path} was rewritten"
@@ -199,7 +200,7 @@ def test_sigkill_during_a_conversion_then_rerun(tmp_path: Path) -> None:
         code, _ = fork_run(cfg(out))
         assert code == 0, f"rerun after a kill at call {n} failed"
         assert outputs(out) == ref, f"kill at call {n}: rerun output differs from an uninterrupted run"
-        assert not [p for p in out.rglob("*" + execute.PARTIAL)], f"kill at call {n}: temporary files left"
+        assert not [p for p in out.rglob("*" + durable.PARTIAL)], f"kill at call {n}: temporary files left"
 
 def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
     """Real processes (the CLI plus transform_process_num workers) killed at spread-out
@@ -228,7 +229,7 @@ def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
         rerun = start(out)
         assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
         assert outputs(out) == ref
-        assert not [p for p in out.rglob("*" + execute.PARTIAL)]
+        assert not [p for p in out.rglob("*" + durable.PARTIAL)]
 
 
 # -- disk full and permissions --------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_disk_full_mid_file_then_resume(tmp_path: Path, monkeypatch, capsys, aft
     line = one_error_line(capsys)
     assert "disk full" in line and "run the job again" in line, line
     check_intact(out, ref)
-    assert not list(out.rglob("*" + execute.PARTIAL)), "a failed write left its temporary file"
+    assert not list(out.rglob("*" + durable.PARTIAL)), "a failed write left its temporary file"
     assert not (out / "transformed_checkpoint" / MANIFEST).exists()
     done = finished_files(out)
     assert main(cfg) == 0
@@ -293,7 +294,7 @@ def test_unwritable_output_folder_is_one_clear_line(tmp_path: Path, monkeypatch,
         assert code == 1
         line = one_error_line(capsys)
         assert phrase in line and str(out) in line, line
-        assert not list(out.rglob("*" + execute.PARTIAL)) if out.exists() else True
+        assert not list(out.rglob("*" + durable.PARTIAL)) if out.exists() else True
 
 
 def can_mount() -> bool:
@@ -325,7 +326,7 @@ def test_real_disk_full_on_tiny_tmpfs_then_resume(tmp_path: Path, capsys) -> Non
         assert main(cfg) == 1
         assert "disk full" in one_error_line(capsys)
         check_intact(out, ref)
-        assert not list(out.rglob("*" + execute.PARTIAL))
+        assert not list(out.rglob("*" + durable.PARTIAL))
         done = finished_files(out)
         assert done, "the tmpfs should hold at least one finished file"
         subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
@@ -430,3 +431,143 @@ def test_output_bytes_do_not_depend_on_paths(tmp_path: Path, monkeypatch) -> Non
     assert main(["run", str(job(tmp_path / "elsewhere" / "b", tmp_path / "o2")), "--no-progress"]) == 0
     a, b = outputs(tmp_path / "a" / "out"), outputs(tmp_path / "o2")
     assert len(a) >= 5 and a == b
+
+
+# -- writers never follow a symlink inside the output tree ----------------------------------
+def test_stale_temporary_names_that_are_symlinks_are_not_followed(tmp_path: Path, capsys) -> None:
+    """Temporary names planted as symlinks to an outside file (rank file, strategy file,
+    progress record, manifest) are removed, not written through."""
+    make_source(tmp_path)
+    ref_out = tmp_path / "ref"
+    assert main(["run", str(job(tmp_path, ref_out)), "--no-progress"]) == 0
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"the user's file\n")
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    tc = out / "transformed_checkpoint"
+    (tc / MANIFEST).unlink()
+    (tc / "rank_0" / "checkpoint_0.safetensors").unlink()
+    planted = [tc / "rank_0" / "checkpoint_0.safetensors.partial", tc / f"{MANIFEST}.partial",
+               tc / PROGRESS / "job.json.partial", tc / PROGRESS / "rank_0.json.partial",
+               out / "strategy" / "ckpt_strategy_rank_0.json.partial"]
+    for p in planted:
+        p.symlink_to(outside)
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert outside.read_bytes() == b"the user's file\n"
+    assert outputs(out) == outputs(ref_out)
+    assert not [p for p in planted if os.path.lexists(p)]
+
+
+def test_rank_folder_that_is_a_symlink_is_refused(tmp_path: Path, capsys) -> None:
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    tc = out / "transformed_checkpoint"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    for p in (tc / "rank_1").iterdir():
+        p.unlink()
+    (tc / "rank_1").rmdir()
+    (tc / "rank_1").symlink_to(elsewhere)
+    (tc / MANIFEST).unlink()
+    capsys.readouterr()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "rank_1" in line and "symlink" in line, line
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"] and (elsewhere / "keep.txt").read_text() == "mine"
+
+
+def test_reference_file_that_is_a_symlink_is_not_copied(tmp_path: Path, capsys) -> None:
+    """A tokenizer file in the reference HF folder that links elsewhere would copy any
+    readable file into the output: refused with one line, its content nowhere in the output."""
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-KEY-MATERIAL")
+    (hf / "tokenizer.json").symlink_to(secret)
+    out = tmp_path / "out"
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\noutput_dir: {out}\n")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert "tokenizer.json" in line and "symlink" in line, line
+    assert not [p for p in out.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
+
+
+# -- one run at a time per output_dir ---------------------------------------------------------
+HOLD = """
+import sys, time
+from runner.outputs import lock_output
+lock_output(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_run_on_a_held_output_dir_is_refused(tmp_path: Path, capsys) -> None:
+    """While another process holds output_dir (a run in progress), a run is refused with
+    one line naming the holder (pid, host, start), exit 1, and touches nothing there;
+    once it is gone, the run proceeds. Runs one after another in one process work."""
+    import socket
+
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
+    assert main(cfg) == 0
+    (out / "transformed_checkpoint" / MANIFEST).unlink()  # so that the next run has work to do
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        capsys.readouterr()
+        assert main(cfg) == 1
+        line = one_error_line(capsys)
+        assert f"pid {holder.pid} on {socket.gethostname()}" in line and "in use by another autotrans run" in line, line
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(cfg) == 0
+    assert main(cfg) == 0  # the lock of the run before was released
+
+
+# -- signals ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP"),
+                                           (signal.SIGINT, 130, "SIGINT")])
+def test_sigterm_and_sighup_end_a_job_as_ctrl_c_does(tmp_path: Path, sig: int, code: int, name: str) -> None:
+    """The signal arrives in the middle of a rank file (at its 3rd write): one line,
+    exit 128 + signal, no temporary file left, and the rerun gives the bytes of an
+    uninterrupted run."""
+    make_source(tmp_path)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
+    err = tmp_path / "stderr.txt"
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            sys.stderr = open(err, "w", buffering=1)
+            calls = [0]
+            real = os.pwrite
+
+            def pwrite(*a):
+                calls[0] += 1
+                if calls[0] == 3:
+                    os.kill(os.getpid(), sig)
+                return real(*a)
+            os.pwrite = pwrite
+            os._exit(main(cfg))
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == code, status
+    lines = err.read_text().strip().splitlines()
+    assert lines == [f"autotrans: interrupted ({name}); run the same job again to resume"], lines
+    assert not list(out.rglob("*" + durable.PARTIAL))
+    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
+    assert main(cfg) == 0
+    assert outputs(out) == outputs(tmp_path / "ref")

@@ -4,17 +4,14 @@ config and tokenizer files copied from the reference HF folder."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 from runner import dtypes
 from runner.errors import ConfigError
-from runner.execute import PARTIAL, fsync_dir
+from runner.durable import copy_regular, fsync_dir, write_json
 from runner.formats.base import TensorInfo
 from runner.log import warn
-from runner.outputs import write_json_atomic
 
 INDEX = "model.safetensors.index.json"
 # Every file an HF tokenizer may be saved as; a model has some of them (transformers 5
@@ -34,7 +31,10 @@ def parse_size(value: str | int) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
         if not m or m.group(2).upper() not in _UNITS:
             raise ConfigError(f"config key max_shard_size: {value!r} is not a size such as 5GB, 500MB or 2GiB")
-        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        size = float(m.group(1)) * _UNITS[m.group(2).upper()]  # inf for 400 digits
+    if size >= 1 << 63:
+        raise ConfigError(f"config key max_shard_size: {value!r} is too large (at most 8 EiB)")
+    size = int(size)
     if size <= 0:
         raise ConfigError("config key max_shard_size: must be positive")
     return size
@@ -63,16 +63,8 @@ def write_index(folder: Path, shards: list[list[str]], infos: dict[str, TensorIn
     total = sum(infos[n].numel * dtypes.itemsize(infos[n].dtype) for s in shards for n in s)
     weight_map = {n: shard_name(i, len(shards)) for i, s in enumerate(shards) for n in s}
     path = folder / INDEX
-    write_json_atomic(path, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(path, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return path
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + PARTIAL)
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
 
 
 def copy_reference(folder: Path, reference: Path | None, config: dict | None) -> list[Path]:
@@ -81,11 +73,11 @@ def copy_reference(folder: Path, reference: Path | None, config: dict | None) ->
     written = []
     for name in CONFIG_FILES + TOKENIZER_FILES:
         src = reference / name if reference else None
-        if src is not None and src.is_file():
-            _copy_atomic(src, folder / name)
+        if src is not None and (src.is_file() or src.is_symlink()):
+            copy_regular(src, folder / name)
             written.append(folder / name)
         elif name == "config.json" and config is not None:
-            write_json_atomic(folder / name, config)
+            write_json(folder / name, config)
             written.append(folder / name)
             warn(f"no config.json in {reference or 'reference_hf_dir (not set)'}: wrote one from the checkpoint's sizes; check it before serving")
     if not any((folder / n).exists() for n in TOKENIZER_FILES):

@@ -25,8 +25,9 @@ import numpy as np
 from runner import dtypes
 from runner.convert.megatron_layout import MegatronLayout, detect
 from runner.convert.model import Model, candidates, megatron_config
-from runner.errors import ConfigError, FormatError
-from runner.execute import PARTIAL, SlicePool, WrittenFile, fsync_dir, write_file
+from runner.durable import DurableFile, temp_path, write_bytes
+from runner.errors import ConfigError, FormatError, excerpt, one_line
+from runner.execute import SlicePool, WrittenFile, write_file
 from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA
@@ -57,10 +58,8 @@ def checkpoint_dir(root: Path) -> Path:
     if any(_RANK.fullmatch(p.name) for p in root.iterdir() if p.is_dir()) or torch_dist.is_torch_dist(root):
         return root
     marker = root / ITER_FILE
-    if marker.exists():
-        text = marker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise FormatError(f"{marker} holds {text!r}, not an iteration number or 'release'")
+    if os.path.lexists(marker):
+        text = read_marker(marker)
         folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
         if not folder.is_dir():
             raise FormatError(f"{marker} names iteration {text}, but {folder} does not exist")
@@ -73,6 +72,23 @@ def checkpoint_dir(root: Path) -> Path:
     raise FormatError(f"{root}: no mp_rank_* folders, iter_* folders or release/ folder; not a Megatron checkpoint")
 
 
+def read_marker(marker: Path) -> str:
+    """latest_checkpointed_iteration.txt: an iteration number or `release`. At most 64
+    bytes are read (it may be a link to /dev/zero) and at most 80 characters shown."""
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        try:
+            raw = os.read(fd, 65)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise FormatError(f"{marker}: cannot read: {e.strerror}") from None
+    text = raw.strip()
+    if len(raw) > 64 or not (text == b"release" or re.fullmatch(rb"[0-9]{1,12}", text)):
+        raise FormatError(f"{marker} holds {excerpt(raw)}, not an iteration number or 'release'")
+    return text.decode()
+
+
 def open_rank_file(path: Path):
     """A rank file's reader: `model_optim_rng.pt`, or a torch_dist folder's `.metadata`
     (the whole model as one rank file)."""
@@ -81,15 +97,61 @@ def open_rank_file(path: Path):
     return TorchReader(path)
 
 
-def _args_of(path: Path) -> tuple[argparse.Namespace, list[str]]:
+def _args_of(path: Path) -> tuple[argparse.Namespace, dict[str, TensorInfo]]:
     r = open_rank_file(path)
     try:
         args = torch_dist.common(path.parent).get("args") if path.name == METADATA else r.objects.get("args")
         if not isinstance(args, argparse.Namespace):
             raise FormatError(f"{path}: no argparse.Namespace `args` entry; not a Megatron checkpoint")
-        return args, list(r.tensors())
+        return args, dict(r.tensors())
     finally:
         r.close()
+
+
+_PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+# sizes the conversion builds names, lists and index arrays from
+_WIDTHS = ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "kv_channels", "padded_vocab_size",
+           "vocab_size", "true_vocab_size", "make_vocab_size_divisible_by")
+_COUNTS = ("num_attention_heads", "num_query_groups", "moe_router_topk")
+
+
+def _size(args: argparse.Namespace, key: str, path: Path, limit: int) -> int | None:
+    v = getattr(args, key, None)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise FormatError(f"{path}: Megatron args {key} is {v!r} ({type(v).__name__}); expected a positive integer")
+    if v > limit:
+        raise FormatError(f"{path}: Megatron args {key} {v} is more than its files can hold (at most {limit}); the args are corrupt")
+    return v
+
+
+def check_args(args: argparse.Namespace, path: Path, tensors: dict[str, TensorInfo], rank_folders: int | None) -> MegatronLayout:
+    """The parallel layout, after checking every size the conversion uses: positive
+    integers no larger than the files on disk can back (a size is never trusted
+    before it is allocated). `rank_folders`: the mp_rank_* folders found; None for a
+    torch_dist folder, whose tensors have their global shapes."""
+    tp, pp, ep = (_size(args, k, path, rank_folders or 1 << 16) or 1 for k in _PARALLEL)
+    lay = MegatronLayout(tp, pp, ep)
+    if rank_folders is not None and lay.world_size > rank_folders:
+        raise FormatError(f"{path}: args say TP {tp} PP {pp} EP {ep} ({lay.world_size} rank files), "
+                          f"but the folder holds {rank_folders} mp_rank_* folder(s)")
+    if rank_folders is None:
+        tp = pp = ep = 1
+    widest = max((d for t in tensors.values() for d in t.shape), default=1)
+    for key in _WIDTHS:  # a width is at most TP times the widest dim of a rank file's tensor
+        _size(args, key, path, widest * tp)
+    hidden = _size(args, "hidden_size", path, widest * tp) or widest * tp
+    for key in _COUNTS:
+        _size(args, key, path, hidden)
+    _size(args, "num_layers", path, max(len(tensors), 1) * pp)  # each layer has tensors in stage 0's file
+    _size(args, "num_experts", path, max(len(tensors), widest) * ep)
+    _size(args, "max_position_embeddings", path, 1 << 40)
+    for key in ("norm_epsilon", "rotary_base"):
+        v = getattr(args, key, None)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            raise FormatError(f"{path}: Megatron args {key} is {v!r}; expected a number")
+    return lay
 
 
 @dataclass
@@ -118,16 +180,14 @@ class MegatronFolder:
         if not found:
             raise FormatError(f"{ckdir}: no mp_rank_* folders")
         first = found[min(found, key=natural_key)]
-        args, names = _args_of(first)
-        lay = MegatronLayout(getattr(args, "tensor_model_parallel_size", 1) or 1,
-                             getattr(args, "pipeline_model_parallel_size", 1) or 1,
-                             getattr(args, "expert_model_parallel_size", 1) or 1)
+        args, tensors = _args_of(first)
+        lay = check_args(args, first, tensors, len(found))
         files = {r: ckdir / lay.folder(r) / CKPT for r in range(lay.world_size)}
         missing = [str(p.relative_to(ckdir)) for p in files.values() if not p.is_file()]
         if missing:
             raise FormatError(f"{ckdir}: args say TP {lay.tp} PP {lay.pp} EP {lay.ep}, but {', '.join(missing[:4])} "
                               f"{'is' if len(missing) == 1 else 'are'} missing ({len(missing)} of {lay.world_size})")
-        weights = frozenset(n[len("model."):] for n in names if is_weight(n))
+        weights = frozenset(n[len("model."):] for n in tensors if is_weight(n))
         return MegatronFolder(Path(root), ckdir, lay, files, args, weights)
 
     @staticmethod
@@ -135,8 +195,9 @@ class MegatronFolder:
         """Global shapes, whatever the parallel settings it was saved with: one logical
         rank (TP 1, PP 1, EP 1) holding the whole model, served from the chunks."""
         path = ckdir / METADATA
-        args, names = _args_of(path)
-        weights = frozenset(n[len("model."):] for n in names if is_weight(n))
+        args, tensors = _args_of(path)
+        check_args(args, path, tensors, None)
+        weights = frozenset(n[len("model."):] for n in tensors if is_weight(n))
         return MegatronFolder(root, ckdir, MegatronLayout(1, 1, 1), {0: path}, args, weights, "torch_dist")
 
     @property
@@ -238,10 +299,9 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
     iteration) plus `model`, whose tensors are views of a temporary safetensors file."""
     import torch
 
-    staging = path.with_name(path.name + ".tensors" + PARTIAL)  # a temporary, named as every other one
+    staging = temp_path(path, ".tensors")  # a temporary, named as every other one
     write_file(fp, pool, SafetensorsFormat(), staging)
     reader = SafetensorsReader(staging)
-    tmp = path.with_name(path.name + PARTIAL)
     try:
         model: dict = {}
         with warnings.catch_warnings():
@@ -253,17 +313,12 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
                     model[fname] = torch.from_numpy(part).view(dtypes.torch_dtype(t.out_dtype))
         model.update({n: None for n in extra_state})
         doc = {**head, "model": nest_legacy(model) if legacy else model}
-        with open(tmp, "wb") as f:
-            torch.save(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with DurableFile(path) as out:
+            torch.save(doc, out.stream())
         del model, doc
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     finally:
         reader.close()
         staging.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return WrittenFile(path, path.stat().st_size, file_crc32(path))
 
 
@@ -295,11 +350,7 @@ def iteration_folder(iteration: int | str) -> str:
 
 def write_iteration_marker(folder: Path, iteration: int | str) -> Path:
     path = folder / ITER_FILE
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(f"{iteration}")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, f"{iteration}".encode())
     return path
 
 
@@ -335,7 +386,7 @@ def describe_folder(path: Path) -> str:
             nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())
             lines.append(f"rank {r}: {p.relative_to(mf.ckdir)}: {len(infos)} tensors, {nbytes} bytes")
             if r == 0:
-                lines += [f"  {n[len('model.'):]}: {list(t.shape)} {t.dtype}" for n, t in sorted(infos.items(), key=lambda x: natural_key(x[0]))]
+                lines += [one_line(f"  {n[len('model.'):]}: {list(t.shape)} {t.dtype}") for n, t in sorted(infos.items(), key=lambda x: natural_key(x[0]))]
         finally:
             reader.close()
     return "\n".join(lines)

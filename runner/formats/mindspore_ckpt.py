@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,8 +47,7 @@ _ENCRYPTED = (b"\xd8\x5e\x3a\x7f", b"\xd9\x5e\x3a\x7f", b"\xda\x5e\x3a\x7f")
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
 
 
-@dataclass(frozen=True)
-class _Stored:
+class _Stored(NamedTuple):
     info: TensorInfo
     runs: tuple[tuple[int, int], ...]  # (file offset, length) of each record's content
 
@@ -64,6 +63,8 @@ class _Walker:
         return FormatError(f"{self.path}: corrupt or truncated MindSpore checkpoint ({what} at byte {pos}); re-save or re-copy the file")
 
     def varint(self, pos: int, end: int) -> tuple[int, int]:
+        if pos < end and self.buf[pos] < 0x80:  # one byte: most tags and lengths
+            return self.buf[pos], pos + 1
         value, shift, start = 0, 0, pos
         while True:
             if pos >= end or shift > 63:
@@ -138,27 +139,33 @@ def _value(w: _Walker, span: tuple[int, int]) -> tuple[str, list[int], str, tupl
 
 
 def scan(buf, size: int, path: Path) -> dict[str, _Stored]:
-    """Every tensor of a checkpoint held in `buf` (no trailer), from its record headers."""
+    """Every tensor of a checkpoint held in `buf` (no trailer), from its record headers.
+    Memory is a small multiple of the record headers' bytes: tensors that share a dtype
+    and shape share one TensorInfo (a file of a million tiny records must not cost GBs)."""
     w = _Walker(buf, path)
-    raw: dict[str, tuple[list[int], str, list[tuple[int, int]]]] = {}
-    last = None
+    out: dict[str, _Stored] = {}
+    infos: dict[tuple, TensorInfo] = {}
+    pending: tuple[str, list[int], str, list[tuple[int, int]]] | None = None  # a tensor whose chunks may follow
     for number, wire, span in w.fields(0, size):
         if number != 1 or wire != _LEN:
             raise w.corrupt(0, f"unexpected field {number} in the Checkpoint message")
         tag, dims, ttype, content = _value(w, span)
-        if tag == last:
-            if (dims, ttype) != tuple(raw[tag][:2]):
+        if pending is not None and tag == pending[0]:
+            if (dims, ttype) != pending[1:3]:
                 raise w.corrupt(span[0], f"chunks of tensor {tag!r} disagree on dims or type")
-            raw[tag][2].append(content)
+            pending[3].append(content)
             continue
-        if tag in raw:
+        if pending is not None:
+            out[pending[0]] = _stored(path, *pending, infos)
+        if tag in out:
             raise FormatError(f"{path}: tensor {tag!r} appears twice (not in consecutive records); the file is corrupt")
-        raw[tag] = (dims, ttype, [content])
-        last = tag
-    return {tag: _stored(path, tag, dims, ttype, spans) for tag, (dims, ttype, spans) in raw.items()}
+        pending = (tag, dims, ttype, [content])
+    if pending is not None:
+        out[pending[0]] = _stored(path, *pending, infos)
+    return out
 
 
-def _stored(path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple[int, int]]) -> _Stored:
+def _stored(path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple[int, int]], infos: dict[tuple, TensorInfo]) -> _Stored:
     dtype = MS_TYPES.get(ttype)
     if dtype is None:
         raise FormatError(f"{path}: tensor {tag!r} has type {ttype!r}, which autotrans does not support (supported: {', '.join(MS_TYPES)})")
@@ -171,7 +178,9 @@ def _stored(path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple
         dims = []
     if nbytes != math.prod(dims) * size:
         raise FormatError(f"{path}: tensor {tag!r} holds {nbytes} bytes but dims {dims} {ttype} need {math.prod(dims) * size}; the file is corrupt or truncated")
-    return _Stored(TensorInfo(dtype, tuple(dims)), runs)
+    key = (dtype, *dims)
+    info = infos.get(key) or infos.setdefault(key, TensorInfo(dtype, tuple(dims)))
+    return _Stored(info, runs)
 
 
 _CRC_CHECKED: set[tuple] = set()  # files whose trailer this process has verified

@@ -27,7 +27,8 @@ from runner.formats.mindspore_proto import message
 from runner.layout import ParamLayout
 from runner.log import warn
 from runner.ranks import gaps
-from runner.strategy import MERGED_FILE, RANK_FILE, Strategy, write_atomic
+from runner.durable import write_bytes
+from runner.strategy import MERGED_FILE, RANK_FILE, Strategy
 
 UNKNOWN_DTYPE = "?"  # until fill_shapes; shapes are -1 per dim until then
 _MERGED_NAME = re.compile(r"(\d{1,9})-(.+)")
@@ -231,11 +232,11 @@ def _document(strategy: Strategy, stages: list[int], merged: bool) -> bytes:
 
 def write_rank_file(strategy: Strategy, rank: int, folder: Path) -> Path:
     out = Path(folder) / RANK_FILE.format(rank=rank, suffix=".ckpt")
-    write_atomic(out, _document(strategy, [strategy.stage_of(rank)], merged=False))
+    write_bytes(out, _document(strategy, [strategy.stage_of(rank)], merged=False))
     return out
 
 
 def write_merged_file(strategy: Strategy, folder: Path) -> Path:
     out = Path(folder) / MERGED_FILE.format(suffix=".ckpt")
-    write_atomic(out, _document(strategy, list(range(len(strategy.stages))), merged=True))
+    write_bytes(out, _document(strategy, list(range(len(strategy.stages))), merged=True))
     return out

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from runner.durable import DurableFile
 from runner.errors import FormatError
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA, DcpReader
@@ -127,12 +127,8 @@ class TorchDistReader:
 
 
 def _durable(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with DurableFile(path) as out:
+        write(out.stream())
 
 
 def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: int, objects: list[str], head: dict) -> Path:

@@ -83,6 +83,7 @@ def load(path: Path) -> Any:
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise FormatError(f"{path}: not a torch zip checkpoint (legacy torch.save files are not supported; re-save it with torch >= 1.6)")
+    check_zip(path)
     real = _real_globals() + _megatron_globals()
     known = {name for _, name in real}
     try:
@@ -102,12 +103,46 @@ def load(path: Path) -> Any:
 
 
 def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted name, leaf) for every leaf of nested dicts; other containers are leaves."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from flatten(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], obj
+    """(dotted name, leaf) for every leaf of nested dicts, in order; other containers are
+    leaves. Iterative: a hostile file may nest dicts thousands deep."""
+    stack = [(prefix, obj)]
+    while stack:
+        name, o = stack.pop()
+        if isinstance(o, dict):
+            stack += reversed([(f"{name}{k}.", v) for k, v in o.items()])
+        else:
+            yield name[:-1], o
+
+
+def check_zip(path: Path) -> None:
+    """Every member stored uncompressed within the file, as torch.save writes them: what
+    loading costs is then bounded by the file's bytes (a zip bomb is refused unread)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise FormatError(f"{path}: cannot read torch checkpoint ({e})") from None
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size or m.header_offset + m.file_size > size:
+            raise FormatError(f"{path}: member {m.filename!r} is compressed or claims {m.file_size} bytes past the file's "
+                              f"{size}; torch.save never writes that; the file is corrupt or hostile")
+
+
+def check_view(path: Path, name: str, t: Any) -> None:
+    """A tensor lies inside its storage and no two of its elements share bytes: a
+    stride-0 or overlapping view would make a few stored bytes read as gigabytes."""
+    shape, stride, numel = tuple(t.shape), t.stride(), t.numel()
+    reach = 1  # elements spanned by the dims checked so far
+    for n, st in sorted(((n, st) for n, st in zip(shape, stride) if n > 1), key=lambda d: d[1]):
+        if st < reach:
+            raise FormatError(f"{path}: tensor {name!r} is a view whose elements overlap (shape {list(shape)}, "
+                              f"strides {list(stride)}); the file is corrupt or hostile")
+        reach += st * (n - 1)
+    end = (t.storage_offset() + reach) * t.element_size()
+    if numel and end > t.untyped_storage().nbytes():
+        raise FormatError(f"{path}: tensor {name!r} reaches byte {end} of a {t.untyped_storage().nbytes()}-byte storage; "
+                          "the file is corrupt or hostile")
 
 
 class TorchReader:
@@ -123,6 +158,7 @@ class TorchReader:
         root = load(self.path)
         for name, leaf in flatten(root if isinstance(root, dict) else {"": root}):
             if isinstance(leaf, torch.Tensor):
+                check_view(self.path, name, leaf)
                 self._tensors[name] = leaf
             else:
                 self.objects[name] = leaf

@@ -1,0 +1,145 @@
+"""The one way the runner writes a file (SPEC 3, "Never lose data"): under a temporary
+name that does not end in the final extension, created fresh with O_CREAT | O_EXCL |
+O_NOFOLLOW after removing a stale one (so a planted symlink is never followed), fsynced,
+renamed into place, and the folder fsynced. Writers never write through a folder that
+is a symlink."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from runner.errors import AutotransError, ConfigError, FormatError
+
+PARTIAL = ".partial"
+
+
+def temp_path(path: Path, tag: str = "") -> Path:
+    """The temporary name `path` is built under (`tag` tells apart two temporaries of one file)."""
+    return path.with_name(path.name + tag + PARTIAL)
+
+
+def make_folder(folder: Path) -> Path:
+    """Create `folder` (and its parents); refuse it when it is a symlink: the runner
+    writes only into real folders of its output tree."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink():
+        raise ConfigError(f"{folder} is a symlink; autotrans writes only into real folders of output_dir; remove it or choose another output_dir")
+    return folder
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DurableFile:
+    """`with DurableFile(path) as f:` write through `f.fd` (pwrite) or `f.stream()`; on
+    a clean exit the file is fsynced and renamed to `path`, else the temporary is
+    removed. Writers that keep a file open across calls use open / commit / discard."""
+
+    def __init__(self, path: Path, tag: str = ""):
+        self.path = Path(path)
+        self.tmp = temp_path(self.path, tag)
+        self.fd = -1
+        self._stream: IO[bytes] | None = None
+        self._id = (0, 0)  # (st_dev, st_ino) of the temporary this object created
+
+    def open(self) -> "DurableFile":
+        make_folder(self.path.parent)
+        try:
+            os.unlink(self.tmp)  # stale, from a killed run; a symlink is removed, not followed
+        except FileNotFoundError:
+            pass
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        st = os.fstat(self.fd)
+        self._id = (st.st_dev, st.st_ino)
+        return self
+
+    def stream(self) -> IO[bytes]:
+        """A buffered binary file over the temporary, for reading and writing."""
+        if self._stream is None:
+            self._stream = open(self.fd, "r+b", closefd=False)
+        return self._stream
+
+    def commit(self) -> None:
+        """fsync, rename to the final name, fsync the folder."""
+        try:
+            if self._stream is not None:
+                self._stream.flush()
+            os.fsync(self.fd)
+            # another process that removed and recreated the temporary would otherwise
+            # have its half-written bytes renamed into place
+            if not self._ours():
+                raise AutotransError(f"{self.tmp} was replaced while this job wrote it; is another job writing into the same output_dir?")
+            self._close()
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Close and remove the temporary (if it is still the one this object made)."""
+        self._close()
+        if self._ours():
+            self.tmp.unlink()
+
+    def __enter__(self) -> "DurableFile":
+        return self.open()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def _ours(self) -> bool:
+        try:
+            st = os.lstat(self.tmp)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._id
+
+    def _close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with DurableFile(path) as f:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(f.fd, view):]
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """`doc` as indented JSON with sorted keys and a final newline."""
+    write_bytes(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+
+def copy_regular(src: Path, dst: Path) -> None:
+    """Copy `src`, which must be a regular file and not a symlink: a reference folder's
+    symlink could otherwise copy any file the user can read into the output."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise FormatError(f"{src}: cannot copy: {'it is a symlink' if os.path.islink(src) else e.strerror}; "
+                          "copy the real file there (not a link) or remove it") from None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{src}: not a regular file; copy the real file there or remove it")
+        with DurableFile(dst) as out:
+            while chunk := f.read(16 << 20):
+                out.stream().write(chunk)
