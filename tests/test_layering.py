@@ -102,7 +102,7 @@ def test_no_import_cycle_among_runner_modules():
 # The README's layer table ("How it works"): a module imports only from its own layer or
 # lower ones.
 LAYERS = {
-    "core": "errors log launch checksum collective progress ranks dtypes layout strategy plan config preprocess formats formats.base",
+    "core": "errors log durable launch checksum collective progress ranks dtypes layout strategy plan config preprocess formats formats.base",
     "arch": "templates generate convert.model convert.names convert.rows convert.megatron_layout",
     "io": "formats.safetensors_io formats.mindspore_ckpt formats.mindspore_proto formats.mindspore_strategy "
           "formats.torch_pt formats.dcp formats.torch_dist formats.registry strategy_files source union convert",
