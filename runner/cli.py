@@ -96,9 +96,12 @@ def load_job(path: str, overrides: list[str]):
     from runner.mpi import launched_size
 
     if launched_size() > 1:
+        from runner import log
         from runner.collective import Link
 
-        return Link().step("read the job file", lambda: config.load(path, overrides))
+        link = Link()
+        log.configure(quiet=link.rank != 0)  # a warning about the job file is said once
+        return link.step("read the job file", lambda: config.load(path, overrides))
     return config.load(path, overrides)
 
 
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from runner.errors import AutotransError, one_line
 
     log.configure(debug=bool(getattr(args, "debug", False)))
+    log.hold()  # until the job gets going: a failure's line comes before the warnings leading to it
     try:
         return dispatch(args)
     except AutotransError as e:
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"autotrans: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        log.release()
 
 
 if __name__ == "__main__":

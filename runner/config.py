@@ -8,11 +8,12 @@ against the types below and errors name the key. Sections only the runner has
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, shown
+from runner.log import warn
 
 OUTPUT_FORMATS = ("safetensors", "ckpt", "hf", "megatron", "mindformers")
 
@@ -28,11 +29,15 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "parallel": ((dict,), {}, None),
     "model": ((dict,), {}, None),
     "moe_config": ((dict,), {}, None),  # MindSpore Transformers keeps expert_num here
+    "optimizer": ((dict,), {}, None),  # its type names the optimizer states a training run holds
+    "pretrained_model_dir": ((str,), "", None),  # MindSpore Transformers 1.7: the HF folder with config.json
+    "use_legacy": ((bool,), True, None),  # MindSpore Transformers 1.7: false = its mcore models' names
     "transform_process_num": ((int,), 1, None),
     "transform_by_rank": ((bool,), False, None),
     "shared_disk": ((str, bool), "auto", ("auto", True, False)),
     "output_dir": ((str,), "./output", None),
-    "output_format": ((str,), "safetensors", OUTPUT_FORMATS),
+    "output_format": ((str,), "", ("",) + OUTPUT_FORMATS),  # "": as the source (output_format_for)
+    "load_ckpt_format": ((str,), "", ("", "ckpt", "safetensors")),
     "strategy_format": ((str,), "json", ("json", "mindspore")),
     "prefix": ((str,), "checkpoint_", None),
     "dtype": ((str, type(None)), None, (None, "bf16", "fp16", "fp32")),
@@ -43,7 +48,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "megatron_naming": ((str,), "core", ("core", "legacy")),
     "megatron_format": ((str,), "torch", ("torch", "torch_dist")),
     "make_vocab_size_divisible_by": ((int,), 128, None),
-    "iteration": ((int,), 1, None),
+    "iteration": ((int, str), 1, None),  # or "release", as Megatron names a release checkpoint
     "reference_hf_dir": ((str,), "", None),
     "max_shard_size": ((str, int), "5GB", None),
 }
@@ -53,13 +58,20 @@ PARALLEL_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "model_parallel": ((int,), 1),
     "pipeline_stage": ((int,), 1),
     "expert_parallel": ((int,), 1),
+    "context_parallel": ((int,), 1),
     "vocab_emb_dp": ((bool,), True),
     "optimizer_shard": ((bool,), False),
 }
 
+# parallel_config keys of MindSpore Transformers the runner does not read: never typos.
+TRAINING_PARALLEL_KEYS = frozenset("""
+micro_batch_num seq_split_num use_seq_parallel gradient_aggregation_group context_parallel_algo
+ulysses_degree_in_cp mem_coeff micro_batch_interleave_num pipeline_interleave pipeline_scheduler
+""".split())
+
 # Top-level keys of MindSpore Transformers training YAMLs: never taken for typos.
 TRAINING_YAML_KEYS = frozenset("""
-seed run_mode output_dir load_checkpoint load_ckpt_format src_strategy_path_or_dir auto_trans_ckpt
+seed run_mode output_dir load_checkpoint src_strategy_path_or_dir auto_trans_ckpt
 only_save_strategy resume_training use_parallel trainer do_eval eval_step_interval eval_epoch_interval
 runner_config runner_wrapper optimizer lr_schedule train_dataset train_dataset_task eval_dataset
 eval_dataset_task context parallel parallel_config micro_batch_interleave_num model moe_config
@@ -78,12 +90,23 @@ class ParallelConfig:
     model_parallel: int = 1
     pipeline_stage: int = 1
     expert_parallel: int = 1
+    context_parallel: int = 1
     vocab_emb_dp: bool = True
     optimizer_shard: bool = False
+    # MindSpore's parallel_optimizer_config: shard over this many replicas (-1: all of
+    # them); parameters smaller than the threshold (KB) stay whole
+    optimizer_weight_shard_size: int = -1
+    parallel_optimizer_threshold: int = 64
+
+    @property
+    def replicas(self) -> int:
+        """Ranks of a stage that hold the same tensor-parallel slice of a dense weight:
+        MindSpore Transformers replicates weights over data x context parallel."""
+        return self.data_parallel * self.context_parallel
 
     @property
     def world_size(self) -> int:
-        return self.data_parallel * self.model_parallel * self.pipeline_stage
+        return self.replicas * self.model_parallel * self.pipeline_stage
 
 
 @dataclass(frozen=True)
@@ -99,11 +122,15 @@ class JobConfig:
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     model: Mapping[str, Any] = field(default_factory=dict)
     moe_config: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: Mapping[str, Any] = field(default_factory=dict)
+    pretrained_model_dir: str = ""
+    use_legacy: bool = True
     transform_process_num: int = 1
     transform_by_rank: bool = False
     shared_disk: str | bool = "auto"
     output_dir: str = "./output"
-    output_format: str = "safetensors"
+    output_format: str = ""
+    load_ckpt_format: str = ""
     strategy_format: str = "json"
     prefix: str = "checkpoint_"
     dtype: str | None = None
@@ -114,7 +141,7 @@ class JobConfig:
     megatron_naming: str = "core"
     megatron_format: str = "torch"
     make_vocab_size_divisible_by: int = 128
-    iteration: int = 1
+    iteration: int | str = 1
     reference_hf_dir: str = ""
     max_shard_size: str | int = "5GB"
     source_file: str = ""  # the job file's own path, for messages and the manifest
@@ -130,6 +157,20 @@ class JobConfig:
         out = {k: getattr(self, k) for k in keys}
         out["lora"] = {k: v for k, v in (self.lora or {}).items() if k != "adapter"}
         return out
+
+
+def output_format_for(cfg: JobConfig, suffixes: set[str]) -> JobConfig:
+    """`cfg` with its output_format settled for a source whose files have `suffixes`
+    (SPEC 3; none: no checkpoint read): as given; else load_ckpt_format; else ckpt for
+    a .ckpt source; else safetensors.
+    A load_ckpt_format the source's files do not have is an error naming the key."""
+    if cfg.load_ckpt_format and suffixes and suffixes != {f".{cfg.load_ckpt_format}"}:
+        raise ConfigError(f"config key load_ckpt_format: {cfg.load_ckpt_format}, but load_checkpoint {cfg.load_checkpoint} "
+                          f"holds {', '.join(sorted(suffixes))} files; set it to the source's format or leave it out")
+    if cfg.output_format:
+        return cfg
+    fmt = cfg.load_ckpt_format or ("ckpt" if suffixes == {".ckpt"} else "safetensors")
+    return replace(cfg, output_format=fmt)
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -180,6 +221,27 @@ def check_section(section: str, raw: Any, keys: Mapping[str, tuple], required: t
     return out
 
 
+def _parallel_optimizer(parallel: Mapping[str, Any], has_optimizer_shard: bool) -> dict[str, Any]:
+    """MindSpore's parallel optimizer settings from a training YAML's `parallel` section:
+    enable_parallel_optimizer, and parallel_optimizer_config's optimizer_weight_shard_size
+    and parallel_optimizer_threshold (KB; -1 means MindSpore's default, 64)."""
+    out: dict[str, Any] = {}
+    opt = parallel.get("enable_parallel_optimizer")
+    if opt is not None and not has_optimizer_shard:
+        out["optimizer_shard"] = check_value("parallel.enable_parallel_optimizer", opt, (bool,))
+    poc = parallel.get("parallel_optimizer_config") or {}
+    check_value("parallel.parallel_optimizer_config", poc, (dict,))
+    for key, where in (("optimizer_weight_shard_size", poc), ("optimizer_weight_shard_size", parallel),
+                       ("parallel_optimizer_threshold", poc)):
+        if where.get(key) is not None and key not in out:
+            path = "parallel." + ("parallel_optimizer_config." if where is poc else "") + key
+            v = check_value(path, where[key], (int,))
+            if v != -1 and v < (1 if key == "optimizer_weight_shard_size" else 0):
+                raise ConfigError(f"config key {path}: expected -1 or a {'positive' if key == 'optimizer_weight_shard_size' else 'non-negative'} integer, got {v}")
+            out[key] = 64 if key == "parallel_optimizer_threshold" and v == -1 else v
+    return out
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Read a job file plus `key=value` overrides into a checked JobConfig."""
     import yaml
@@ -189,7 +251,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     try:
         cfg = OmegaConf.load(str(path)) if path is not None else OmegaConf.create({})
     except FileNotFoundError:
-        raise ConfigError(f"job file {path} does not exist") from None
+        raise ConfigError(f"job file {shown(path)} does not exist") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -229,13 +291,20 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
     values["dtype"] = values["dtype"] or None
     pc = {k: check_value(f"parallel_config.{k}", values["parallel_config"][k], t)
           for k, (t, _d) in PARALLEL_KEYS.items() if k in values["parallel_config"]}
-    opt = values.pop("parallel").get("enable_parallel_optimizer")
-    if opt is not None and "optimizer_shard" not in pc:
-        pc["optimizer_shard"] = check_value("parallel.enable_parallel_optimizer", opt, (bool,))
+    for k in values["parallel_config"]:  # other keys are ignored, as a training YAML has many
+        hint = closest(str(k), PARALLEL_KEYS) if k not in PARALLEL_KEYS and k not in TRAINING_PARALLEL_KEYS else None
+        if hint:
+            warn(f"config key parallel_config.{k} is not one the runner reads and is ignored; did you mean parallel_config.{hint}?")
+    if "vocab_emb_dp" not in pc and not values["use_legacy"]:
+        pc["vocab_emb_dp"] = False  # MindSpore Transformers 1.7's mcore models' default
+    pc.update(_parallel_optimizer(values.pop("parallel"), "optimizer_shard" in pc))
     parallel = ParallelConfig(**pc)
-    for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel"):
+    for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel"):
         if getattr(parallel, k) < 1:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
+    it = values["iteration"]
+    if it != "release" and (isinstance(it, str) or it < 0):
+        raise ConfigError(f"config key iteration: expected a number >= 0 or 'release', got {values['iteration']!r}")
     if values["transform_process_num"] < 1:
         raise ConfigError("config key transform_process_num: must be >= 1 or auto")
     if any(c in values["prefix"] for c in "/\\\0"):  # it becomes part of each rank file's name
@@ -260,6 +329,11 @@ def _yaml_value(value: Any) -> str:
     return repr(value) if value == "" else str(value)
 
 
+# Defaults that depend on the source, as --help shows them.
+COMPUTED_DEFAULTS = {"output_format": "the source's: ckpt for .ckpt files, else safetensors",
+                     "load_ckpt_format": "any (MindSpore Transformers': read only files of this format)"}
+
+
 def describe_keys() -> str:
     """The job keys with their defaults and allowed values, from the schemas (for --help)."""
     from runner.lora import SECTION_KEYS as LORA_KEYS
@@ -276,6 +350,7 @@ def describe_keys() -> str:
         elif key == "model":
             rows.append(("model.arch, model.model_config.*", "from config.json for an HF source; else a template of strategies/"))
         elif key not in ("parallel", "moe_config"):  # read from training YAMLs, never needed
-            rows.append((key, _yaml_value(default) + (f"  (one of: {', '.join(map(_yaml_value, allowed))})" if allowed else "")))
+            shown = COMPUTED_DEFAULTS.get(key, _yaml_value(default))
+            rows.append((key, shown + (f"  (one of: {', '.join(_yaml_value(v) for v in allowed if v != '')})" if allowed else "")))
     width = max(len(k) for k, _ in rows)
     return "job keys (in the job file or as key=value), with their defaults:\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

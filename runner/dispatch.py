@@ -19,8 +19,10 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
             + (f", {done['skipped_lines']} bad lines skipped" if done["skipped_lines"] else "")
             + f" -> {', '.join(done['files'])}")
         return 0
+    from runner.job import without_placeholder
     from runner.mpi import launched_size
 
+    cfg = without_placeholder(cfg)
     if launched_size() > 1:  # under mpiexec: every rank takes its share (SPEC 9)
         from runner.mpi import run_mpi
 

@@ -1,6 +1,7 @@
 """The tool's own error types. Each carries the exit code the CLI returns (SPEC 3)."""
 
 import errno
+import os
 
 
 class AutotransError(Exception):
@@ -25,6 +26,12 @@ class LayoutError(AutotransError):
 
 class PlanError(AutotransError):
     """The transform plan failed validation; nothing was written."""
+
+
+def shown(path: object) -> str:
+    """A path for a message: a relative one says what it is relative to."""
+    p = str(path)
+    return p if os.path.isabs(p) else f"{p} (relative to the current folder {os.getcwd()})"
 
 
 def one_line(msg: str) -> str:

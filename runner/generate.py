@@ -2,11 +2,16 @@
 
 Ranks are numbered as Megatron-LM and MindSpore Transformers do: stage-major, then data
 parallel, then model (tensor) parallel fastest. Within a stage `dev_matrix` is
-[dp, tp], so tensor_map axis 0 is tp and axis 1 is dp. Stacked expert weights use
-[dp / ep, ep, tp] (expert parallel carved out of data parallel, as both do), with the
-expert dim on axis 1. With `optimizer_shard`, dim 0 of each rank's slice is further
-split over its data-parallel replicas where it divides, as MindSpore's parallel
-optimizer does (it leaves a parameter whole otherwise).
+[dp * cp, tp] (MindSpore Transformers shards weights ((dp * cp, 1), (mp, 1)): context
+parallel multiplies the replicas), so tensor_map axis 0 is tp and axis 1 is dp. Stacked
+expert weights use [dp * cp / ep, ep, tp] (expert parallel carved out of data parallel,
+as both do), with the expert dim on axis 1.
+
+With `optimizer_shard`, MindSpore's parallel optimizer splits dim 0 of each rank's
+slice further over its replicas (or optimizer_weight_shard_size of them), except for
+parameters declared parallel_optimizer=False (norms, embeddings, biases), parameters
+shared by several stages, parameters smaller than parallel_optimizer_threshold KB, and
+where dim 0 does not divide.
 
 Layers go to pipeline stages as MindSpore Transformers' LayerSetting assigns them:
 stage s holds num_layers // pp + offset[s] layers (offset an int, a per-stage list, or
@@ -16,6 +21,7 @@ remainder; with no offset the layers must divide evenly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +31,7 @@ from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
 from runner.layout import ParamLayout
 from runner.strategy import Strategy
-from runner.templates import Env, Template, Weight, canonical_config, format_name, hf_config, instances, regroup, resolve
+from runner.templates import ALIASES, Env, Template, Weight, canonical_config, config_json_names, format_name, hf_config, instances, regroup, resolve
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -37,6 +43,27 @@ DTYPE_NAMES = {"float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16
                "float32": "F32", "fp32": "F32", "float": "F32"}
 DEFAULT_DTYPE = "F32"  # when neither the source, model_config nor `dtype` says
 SCHEME_BY_OUTPUT = {"mindformers": "mindformers", "megatron": "megatron", "hf": "hf"}
+# MindSpore Transformers' dtype of a kind of parameter: the model_config key naming it,
+# and its default there (None: param_init_type).
+KIND_DTYPE = {"norm": ("layernorm_compute_type", "float32"), "embedding": ("embedding_init_type", None),
+              "router": ("router_dense_type", "float32")}
+# Kinds MindSpore Transformers declares parallel_optimizer=False (embeddings unless
+# model_config.parallel_optimizer asks).
+NO_OPT_SHARD = ("norm", "bias", "embedding")
+# Optimizer states a MindSpore Transformers training run holds beside every weight
+# (float32, with the weight's layout), by optimizer.type.
+OPTIMIZER_STATES = {"AdamW": ("adam_m", "adam_v"), "FusedAdamWeightDecay": ("adam_m", "adam_v"),
+                    "FP32StateAdamWeightDecay": ("adam_m", "adam_v"), "FusedAdamW": ("exp_avg", "exp_avg_sq")}
+# MindSpore Transformers' model_config / moe_config keys (and HF's) that change which
+# weights exist or how they are laid out, with the value that changes nothing. Another
+# value needs a template that models the key (SPEC 5: never a silently different layout).
+LAYOUT_KEYS = {"qkv_concat": False, "qkv_has_bias": False, "attn_proj_has_bias": False, "attention_bias": False,
+               "mlp_bias": False, "add_bias_linear": False, "qk_layernorm": False, "use_3d_tensor_parallel": False,
+               "mtp_depth": 0, "multi_latent_attention": False, "q_lora_rank": None, "kv_lora_rank": None,
+               "expert_num": 1, "shared_expert_num": 0, "use_shared_expert_gating": False,
+               "first_k_dense_replace": True, "moe_intermediate_size": 1407, "balance_via_topk_bias": False,
+               "use_allgather_dispatcher": False, "expert_model_parallel": None, "use_gmm": False,
+               "enable_cold_hot_expert": False, "enable_deredundency": False}
 
 
 def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
@@ -57,62 +84,107 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
     scheme = detect_scheme(template, env, src) if src is not None else default_scheme(cfg, template)
     check_sizes(template, env)
     pc = cfg.parallel_config
-    per_stage = pc.data_parallel * pc.model_parallel
+    per_stage = pc.replicas * pc.model_parallel
     stages = tuple(tuple(range(s * per_stage, (s + 1) * per_stage)) for s in range(pc.pipeline_stage))
-    layer_stage = layer_stages(env.int("num_layers"), pc.pipeline_stage, env.get("offset", 0), env.get("pp_interleave_num", 1))
+    # MindSpore Transformers' LayerSetting counts the MTP layers after the last layer
+    mtp = env.int("mtp_depth") if "mtp_depth" in template.defaults else 0
+    layer_stage = layer_stages(env.int("num_layers") + mtp, pc.pipeline_stage, env.get("offset", 0), env.get("pp_interleave_num", 1))
     cast_to = dtypes.CAST_NAMES.get(cfg.dtype) if cfg.dtype else None
-    default_dtype = dtypes.cast_dtype(config_dtype(env), cast_to)
+    mindformers = scheme == "mindformers" and cfg.use_legacy  # MindSpore Transformers' legacy models
 
     params: dict[str, ParamLayout] = {}
     flat: dict[str, ParamLayout] = {}  # source layouts re-expressed with their logical shape
     for name, weight, stage_list in expand(template, env, scheme, layer_stage):
         shape = env.shape(weight.shape)
         stored = env.shape(weight.stored) if weight.stored else None
-        dtype = default_dtype
+        dtype = dtypes.cast_dtype(kind_dtype(env, weight.kind, mindformers), cast_to)
         if src is not None and name in src.params:
-            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to)
+            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to, scheme.startswith("megatron"))
             if logical is not None:
                 flat[name] = logical
-        params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc)
+        params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc, bool(env.get("parallel_optimizer", 0)))
     if src is not None:
-        _match_source(template, scheme, src, params, pc, cast_to)
+        _match_source(template, scheme, src, params, pc, cast_to, flat)
         if flat:
             src = src.with_params({n: flat.get(n, p) for n, p in src.params.items()})
+    elif scheme.startswith("mindformers"):
+        _add_optimizer_states(cfg, params, cast_to)
     return Strategy(stages, params, "generated", [f"generated from template {template.name} ({scheme} names)"]), src
 
 
 # -- model sizes and names ------------------------------------------------------------------------
 def model_env(cfg: JobConfig) -> tuple[Template, Env]:
-    """The template and the values its expressions see: the source HF folder's
-    config.json, overridden by a training YAML's moe_config, then by model.model_config,
-    plus the parallel settings."""
-    model = cfg.model or {}
-    mc = model.get("model_config") or {}
+    """The template and the values its expressions see: the HF config.json of the source
+    folder (or of a training YAML's pretrained_model_dir), overridden by a training YAML's
+    moe_config, then by model.model_config, plus the parallel settings."""
+    mc, sections = _sections(cfg)
+    values = canonical_config(*(doc for _label, doc in sections))
+    arch = arch_of(cfg)
+    if arch is None:
+        raise ConfigError("no model: set model.arch (a template name such as llama, or {type: LlamaForCausalLM}), "
+                          "or load an HF folder whose config.json names its architecture")
+    template = resolve(arch).switched(values)
+    check_modelled(template, sections)
+    hf = next(((Path(label), doc) for label, doc in sections if label.endswith("config.json")), None)
+    names = config_json_names(hf[1], mc, hf[0]) if hf else {}
+    pc = cfg.parallel_config
+    values.update(data_parallel=pc.data_parallel, model_parallel=pc.model_parallel, pipeline_stage=pc.pipeline_stage,
+                  expert_parallel=pc.expert_parallel, context_parallel=pc.context_parallel)
+    return template, Env(template, values, names)
+
+
+def _sections(cfg: JobConfig) -> tuple[dict, list[tuple[str, dict]]]:
+    """model.model_config, and every mapping sizes come from, lowest precedence first."""
+    mc = (cfg.model or {}).get("model_config") or {}
     if not isinstance(mc, dict):
         raise ConfigError("config key model.model_config: expected a mapping")
-    hf = hf_config(Path(cfg.load_checkpoint)) if cfg.load_checkpoint and Path(cfg.load_checkpoint).is_dir() else {}
-    values = canonical_config(hf, cfg.moe_config, mc)  # a training YAML's moe_config: expert_num ...
-    template = resolve(model.get("arch"))
-    for key, other in template.switch.items():
-        v = values.get(key)
-        if v is True or (isinstance(v, int) and not isinstance(v, bool) and v > 1):
-            template = resolve(other)
-            break
-    pc = cfg.parallel_config
-    values.update(data_parallel=pc.data_parallel, model_parallel=pc.model_parallel,
-                  pipeline_stage=pc.pipeline_stage, expert_parallel=pc.expert_parallel)
-    return template, Env(template, values)
+    sections = []
+    for folder in (cfg.load_checkpoint, cfg.pretrained_model_dir):
+        if folder and Path(folder).is_dir() and hf_config(Path(folder)):
+            sections.append((str(Path(folder) / "config.json"), hf_config(Path(folder))))
+    sections += [("moe_config", dict(cfg.moe_config)), ("model.model_config", mc)]  # moe_config: expert_num ...
+    return mc, sections
+
+
+def arch_of(cfg: JobConfig) -> Any:
+    """model.arch; else the architecture a v1.7 training YAML's model_config names
+    (architectures / model_type), else the one of the HF config.json the sizes come from."""
+    arch = (cfg.model or {}).get("arch")
+    if arch:
+        return arch
+    _mc, sections = _sections(cfg)
+    for _label, doc in reversed(sections):
+        names = doc.get("architectures")
+        if isinstance(names, list) and names and isinstance(names[0], str):
+            return names[0]
+        if isinstance(doc.get("model_type"), str):
+            return doc["model_type"]
+    return None
+
+
+def check_modelled(template: Template, sections: list[tuple[str, dict]]) -> None:
+    """A layout key set to a value that changes the layout must be one the template
+    models; else the layout would silently differ from the model's."""
+    known = template.mentions()
+    reverse = {alias: key for key, aliases in ALIASES.items() for alias in aliases}
+    for label, doc in sections:
+        for key, value in doc.items():
+            if key in LAYOUT_KEYS and value is not None and value != LAYOUT_KEYS[key] \
+                    and key not in known and reverse.get(key, key) not in known:
+                raise ConfigError(f"{label}.{key}: {value!r} changes the weights or their layout in a way "
+                                  f"template {template.name} does not model; no layout is generated for it")
 
 
 def check_sizes(template: Template, env: Env) -> None:
     for key, by in template.divisible:
         n, d = env.int(key), env.int(by)
         if n % d:
-            raise LayoutError(f"model_config.{key} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
+            raise ConfigError(f"{env.names.get(key, f'model_config.{key}')} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
     if any(w.experts == "stacked" for w in template.weights):
-        dp, ep = env.int("data_parallel"), env.int("expert_parallel")
+        dp, ep = env.int("data_parallel") * env.int("context_parallel"), env.int("expert_parallel")
         if dp % ep:
-            raise LayoutError(f"parallel_config.expert_parallel = {ep} must divide data_parallel = {dp} (experts are split within data parallel)")
+            raise ConfigError(f"parallel_config.expert_parallel = {ep} must divide data_parallel x context_parallel = {dp} "
+                              "(experts are split within data parallel)")
 
 
 def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1) -> list[int]:
@@ -125,14 +197,14 @@ def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1)
     total = sum(map(sum, rows))
     if total != remainder:
         if not any(map(any, rows)):
-            raise LayoutError(
+            raise ConfigError(
                 f"num_layers {num_layers} is not divisible by pipeline_stage {pp}"
                 + (f" x pp_interleave_num {interleave}" if interleave > 1 else "")
                 + f": set model_config.offset to per-stage extra layers adding up to {remainder} (e.g. {_example(remainder, pp)})")
-        raise LayoutError(f"model_config.offset {offset} adds up to {total}, but must add up to num_layers {num_layers} % {chunks} = {remainder}")
+        raise ConfigError(f"model_config.offset {offset} adds up to {total}, but must add up to num_layers {num_layers} % {chunks} = {remainder}")
     counts = [[num_layers // chunks + o for o in row] for row in rows]
     if any(c < 0 for row in counts for c in row):
-        raise LayoutError(f"model_config.offset {offset} leaves a pipeline stage with a negative layer count {counts}")
+        raise ConfigError(f"model_config.offset {offset} leaves a pipeline stage with a negative layer count {counts}")
     out = []
     for row in counts:  # interleaved chunks visit the stages in turn
         for stage, n in enumerate(row):
@@ -194,11 +266,12 @@ def detect_scheme(template: Template, env: Env, src: Strategy) -> str:
 
 def default_scheme(cfg: JobConfig, template: Template) -> str:
     """Naming scheme without a checkpoint: model.naming, else the output format's, else
-    MindSpore Transformers' for a training YAML (model.arch given as {type: ...}), else HF."""
+    MindSpore Transformers' for a training YAML (model.arch given as {type: ...}, or a
+    1.7 YAML's use_legacy: False), else HF."""
     model = cfg.model or {}
     scheme = model.get("naming") or SCHEME_BY_OUTPUT.get(cfg.output_format)
     if not scheme:
-        scheme = "mindformers" if isinstance(model.get("arch"), dict) else "hf"
+        scheme = "mindformers" if isinstance(model.get("arch"), dict) or not cfg.use_legacy else "hf"
     if scheme not in template.schemes:
         if not model.get("naming") and "hf" in template.schemes:
             return "hf"
@@ -206,21 +279,26 @@ def default_scheme(cfg: JobConfig, template: Template) -> str:
     return scheme
 
 
-def config_dtype(env: Env) -> str:
-    v = env.get("param_init_type")
+def kind_dtype(env: Env, kind: str, mindformers: bool) -> str:
+    """param_init_type; in MindSpore Transformers' models, norms take
+    layernorm_compute_type, embeddings embedding_init_type and routers router_dense_type."""
+    key, default = KIND_DTYPE.get(kind, ("param_init_type", None)) if mindformers else ("param_init_type", None)
+    v = env.get(key, default)
+    if v is None:
+        key, v = "param_init_type", env.get("param_init_type")
     if v is None:
         return DEFAULT_DTYPE
     name = str(v).lower().replace("torch.", "").replace("mstype.", "")
     if name not in DTYPE_NAMES:
-        raise ConfigError(f"model_config.param_init_type {v!r}: expected one of {', '.join(DTYPE_NAMES)}")
+        raise ConfigError(f"model_config.{key} {v!r}: expected one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[name]
 
 
 # -- layouts ------------------------------------------------------------------------------------
 def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[int, ...] | None, dtype: str,
-              stages: tuple[int, ...], pc) -> ParamLayout:
+              stages: tuple[int, ...], pc, embedding_opt_shard: bool = False) -> ParamLayout:
     """The ParamLayout of one weight under parallel_config `pc`."""
-    dp, tp, ep = pc.data_parallel, pc.model_parallel, pc.expert_parallel
+    dp, tp, ep = pc.replicas, pc.model_parallel, pc.expert_parallel
     tmap: list[tuple[int, ...]] = [()] * len(shape)
     if w.experts == "stacked":
         dev_matrix: tuple[int, ...] = (dp // ep, ep, tp)
@@ -228,21 +306,25 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
     else:
         dev_matrix = (dp, tp)
     if w.experts == "each" and ep > 1:
-        raise LayoutError(
+        raise ConfigError(
             f"parameter {name}: experts stored one tensor each cannot be split over expert_parallel {ep} "
             "(every rank of a stage holds every parameter of it); use expert_parallel: 1, or MindSpore Transformers' stacked expert names")
     tp_split = w.split in ("column", "row") or (w.split == "vocab" and not pc.vocab_emb_dp)
+    if w.split == "vocab" and not pc.vocab_emb_dp and pc.context_parallel > 1:
+        raise LayoutError(f"parameter {name}: a vocab-parallel embedding with context_parallel > 1 is split over "
+                          "model x context parallel, which autotrans does not lay out; set vocab_emb_dp: true")
     if tp_split and tp > 1:
         if shape[w.dim] % tp:
             what = "the vocabulary" if w.split == "vocab" else f"dim {w.dim}"
             hint = "; set vocab_emb_dp: true to keep embeddings whole" if w.split == "vocab" else ""
-            raise LayoutError(f"parameter {name}: {what} ({shape[w.dim]}) is not divisible by model_parallel {tp}{hint}")
+            raise ConfigError(f"parameter {name}: {what} ({shape[w.dim]}) is not divisible by model_parallel {tp}{hint}")
         tmap[w.dim] = (0,)
     if w.experts == "stacked" and shape[0] % ep:
-        raise LayoutError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
+        raise ConfigError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
     p = ParamLayout(shape, dtype, stages, dev_matrix, tuple(tmap))
-    if pc.optimizer_shard and shape and p.replicas > 1 and p.chunk[0] % p.replicas == 0:
-        p = replace(p, opt_shard=p.replicas)
+    opted_out = w.kind in NO_OPT_SHARD and not (w.kind == "embedding" and embedding_opt_shard)
+    if pc.optimizer_shard and not opted_out:
+        p = replace(p, opt_shard=opt_shard(p, pc))
     if stored_full is not None and stored_full != shape:
         local = regroup(shape, stored_full, p.chunk)
         if local is None:
@@ -251,37 +333,60 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
     return p
 
 
-def _from_source(name: str, src: Strategy, shape, stored, cast_to) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
+def opt_shard(p: ParamLayout, pc) -> int:
+    """How many replicas MindSpore's parallel optimizer splits dim 0 of the slice over."""
+    kb = math.prod(p.shape) * dtypes.itemsize(p.dtype) / 1024  # the whole parameter, as MindSpore measures it
+    n = p.replicas if pc.optimizer_weight_shard_size == -1 else pc.optimizer_weight_shard_size
+    if not p.shape or len(p.stages) > 1 or kb < pc.parallel_optimizer_threshold:
+        return 1
+    if n <= 1 or p.replicas % n or p.chunk[0] % n:
+        return 1
+    return n
+
+
+def _add_optimizer_states(cfg: JobConfig, params: dict[str, ParamLayout], cast_to: str | None) -> None:
+    """A training run's optimizer states, as the training YAML's optimizer holds them."""
+    prefixes = OPTIMIZER_STATES.get((cfg.optimizer or {}).get("type"), ())
+    for name, p in list(params.items()):
+        for prefix in prefixes:
+            params[f"{prefix}.{name}"] = replace(p, dtype=dtypes.cast_dtype("F32", cast_to))
+
+
+def _from_source(name: str, src: Strategy, shape, stored, cast_to, padded: bool) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
     """Shape, full stored shape and dtype of a weight the source holds, and the source's
-    layout re-expressed with the logical shape when it stores the weight flat. The
-    source wins on the vocab padding of dim 0; otherwise the template's shape must agree."""
+    layout re-expressed with the logical shape when it stores the weight flat. A
+    Megatron source (`padded`) wins on the vocab padding of dim 0 (a larger dim 0);
+    otherwise the template's shape must agree."""
     s = src.params[name]
     dtype = dtypes.cast_dtype(s.dtype, cast_to)
     if s.shape == shape or (stored and s.shape == stored and not s.is_split):
         if s.shape != shape:  # a full checkpoint stores the fused weight flat
             return shape, stored, dtype, replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)
         return shape, stored, dtype, None
-    if len(s.shape) == len(shape) and s.shape[1:] == shape[1:] and stored is None:
+    if padded and len(s.shape) == len(shape) and s.shape[1:] == shape[1:] and s.shape[0] > shape[0] and stored is None:
         return s.shape, None, dtype, None  # e.g. a vocabulary padded for Megatron
-    raise LayoutError(f"parameter {name}: the checkpoint holds shape {list(s.shape)}, but model_config gives {list(stored or shape)}; check model.model_config")
+    raise ConfigError(f"parameter {name}: the checkpoint holds shape {list(s.shape)}, but model_config gives {list(stored or shape)}; check model.model_config")
 
 
 def _match_source(template: Template, scheme: str, src: Strategy, params: dict[str, ParamLayout],
-                  pc, cast_to: str | None) -> None:
+                  pc, cast_to: str | None, flat: dict[str, ParamLayout]) -> None:
     """Name for name, the generated strategy must cover the source: optimizer states
-    follow their weight, MindSpore's counters go whole to every stage, anything else
-    the template does not know is an error, as is a template weight the source lacks."""
+    follow their weight (stored flat where it is: re-expressed in `flat`), MindSpore's
+    counters go whole to every stage, anything else the template does not know is an
+    error, as is a template weight the source lacks."""
     unknown = []
     for name, s in src.params.items():
         if name in params:
             continue
         dtype = dtypes.cast_dtype(s.dtype, cast_to)
         base = next((name[len(p):] for p in OPTIMIZER_PREFIXES if name.startswith(p)), None)
+        if base in flat and s.shape == flat[base].stored() and not s.is_split:
+            s = flat[name] = replace(s, shape=flat[base].shape, tensor_map=flat[base].tensor_map, stored_shape=flat[base].stored_shape)
         if base in params and s.shape == params[base].shape:
             params[name] = replace(params[base], dtype=dtype)
         elif name in BOOKKEEPING:
             every = tuple(range(pc.pipeline_stage))
-            params[name] = ParamLayout(s.shape, dtype, every, (pc.data_parallel, pc.model_parallel), ((),) * len(s.shape))
+            params[name] = ParamLayout(s.shape, dtype, every, (pc.replicas, pc.model_parallel), ((),) * len(s.shape))
         else:
             unknown.append(name)
     if unknown:

@@ -2,28 +2,69 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from runner import strategy as strat
-from runner.errors import FormatError
+from runner.errors import ConfigError, FormatError, shown
+
+
+_DATASET_MAGIC = b"MMIDIDX\x00\x00"  # Megatron's indexed dataset .idx
+_DATASET_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}
+
+
+def _is_strategy_file(path: Path) -> bool:
+    """By content, not name: a native strategy's "format" tag, or a MindSpore protobuf
+    whose first field is ParallelStrategyMap's current_stage (a varint; a checkpoint's
+    first field is a Value message)."""
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text()).get("format") == strat.FORMAT_TAG
+        except (OSError, ValueError, AttributeError):
+            return False
+    if path.suffix == ".ckpt":
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x08"
+    return False
 
 
 def _is_strategy(path: Path) -> bool:
     if path.is_file():
-        return path.name.startswith(("ckpt_strategy", "merged_ckpt_strategy")) or path.suffix == ".json"
-    return path.is_dir() and any(p.name.startswith(("ckpt_strategy", "merged_ckpt_strategy")) for p in path.iterdir())
+        return _is_strategy_file(path)
+    from runner.source import rank_folders
+
+    return not rank_folders(path) and any(p.is_file() and _is_strategy_file(p) for p in path.iterdir())
+
+
+def _dataset_index(path: Path) -> Path | None:
+    """The Megatron .idx of a dataset .bin or .idx `path`, when it is one."""
+    idx = path.with_suffix(".idx")
+    if path.suffix not in (".bin", ".idx") or not idx.is_file():
+        return None
+    with open(idx, "rb") as f:
+        return idx if f.read(len(_DATASET_MAGIC)) == _DATASET_MAGIC else None
+
+
+def _describe_dataset(idx: Path) -> str:
+    with open(idx, "rb") as f:
+        head = f.read(len(_DATASET_MAGIC) + 8 + 1 + 8 + 8)
+    version, code, sequences, documents = struct.unpack_from("<QBQQ", head, len(_DATASET_MAGIC))
+    return (f"Megatron indexed dataset {idx.with_suffix('.bin')} + {idx.name} (version {version}, "
+            f"{_DATASET_DTYPES.get(code, f'dtype code {code}')} tokens, {sequences} sequences, {documents - 1} documents); "
+            "not a checkpoint")
 
 
 def inspect(path: str) -> int:
     p = Path(path)
     if not p.exists():
-        raise FormatError(f"{path} does not exist")
+        raise FormatError(f"{shown(path)} does not exist")
+    idx = _dataset_index(p) if p.is_file() else None
+    if idx is not None:
+        print(_describe_dataset(idx))
+        return 0
     if _is_strategy(p):
-        s = strat.load(p)
-        print(f"strategy ({s.origin}): {s.world_size} ranks in {len(s.stages)} stage(s): {[list(x) for x in s.stages]}")
-        print(f"{len(s.params)} parameters")
-        for name in sorted(s.params):
-            print(f"  {name}: {strat.describe(s.params[name])}")
+        _print_layouts(strat.load(p))
         return 0
     from runner.job import read_headers
     from runner.source import discover
@@ -47,7 +88,23 @@ def inspect(path: str) -> int:
         r = next(r for r in src.ranks if n in headers[r])
         t = headers[r][n]
         print(f"  {n}: {list(t.shape)} {t.dtype}")
+    beside = p.resolve().parent / "strategy"
+    if src.kind == "distributed" and beside.is_dir() and _is_strategy(beside):  # as training and autotrans lay them out
+        s = strat.load(beside)
+        if s.origin == "mindspore":
+            from runner.formats.mindspore_strategy import fill_shapes
+
+            s = fill_shapes(s, headers)
+        print(f"layouts, from the strategy beside it ({beside}):")
+        _print_layouts(s)
     return 0
+
+
+def _print_layouts(s: strat.Strategy) -> None:
+    print(f"strategy ({s.origin}): {s.world_size} ranks in {len(s.stages)} stage(s): {[list(x) for x in s.stages]}")
+    print(f"{len(s.params)} parameters")
+    for name in sorted(s.params):
+        print(f"  {name}: {strat.describe(s.params[name])}")
 
 
 def _size(dtype: str) -> int:
@@ -56,8 +113,21 @@ def _size(dtype: str) -> int:
     return itemsize(dtype)
 
 
+def _strategy_path(path: str) -> Path:
+    """`path` as a strategy; a checkpoint given instead is a usage mistake, said so."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{shown(path)} does not exist")
+    if _is_strategy(p):
+        return p
+    beside = p.resolve().parent / "strategy"
+    hint = f" (its strategy may be {beside})" if beside.is_dir() and beside != p.resolve() else ""
+    raise ConfigError(f"{path} is not a strategy file or folder{hint}: autotrans diff compares layouts; "
+                      "compare checkpoints tensor by tensor with autotrans verify A B")
+
+
 def diff(a: str, b: str) -> int:
-    sa, sb = strat.load(Path(a)), strat.load(Path(b))
+    sa, sb = strat.load(_strategy_path(a)), strat.load(_strategy_path(b))
     lines = strat.differences(sa, sb)
     if not lines:
         print(f"autotrans: diff: layouts match ({sa.world_size} ranks, {len(sa.params)} parameters)")

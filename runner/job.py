@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from runner import dtypes, lora, plan as planner, strategy as strat
-from runner.config import JobConfig
+from runner.config import JobConfig, output_format_for
 from runner.errors import ConfigError
 from runner.formats.base import TensorInfo
 from runner.formats.registry import output_format
+from runner.generate import arch_of, with_source
 from runner.source import Source, discover
 from runner.layout import ParamLayout
 from runner.log import warn
@@ -120,9 +121,7 @@ def destination_strategy(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")
         dst = Strategy(((0,),), {n: merged_layout(p, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype))) for n, p in src.params.items()}, "full")
-    elif cfg.model.get("arch"):
-        from runner.generate import with_source
-
+    elif arch_of(cfg) is not None:
         dst, src = with_source(cfg, src)
     else:
         raise ConfigError(
@@ -166,20 +165,30 @@ def reconcile_names(src: Strategy, dst: Strategy, headers: Headers) -> tuple[Str
     })
 
 
+def without_placeholder(cfg: JobConfig) -> JobConfig:
+    """A dry run whose load_checkpoint does not exist runs without it: training YAMLs
+    ship placeholders such as /path/to/ckpt, and a dry run needs no weights."""
+    if cfg.only_save_strategy and cfg.load_checkpoint and not Path(cfg.load_checkpoint).exists():
+        warn(f"load_checkpoint {cfg.load_checkpoint} does not exist; the dry run generates the strategy without it")
+        return replace(cfg, load_checkpoint="")
+    return cfg
+
+
 def prepare(cfg: JobConfig, source: Source | None = None,
             headers: Headers | None = None) -> Job:
     """Everything the job needs before a byte moves; deterministic, and it changes none
     of its arguments. Under MPI the source and its headers come from every rank (runner.mpi)."""
     if not cfg.load_checkpoint:
-        if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or cfg.model.get("arch")):
-            return Job(cfg, None, None, destination_strategy(cfg, None)[0])
+        if cfg.only_save_strategy and (cfg.dst_strategy_path_or_dir or arch_of(cfg) is not None):
+            return Job(output_format_for(cfg, set()), None, None, destination_strategy(cfg, None)[0])
         raise ConfigError("config key load_checkpoint is required")
-    source = source or discover(Path(cfg.load_checkpoint))
+    source = source or discover(Path(cfg.load_checkpoint), file_format=cfg.load_ckpt_format)
+    cfg = output_format_for(cfg, {p.suffix for files in source.files.values() for p in files})
     headers = headers if headers is not None else read_headers(source)
     src = source_strategy(cfg, source, headers)
     merge = None
     if cfg.lora is not None:
-        merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers)
+        merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers, source.root)
     dst, src = destination_strategy(cfg, src)
     if merge:
         dst = merge.exclude(dst)

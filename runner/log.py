@@ -8,6 +8,7 @@ import sys
 
 _quiet = False
 _debug = False
+_held: list[str] | None = None  # warnings kept back while a job prepares (hold)
 
 
 def configure(*, quiet: bool | None = None, debug: bool | None = None) -> None:
@@ -24,12 +25,32 @@ def _emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def hold() -> None:
+    """Keep warnings back until `release`, so that when preparing fails its one error
+    line comes first and the warnings that led to it follow (SPEC 3)."""
+    global _held
+    if _held is None:
+        _held = []
+
+
+def release() -> None:
+    """Say the warnings held back, and stop holding: the job got going, or failed."""
+    global _held
+    held, _held = _held or [], None
+    for line in held:
+        _emit(line)
+
+
 def say(msg: str) -> None:
+    release()
     _emit(f"autotrans: {msg}")
 
 
 def warn(msg: str) -> None:
-    _emit(f"autotrans: warning: {msg}")
+    if _held is not None:
+        _held.append(f"autotrans: warning: {msg}")
+    else:
+        _emit(f"autotrans: warning: {msg}")
 
 
 def debug(msg: str) -> None:

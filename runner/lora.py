@@ -24,7 +24,7 @@ import numpy as np
 
 from runner import dtypes, plan as planner
 from runner.config import check_section
-from runner.errors import ConfigError, FormatError, PlanError
+from runner.errors import ConfigError, FormatError, PlanError, shown
 from runner.formats.base import TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES
 from runner.layout import Box, ParamLayout
@@ -119,10 +119,11 @@ Headers = Mapping[int, Mapping[str, TensorInfo]]
 
 
 def prepare(section: Mapping[str, Any], model: Mapping[str, Any], src: Strategy,
-            headers: Headers) -> tuple[LoraMerge, Strategy, dict[int, dict[str, TensorInfo]]]:
-    """Find the LoRA pairs and check them against the base; also `src` and `headers`
-    without any LoRA tensor (new objects; the arguments are left as they are), so that
-    only base weights are planned."""
+            headers: Headers, base: Path | None = None) -> tuple[LoraMerge, Strategy, dict[int, dict[str, TensorInfo]]]:
+    """Find the LoRA pairs and check them against the base (`base`: load_checkpoint,
+    whose config.json an adapter's base_model_name_or_path must fit); also `src` and
+    `headers` without any LoRA tensor (new objects; the arguments are left as they
+    are), so that only base weights are planned."""
     held = {n for h in headers.values() for n in h}
     in_source = sorted(n for n in held | set(src.params) if _is_lora_entry(n))
     dropped = [n for n in in_source if n.startswith(OPTIMIZER_PREFIXES)]
@@ -143,6 +144,7 @@ def prepare(section: Mapping[str, Any], model: Mapping[str, Any], src: Strategy,
     layouts = {"source": Strategy(src.stages, lora_layouts)}
     if section["adapter"]:
         adapter, adapter_headers, config = open_adapter(Path(section["adapter"]))
+        check_trained_on(config, section["adapter"], base)
         layouts["adapter"] = Strategy.full(adapter_headers)
         replaced = _replacements(adapter_headers, src, section["adapter"])
         for n in (n for n in adapter_headers if lora_name(n) is not None):
@@ -191,7 +193,7 @@ def open_adapter(path: Path) -> tuple[Source, dict[str, TensorInfo], dict]:
     from runner.job import read_headers
 
     if not path.exists():
-        raise ConfigError(f"config key lora.adapter: {path} does not exist")
+        raise FormatError(f"lora.adapter {shown(path)} does not exist")
     folder = path if path.is_dir() else path.parent
     config_path = folder / "adapter_config.json"
     config = {}
@@ -215,6 +217,41 @@ def open_adapter(path: Path) -> tuple[Source, dict[str, TensorInfo], dict]:
             raise ConfigError(f"config key lora.adapter: {path} is a {source.kind} checkpoint; give one file or a PEFT folder "
                               "(distributed LoRA weights belong in load_checkpoint, with its strategy)")
     return source, read_headers(source)[0], config
+
+
+_SIZES = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "intermediate_size", "vocab_size")
+
+
+def check_trained_on(config: Mapping[str, Any], where: str, base: Path | None) -> None:
+    """An adapter trained on another model is refused, even when the shapes fit (a Llama
+    adapter on a Qwen2 base): PEFT's base_model_name_or_path against the base HF folder's
+    config.json; a local folder's config.json must agree on the sizes, a hub name must
+    not name another family than the base's template answers for."""
+    from runner.templates import available, find, hf_config
+
+    named = config.get("base_model_name_or_path")
+    ours = hf_config(base) if base is not None and base.is_dir() else {}
+    if not isinstance(named, str) or not named or not ours:
+        return
+    if (Path(named) / "config.json").is_file():
+        theirs = hf_config(Path(named))
+        for k in _SIZES:
+            if k in theirs and k in ours and theirs[k] != ours[k]:
+                raise FormatError(f"adapter {where} was trained on {named}, whose {k} is {theirs[k]!r}, but load_checkpoint "
+                                  f"{base} has {ours[k]!r}; merge an adapter trained on this model")
+        return
+
+    def words(template) -> set[str]:  # the model_type values a template answers for
+        return {a.lower() for a in template.architectures if a.islower()} | {template.name}
+
+    mine = find(str(ours.get("model_type", "")))
+    if mine is None or any(w in named.lower() for w in words(mine)):
+        return
+    other = next((t for t in map(find, available()) if t and any(w in named.lower() for w in words(t))), None)
+    if other is not None:
+        raise FormatError(f"adapter {where} was trained on {named} (base_model_name_or_path), a {other.name} model, but "
+                          f"load_checkpoint {base} is a {mine.name} model; merge an adapter trained on this model")
 
 
 def _check_peft_config(config: dict, path: Path) -> None:

@@ -90,6 +90,11 @@ def check_headers(src: Strategy, headers: Mapping[int, Mapping[str, TensorInfo]]
     written: the same ranks, and each parameter of a rank's stage stored with the
     layout's dtype and box (or stored) shape. Raises PlanError naming rank and parameter."""
     if sorted(headers) != src.ranks:
+        missing = [r for r in src.ranks if r not in headers]
+        if missing and set(headers) <= set(src.ranks):  # the checkpoint is short, not the strategy wrong
+            more = ", ..." if len(missing) > 5 else ""
+            raise PlanError(f"the source checkpoint lacks rank folder(s) {', '.join(f'rank_{r}' for r in missing[:5])}{more}: "
+                            f"its strategy has {src.world_size} ranks, the checkpoint {len(headers)}; copy in the missing ones")
         raise PlanError(f"the source checkpoint has {len(headers)} rank(s) but its strategy has {src.world_size}; "
                         "give the strategy files written with this checkpoint")
     for rank, header in sorted(headers.items()):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runner import plan as planner, strategy as strat
 from runner.compile import Compiled, compile_job, from_job
-from runner.config import JobConfig
+from runner.config import JobConfig, output_format_for
 from runner.errors import ConfigError
 from runner.job import Job, destination_strategy
 
@@ -52,7 +52,7 @@ def plan_job(cfg: JobConfig) -> Compiled:
         )
     src.validate()
     dst, src = destination_strategy(cfg, src)
-    job = Job(cfg, None, src, dst)
+    job = Job(output_format_for(cfg, set()), None, src, dst)
     planner.check_compatible(job.src, job.dst, job.cast_to)
     return from_job(job)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from runner import log
-from runner.errors import AutotransError, ConfigError, FormatError
+from runner.errors import AutotransError, ConfigError, FormatError, shown
 
 
 SECTION = "preprocess_data"
@@ -184,7 +184,7 @@ def _input_files(pattern: str) -> list[Path]:
     files = sorted((Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)), key=_natural_key)
     if not files:
         what = "no file matches" if any(c in pattern for c in "*?[") else "no such file:"
-        raise ConfigError(f"{SECTION}.input: {what} {pattern}")
+        raise FormatError(f"{SECTION}.input: {what} {shown(pattern)}")
     return files
 
 
@@ -283,7 +283,7 @@ def _tokenizer_file(given: str) -> Path:
     if path.is_dir():  # an HF model folder: its tokenizer file
         path = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), path / "tokenizer.json")
     if not path.is_file():
-        raise ConfigError(f"{SECTION}.tokenizer: no such file: {path}")
+        raise FormatError(f"{SECTION}.tokenizer: no such file: {shown(path)}")
     return path
 
 

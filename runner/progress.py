@@ -7,6 +7,9 @@ import sys
 
 class Progress:
     def __init__(self, total: int, enabled: bool = True, desc: str = "transform", tty_only: bool = True):
+        from runner import log
+
+        log.release()  # warnings from preparing go above the bar
         self._bar = None
         if enabled:
             from tqdm import tqdm

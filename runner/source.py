@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.errors import FormatError
+from runner.errors import FormatError, shown
 from runner.formats.base import CheckpointReader, TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES, open_reader
 from runner.ranks import gaps
@@ -37,8 +37,8 @@ class Source:
         return RankReader(self.files[rank])
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES),
+def _checkpoint_files(folder: Path, suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes),
                   key=lambda p: natural_key(p.name))
 
 
@@ -46,11 +46,11 @@ def rank_folders(root: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _RANK_DIR.fullmatch(p.name))}
 
 
-def newest_in(folder: Path) -> Path:
+def newest_in(folder: Path, suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> Path:
     """The checkpoint a rank folder holds: the highest step when it holds several."""
-    files = _checkpoint_files(folder)
+    files = _checkpoint_files(folder, suffixes)
     if not files:
-        raise FormatError(f"rank folder {folder} holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
+        raise FormatError(f"rank folder {folder} holds no checkpoint file ({', '.join(suffixes)})")
     return files[-1]
 
 
@@ -62,12 +62,15 @@ def check_gap(root: Path, ranks) -> None:
         raise FormatError(f"{root}: rank folders {', '.join(f'rank_{r}' for r in missing)}{more} are missing (found {len(ranks)} of {max(ranks) + 1})")
 
 
-def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:
+def discover(path: Path, ranks: dict[int, Path] | None = None, file_format: str = "") -> Source:
     """Classify `load_checkpoint` and list its files. `ranks` overrides the rank folders
-    seen (under MPI without a shared disk, the union of what every node sees)."""
+    seen (under MPI without a shared disk, the union of what every node sees).
+    `file_format` (MindSpore Transformers' load_ckpt_format: `ckpt`, `safetensors`)
+    reads only the files of that format, as MindSpore Transformers does."""
+    suffixes = (f".{file_format}",) if file_format else CHECKPOINT_SUFFIXES
     root = Path(path)
     if not root.exists():
-        raise FormatError(f"load_checkpoint {root} does not exist")
+        raise FormatError(f"load_checkpoint {shown(root)} does not exist")
     if root.is_file():
         return Source(root, "full", {0: (root,)})
     if (root / ".metadata").is_file():  # a PyTorch DCP folder; with metadata.json, Megatron's torch_dist
@@ -80,9 +83,9 @@ def discover(path: Path, ranks: dict[int, Path] | None = None) -> Source:
         ranks = rank_folders(root)
     if ranks:
         check_gap(root, ranks)
-        files = {r: (newest_in(p),) for r, p in ranks.items()}
+        files = {r: (newest_in(p, suffixes),) for r, p in ranks.items()}
         return Source(root, "distributed" if len(files) > 1 else "full", files)
-    loose = _checkpoint_files(root)
+    loose = _checkpoint_files(root, suffixes)
     if not loose:
         raise FormatError(f"{root} holds no rank_N folders and no checkpoint files")
     if (root / "config.json").exists():
@@ -105,7 +108,8 @@ class RankReader:
                 self._readers.append(r)
                 for name, info in r.tensors().items():
                     if name in self._owner:
-                        raise FormatError(f"tensor {name} appears in both {self._owner[name].path} and {p}")
+                        raise FormatError(f"tensor {name} appears in both {self._owner[name].path} and {p}: loose files "
+                                          "are parts of one checkpoint; put per-rank files in rank_0/ ... rank_N/ folders")
                     self._owner[name] = r
                     self._tensors[name] = info
         except BaseException:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from runner import dtypes
-from runner.errors import FormatError, LayoutError
+from runner.errors import FormatError, LayoutError, shown
 from runner.formats.base import TensorInfo
 from runner.layout import Box, ParamLayout
 from runner.ranks import gaps
@@ -216,7 +216,7 @@ def strategy_files(path: Path) -> list[Path]:
     """A strategy file, or the strategy files at the top level of a folder."""
     path = Path(path)
     if not path.exists():
-        raise FormatError(f"strategy path {path} does not exist")
+        raise FormatError(f"strategy path {shown(path)} does not exist")
     if path.is_file():
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".ckpt"))

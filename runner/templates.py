@@ -455,6 +455,24 @@ def canonical_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+SIZE_KEYS = ("num_layers", "hidden_size", "num_heads", "n_kv_heads", "head_dim", "intermediate_size", "num_experts", "vocab_size")
+
+
+def config_json_names(hf: Mapping[str, Any], mc: Mapping[str, Any], where: Path) -> dict[str, str]:
+    """How a message names each canonical size config.json gives (`mc`, the job's
+    model_config, must agree with it: a disagreement is an error naming both)."""
+    reverse = {alias: key for key, aliases in ALIASES.items() for alias in aliases}
+    given = {reverse.get(k, k): (k, v) for k, v in mc.items() if v is not None}
+    names = {}
+    for k, v in hf.items():
+        key = reverse.get(k, k)
+        if key in SIZE_KEYS and key in given and given[key][1] != v and v is not None:
+            raise ConfigError(f"model.model_config.{given[key][0]} = {given[key][1]} disagrees with {where}'s {k} = {v}; "
+                              "the HF folder gives the sizes: leave it out or give the right one")
+        names[key] = f"{where}'s {k}"
+    return names
+
+
 def hf_config(folder: Path) -> dict[str, Any]:
     """config.json of an HF model folder, or {} when there is none."""
     path = Path(folder) / "config.json"
@@ -471,9 +489,10 @@ class Env:
     """Values of model_config and parallel_config for expressions; template defaults
     are evaluated on first use."""
 
-    def __init__(self, template: Template, values: Mapping[str, Any]):
+    def __init__(self, template: Template, values: Mapping[str, Any], names: Mapping[str, str] | None = None):
         self.template = template
         self.values = dict(values)
+        self.names = dict(names or {})  # key -> where its value comes from, for messages
         self._busy: set[str] = set()
 
     def __contains__(self, key: str) -> bool:

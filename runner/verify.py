@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from runner import dtypes, plan as planner, strategy as strat
-from runner.errors import AutotransError, ConfigError
+from runner.errors import AutotransError, ConfigError, FormatError, shown
 from runner.execute import LocalPool, tensor_bits
 from runner.source import Source, discover
 from runner.strategy import Strategy
@@ -130,6 +130,9 @@ def report(problems: list[str], what: str) -> int:
 
 
 def verify_paths(a: str, b: str, strategy_a: str = "", strategy_b: str = "") -> int:
+    for label, path in (("A", a), ("B", b)):
+        if not Path(path).exists():
+            raise FormatError(f"verify: checkpoint {label}, {shown(path)}, does not exist")
     return report(compare(Checkpoint.open(a, strategy_a), Checkpoint.open(b, strategy_b)), f"{a} and {b}")
 
 

@@ -77,11 +77,12 @@ def test_seed_scenarios_chain_through_cli(tmp_path, demo_full):
     assert run("single_to_multi.yaml", f"output_dir={s2m}", f"load_checkpoint={full_file}") == 0
     assert run("multi_to_multi.yaml", f"output_dir={m2m}", f"load_checkpoint={s2m / 'transformed_checkpoint'}",
                f"src_strategy_path_or_dir={s2m / 'strategy' / 'merged_ckpt_strategy.json'}") == 0
-    # dp4 x mp1 x pp2 with optimizer shard: rank 5 is stage 1, replica 1 of 4 -> rows 32..63
+    # dp4 x mp1 x pp2 with optimizer shard: rank 5 is stage 1, replica 1 of 4 -> rows 32..63;
+    # norms are declared parallel_optimizer=False and stay whole
     got = bits(m2m / "transformed_checkpoint/rank_5/checkpoint_5.safetensors")
     q = demo_full["model.layers.2.self_attn.q_proj.weight"]
     assert np.array_equal(got["model.layers.2.self_attn.q_proj.weight"], q[32:64])
-    assert np.array_equal(got["model.norm.weight"], demo_full["model.norm.weight"][32:64])
+    assert np.array_equal(got["model.norm.weight"], demo_full["model.norm.weight"])
     assert cli.main(["verify", str(DEMO / "checkpoint"), str(m2m / "transformed_checkpoint"),
                      "--strategy-a", str(DEMO / "strategy"), "--strategy-b", str(m2m / "strategy")]) == 0
 

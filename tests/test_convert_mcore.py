@@ -57,11 +57,12 @@ def gpt_from_args(a, rms_eps: float, **kw):
         num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
         normalization=a.normalization, layernorm_epsilon=rms_eps, gated_linear_unit=a.swiglu,
         activation_func=activation, add_bias_linear=a.add_bias_linear, add_qkv_bias=a.add_qkv_bias,
-        hidden_dropout=0.0, attention_dropout=0.0,
+        hidden_dropout=0.0, attention_dropout=0.0, qk_layernorm=getattr(a, "qk_layernorm", False),
         params_dtype=torch.float32, use_cpu_initialization=True, tensor_model_parallel_size=a.tensor_model_parallel_size,
     )
     rope = {"rotary_base": int(a.rotary_base)} if a.position_embedding_type == "rope" else {}
-    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=a.padded_vocab_size, max_sequence_length=a.max_position_embeddings,
+    return GPTModel(cfg, get_gpt_layer_local_spec(qk_layernorm=getattr(a, "qk_layernorm", False)),
+                    vocab_size=a.padded_vocab_size, max_sequence_length=a.max_position_embeddings,
                     position_embedding_type=a.position_embedding_type,
                     share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights, **rope, **kw)
 
@@ -132,7 +133,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # GQA + untied; qkv bias + tied embeddings
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # GQA + untied; qkv bias + tied embeddings; q/k norms
 def test_tensor_parallel_2_loads_strict_per_rank_and_matches_transformers(tmp_path, family):
     """The TP2 output in a real 2-process tensor-parallel GPTModel (gloo on the CPU):
     each rank loads its own file strictly, and the gathered logits equal transformers'."""
@@ -160,7 +161,7 @@ def test_tensor_parallel_2_loads_strict_per_rank_and_matches_transformers(tmp_pa
     torch.testing.assert_close(got[..., :vocab], want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied; tied (the last stage holds its own copy)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # untied; tied (the last stage holds its own copy); q/k norms
 def test_pipeline_stages_load_strict_and_chain_to_transformers_logits(tmp_path, mcore_cpu, family):
     """The TP1 PP2 output: each stage file loads strictly into its stage of GPTModel
     (first: embeddings + its layers; last: its layers, final norm, output layer; layer

@@ -15,6 +15,10 @@ LAYOUTS = [
     ("llama", dict(model_parallel=1, pipeline_stage=4), {"megatron_naming": "legacy"}),
     ("qwen2", dict(model_parallel=2, pipeline_stage=2), {}),
     ("qwen2", dict(model_parallel=2, pipeline_stage=1), {"transformer_impl": "local"}),
+    ("qwen3", dict(model_parallel=2, pipeline_stage=2), {}),
+    ("qwen3", dict(model_parallel=2, pipeline_stage=2), {"transformer_impl": "local"}),
+    ("qwen2_moe", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
+    ("qwen2_moe", dict(model_parallel=1, pipeline_stage=1, expert_parallel=2), {"transformer_impl": "local"}),
     ("mixtral", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
     ("mixtral", dict(model_parallel=1, pipeline_stage=1, expert_parallel=4), {"transformer_impl": "local"}),
     ("gpt2", dict(model_parallel=2, pipeline_stage=2), {}),
@@ -25,7 +29,7 @@ LAYOUTS = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {f: make_hf(root / f, f) for f in ("llama", "qwen2", "mixtral", "gpt2")}
+    return {f: make_hf(root / f, f) for f in ("llama", "qwen2", "qwen3", "qwen2_moe", "mixtral", "gpt2")}
 
 
 @pytest.mark.parametrize("family,parallel,extra", LAYOUTS, ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}{w}" for k, w in v.items()))
@@ -67,19 +71,26 @@ def test_hf_output_shards_and_index(models, tmp_path):
     assert (out / "generation_config.json").exists()
 
 
-def test_missing_tokenizer_files_are_named(models, tmp_path, capsys):
+def test_tokenizer_files_the_reference_has_are_copied_without_a_false_warning(models, tmp_path, capsys):
+    """A transformers 5 / Llama 3 tokenizer is tokenizer.json (+ config, chat template):
+    no warning about the files such a model never had; a reference with none is warned about."""
     hf = models["llama"]
     (tmp_path / "ref").mkdir()
     for f in ("config.json", "generation_config.json"):
         (tmp_path / "ref" / f).write_bytes((hf / f).read_bytes())
-    (tmp_path / "ref" / "tokenizer.json").write_text("{}")
     run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"))
     capsys.readouterr()
-    run(load_checkpoint=str(tmp_path / "m" / "transformed_checkpoint"), output_format="hf",
-        reference_hf_dir=str(tmp_path / "ref"), output_dir=str(tmp_path / "h"))
-    err = capsys.readouterr().err
-    assert "tokenizer_config.json, special_tokens_map.json, tokenizer.model" in err
-    assert (tmp_path / "h" / "transformed_checkpoint" / "tokenizer.json").read_text() == "{}"
+    back = dict(load_checkpoint=str(tmp_path / "m" / "transformed_checkpoint"), output_format="hf",
+                reference_hf_dir=str(tmp_path / "ref"))
+    run(**back, output_dir=str(tmp_path / "none"))
+    assert f"the HF output has no tokenizer files (reference_hf_dir {tmp_path / 'ref'} holds none)" in capsys.readouterr().err
+    for f, text in (("tokenizer.json", "{}"), ("tokenizer_config.json", '{"a": 1}'), ("chat_template.jinja", "{{ x }}")):
+        (tmp_path / "ref" / f).write_text(text)
+    run(**back, output_dir=str(tmp_path / "h"))
+    assert "warning" not in capsys.readouterr().err
+    out = tmp_path / "h" / "transformed_checkpoint"
+    assert (out / "tokenizer.json").read_text() == "{}" and (out / "chat_template.jinja").read_text() == "{{ x }}"
+    assert not (out / "tokenizer.model").exists()
 
 
 @pytest.mark.parametrize("family,src,dst", [

@@ -276,7 +276,7 @@ def test_distributed_ckpt_pipeline_to_full_safetensors(tmp_path: Path, capfd) ->
     for s, lays in PP_LAYOUTS.items():
         write_strategy(tmp_path / "strategy" / f"ckpt_strategy_rank_{s * 4}.ckpt", s, lays)
     out = run_job(tmp_path, load_checkpoint=tmp_path / "src", src_strategy_path_or_dir=tmp_path / "strategy",
-                  use_parallel="false")
+                  use_parallel="false", output_format="safetensors")
     got = load_file(str(out / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"))
     assert sorted(got) == sorted([*FULL, *extras])
     for name, a in {**FULL, **extras}.items():

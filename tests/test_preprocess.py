@@ -334,10 +334,10 @@ def test_input_and_tokenizer_errors(tmp_path, bpe, sp):
     (lone / "tokenizer.json").write_bytes(bpe.path.read_bytes())
     ok = {"input": str(data), "tokenizer": str(bpe.path), "output_prefix": str(tmp_path / "out" / "ds")}
     cases = [
-        (ConfigError, {"input": str(tmp_path / "*.json")}, f"preprocess_data.input: no file matches {tmp_path}/*.json"),
-        (ConfigError, {"input": str(tmp_path / "nope.jsonl")}, f"preprocess_data.input: no such file: {tmp_path}/nope.jsonl"),
+        (FormatError, {"input": str(tmp_path / "*.json")}, f"preprocess_data.input: no file matches {tmp_path}/*.json"),
+        (FormatError, {"input": str(tmp_path / "nope.jsonl")}, f"preprocess_data.input: no such file: {tmp_path}/nope.jsonl"),
         (ConfigError, {"input": str(tmp_path)}, f"preprocess_data.input: {tmp_path} is a folder"),
-        (ConfigError, {"tokenizer": str(tmp_path / "t.model")}, f"preprocess_data.tokenizer: no such file: {tmp_path}/t.model"),
+        (FormatError, {"tokenizer": str(tmp_path / "t.model")}, f"preprocess_data.tokenizer: no such file: {tmp_path}/t.model"),
         (FormatError, {"tokenizer": str(garbage / "tokenizer.json")}, f"{garbage}/tokenizer.json: not a readable tokenizers tokenizer.json"),
         (FormatError, {"tokenizer": str(garbage / "tokenizer.model")}, f"{garbage}/tokenizer.model: not a readable sentencepiece model"),
         (ConfigError, {"tokenizer": str(lone), "append_eod": True}, f"preprocess_data.append_eod: {lone}/tokenizer.json names no end-of-sequence token; set preprocess_data.eod_token"),

@@ -16,4 +16,5 @@ def wants_conversion(cfg) -> bool:
         return True
     from runner.source import discover
 
-    return discover(Path(cfg.load_checkpoint)).kind == "megatron"
+    path = Path(cfg.load_checkpoint)  # one not there yet is no conversion: the job says it is missing
+    return path.exists() and discover(path).kind == "megatron"

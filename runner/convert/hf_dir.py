@@ -17,7 +17,10 @@ from runner.log import warn
 from runner.outputs import write_json_atomic
 
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# Every file an HF tokenizer may be saved as; a model has some of them (transformers 5
+# saves tokenizer.json + tokenizer_config.json + chat_template.jinja, Llama 2 a tokenizer.model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json")
 CONFIG_FILES = ("config.json", "generation_config.json")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -73,8 +76,8 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 
 def copy_reference(folder: Path, reference: Path | None, config: dict | None) -> list[Path]:
-    """Copy config and tokenizer files from `reference`; write `config` when the
-    reference has no config.json. Warns naming each tokenizer file that is missing."""
+    """Copy config and the tokenizer files `reference` has; write `config` when the
+    reference has no config.json. Warns when that leaves the output with no tokenizer."""
     written = []
     for name in CONFIG_FILES + TOKENIZER_FILES:
         src = reference / name if reference else None
@@ -85,10 +88,8 @@ def copy_reference(folder: Path, reference: Path | None, config: dict | None) ->
             write_json_atomic(folder / name, config)
             written.append(folder / name)
             warn(f"no config.json in {reference or 'reference_hf_dir (not set)'}: wrote one from the checkpoint's sizes; check it before serving")
-    missing = [n for n in TOKENIZER_FILES if not (folder / n).exists()]
-    if missing:
-        where = f"reference_hf_dir {reference}" if reference else "reference_hf_dir (not set)"
-        warn(f"tokenizer file(s) missing from the HF output, not found in {where}: {', '.join(missing)}; "
-             "copy them in before serving the model")
+    if not any((folder / n).exists() for n in TOKENIZER_FILES):
+        where = f"reference_hf_dir {reference} holds none" if reference else "reference_hf_dir is not set"
+        warn(f"the HF output has no tokenizer files ({where}); copy the model's tokenizer in before serving it")
     fsync_dir(folder)
     return written

@@ -19,7 +19,7 @@ from runner import dtypes, lora as lora_merge, plan as planner
 from runner.compile import TRANSFORMED, Compiled, Unit, protected_paths
 from runner.config import JobConfig
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, open_rank_file, megatron_args, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
+from runner.convert.megatron_dir import MegatronFolder, MegatronSource, is_weight, open_rank_file, megatron_args, iteration_folder, write_iteration_marker, write_rank, CHECKPOINT_VERSION, CKPT
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
@@ -35,6 +35,7 @@ from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
 from runner.source import Source, discover
 from runner.strategy import Strategy
+from runner.templates import config_json_names
 
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
 _IGNORABLE = (".rotary_emb.inv_freq",)
@@ -66,7 +67,7 @@ class HFInput:
             reader.close()
         merge = None
         if cfg.lora is not None:
-            merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held})
+            merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}, source.root)
             held = base[0]
         inp = HFInput._open(cfg, source, held)
         inp.lora = merge
@@ -85,7 +86,8 @@ class HFInput:
             spec = spec.with_job(cfg.model)
             infos, built = hf_tensors(spec, "mindformers", held, str(source.root))
             return HFInput(source, spec, infos, held, built, Path(cfg.reference_hf_dir))
-        _, spec = read_hf_config(source.root, arch)
+        doc, spec = read_hf_config(source.root, arch)
+        config_json_names(doc, (cfg.model or {}).get("model_config") or {}, source.root / "config.json")  # they must agree
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
         return HFInput(source, spec, held, held, {}, reference)
 
@@ -274,9 +276,10 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     dst = mm.strategy(infos)
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
+    step = 0 if cfg.iteration == "release" else cfg.iteration  # Megatron loads a release checkpoint as iteration 0
     args = megatron_args(spec, lay, padded, cfg.make_vocab_size_divisible_by, cfg.transformer_impl,
-                         cfg.megatron_naming, out_dtype, cfg.iteration)
-    head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": cfg.iteration}
+                         cfg.megatron_naming, out_dtype, step)
+    head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}
     if dist:
         local = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), MegatronLayout(1, 1, 1), padded)
         objects = [n for n in local.extra_state(0) if n.startswith(torch_dist.LAYERS)]
@@ -288,7 +291,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
         on_bytes(fp.write_bytes)
         return written
 
-    units = tuple(Unit(r, f"iter_{cfg.iteration:07d}/{lay.folder(r)}/{CKPT}", dst.rank_bytes(r), dst.stage_of(r))
+    units = tuple(Unit(r, f"{iteration_folder(cfg.iteration)}/{lay.folder(r)}/{CKPT}", dst.rank_bytes(r), dst.stage_of(r))
                   for r in dst.ranks)
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
     return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, u.key, cast_to=cast_to), write, wrap, doc,
@@ -316,7 +319,7 @@ def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wr
             meta = torch_dist.write_folder(path.parent, tensors(), mm.nmap.env.int("num_layers"), objects, head)
         return WrittenFile(meta, meta.stat().st_size, file_crc32(meta))
 
-    units = (Unit(0, f"iter_{cfg.iteration:07d}/{METADATA}", dst.rank_bytes(0)),)
+    units = (Unit(0, f"{iteration_folder(cfg.iteration)}/{METADATA}", dst.rank_bytes(0)),)
     return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, 0, cast_to=cast_to), write, wrap,
                   {"to": "megatron torch_dist", "dst": dst.to_json()},
                   finish=lambda out: [write_iteration_marker(out, cfg.iteration)])
@@ -434,7 +437,8 @@ def compile_conversion(cfg: JobConfig) -> Compiled:
     elif cfg.output_format in ("hf", "mindformers"):
         target = hf_target(cfg, src)
     else:
-        raise ConfigError(f"a Megatron checkpoint converts to output_format megatron, hf or mindformers, not {cfg.output_format!r}")
+        raise ConfigError("a Megatron checkpoint converts to output_format megatron, hf or mindformers"
+                          + (f", not {cfg.output_format!r}" if cfg.output_format else "; set output_format"))
     content = {"src": src.digest_doc(), "spec": src.spec.to_json(), "target": target.doc, "options": cfg.options(),
                "parallel": asdict(cfg.parallel_config)}
     source = src.source

@@ -221,7 +221,9 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
         true_vocab_size=model.vocab, vocab_file=None, tokenizer_type=None, norm_epsilon=env.get("norm_eps"),
         untie_embeddings_and_output_weights=not model.tied,
         num_experts=experts or None, moe_router_topk=env.int("num_experts_per_tok") if experts else 2,
-        moe_ffn_hidden_size=ffn if experts else None, moe_grouped_gemm=False,
+        moe_ffn_hidden_size=env.int("moe_intermediate_size" if "moe_intermediate_size" in env else "intermediate_size") if experts else None,
+        moe_shared_expert_intermediate_size=env.int("shared_expert_intermediate_size") if "shared_expert_intermediate_size" in env else None,
+        moe_grouped_gemm=False,
         **model.template.megatron_args,
         tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp, expert_model_parallel_size=lay.ep,
         virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
@@ -287,7 +289,12 @@ def nest_legacy(flat: dict) -> dict:
     return out
 
 
-def write_iteration_marker(folder: Path, iteration: int) -> Path:
+def iteration_folder(iteration: int | str) -> str:
+    """`iter_NNNNNNN`, or `release` for a release checkpoint (as Megatron names them)."""
+    return "release" if iteration == "release" else f"iter_{iteration:07d}"
+
+
+def write_iteration_marker(folder: Path, iteration: int | str) -> Path:
     path = folder / ITER_FILE
     tmp = path.with_name(path.name + PARTIAL)
     tmp.write_text(f"{iteration}")

@@ -121,7 +121,8 @@ def megatron_config(args: Namespace, where: str, true_vocab: int | None = None) 
         "max_position_embeddings": a.get("max_position_embeddings"),
     }
     if experts:
-        out.update(num_experts=experts, num_experts_per_tok=a.get("moe_router_topk"))
+        out.update(num_experts=experts, num_experts_per_tok=a.get("moe_router_topk"),
+                   shared_expert_intermediate_size=a.get("moe_shared_expert_intermediate_size"))
     return {k: v for k, v in out.items() if v is not None}
 
 

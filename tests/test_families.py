@@ -1,0 +1,79 @@
+"""The families added as templates (issue 16): tiny transformers models built from a
+config go HF -> MindSpore Transformers' names -> HF bit for bit, with the names
+MindSpore Transformers stores, and megatron-core loads the Megatron output of the MoE
+families strictly (HF -> Megatron -> HF is in test_convert_roundtrip, the dense
+families' megatron-core oracle in test_convert_mcore)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.convert_util import FAMILIES, hf_tensors, logits, make_hf, run
+from tests.test_convert_mcore import IDS, forward, mcore_cpu  # noqa: F401  (mcore_cpu: a fixture)
+
+# HF name -> MindSpore Transformers' name, written from its weight loaders' mappings
+MF_NAMES = {
+    "qwen3": {
+        "model.embed_tokens.weight": "embedding.word_embeddings.weight",
+        "model.layers.1.self_attn.q_proj.weight": "decoder.layers.1.self_attention.linear_q.weight",
+        "model.layers.1.self_attn.k_norm.weight": "decoder.layers.1.self_attention.k_layernorm.weight",
+        "model.layers.0.mlp.up_proj.weight": "decoder.layers.0.mlp.hidden.weight",
+        "model.layers.0.mlp.gate_proj.weight": "decoder.layers.0.mlp.gating.weight",
+        "model.layers.2.post_attention_layernorm.weight": "decoder.layers.2.pre_mlp_layernorm.weight",
+        "model.norm.weight": "decoder.final_layernorm.weight",
+        "lm_head.weight": "output_layer.weight",
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(MF_NAMES))
+def test_hf_to_mindformers_names_and_back_is_bit_identical(tmp_path, family):
+    hf = make_hf(tmp_path / "hf", family)
+    assert run(load_checkpoint=str(hf), output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf")) == 0
+    mf_file = tmp_path / "mf" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
+    mf, src = load_file(mf_file), hf_tensors(hf)
+    assert len(mf) == len(src)
+    for hf_name, mf_name in MF_NAMES[family].items():
+        assert torch.equal(mf[mf_name], src[hf_name]), mf_name
+    assert run(load_checkpoint=str(mf_file), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "h")) == 0
+    back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
+    assert sorted(back) == sorted(src)
+    assert all(torch.equal(back[k].view(torch.int16), src[k].view(torch.int16)) for k in src)
+
+
+def test_qwen2_moe_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch):
+    """Routed experts (softmax before top-k, no renormalisation, as Qwen2-MoE), the shared
+    expert and its sigmoid gate: megatron-core's MoE layer on the CPU (local spec, the
+    allgather dispatcher) gives transformers' logits."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)  # its router reads this TransformerEngine hook
+    c = FAMILIES["qwen2_moe"]
+    hf = make_hf(tmp_path / "hf", "qwen2_moe", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    a = doc["args"]
+    cfg = TransformerConfig(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
+        normalization="RMSNorm", layernorm_epsilon=c["rms_norm_eps"], gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=a.add_qkv_bias,
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, use_cpu_initialization=True,
+        num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size, moe_router_topk=a.moe_router_topk,
+        moe_router_pre_softmax=True, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size, moe_shared_expert_gate=True,
+        moe_token_dispatcher_type="allgather")
+    model = GPTModel(cfg, get_gpt_layer_local_spec(num_experts=a.num_experts, moe_grouped_gemm=False),
+                     vocab_size=a.padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
+                     rotary_base=int(a.rotary_base), share_embeddings_and_output_weights=False)
+    assert sorted(doc["model"]) == sorted(model.state_dict())
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    got = forward(model)[..., : c["vocab_size"]]
+    want = logits(hf, "qwen2_moe", torch.tensor(IDS))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
