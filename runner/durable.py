@@ -136,7 +136,8 @@ def copy_regular(src: Path, dst: Path) -> None:
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise FormatError(f"{src}: cannot copy: {'it is a symlink' if os.path.islink(src) else e.strerror}; "
-                          "copy the real file there (not a link) or remove it") from None
+                          "copy the real file there (not a link) or remove it; a Hugging Face cache snapshot is made of links: "
+                          "give a copy made with cp -rL") from None
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise FormatError(f"{src}: not a regular file; copy the real file there or remove it")

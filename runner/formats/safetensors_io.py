@@ -90,7 +90,7 @@ def _parse(raw: bytes) -> dict:
     _check_strings_and_depth(meta, 2, "__metadata__")
     for name, spec in header.items():
         if isinstance(spec, _Spec) and spec.extra:
-            _check_strings_and_depth(spec.extra, 3, f"the entry of tensor {name!r}")
+            _check_strings_and_depth(spec.extra, 2, f"the entry of tensor {name!r}")  # the entry object is level 2
     header["__metadata__"] = meta
     return header
 
