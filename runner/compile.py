@@ -5,7 +5,7 @@ of the units; also the strategy files every kind of job writes."""
 
 from __future__ import annotations
 
-from runner import dtypes, lora, strategy as strat
+from runner import dtypes, lora, strategy as strat, strategy_files
 from runner.config import JobConfig
 from runner.convert import wants_conversion
 from runner.convert.job import compile_conversion
@@ -16,6 +16,20 @@ from runner.job import Job, needs_change, prepare
 from runner.outputs import check_no_overlap
 from runner.source import Source
 from runner.units import Compiled, STRATEGY_DIR, Unit, protected_paths
+
+
+def strategy_names(job: Compiled) -> list[str]:
+    """The names of every strategy file the job writes (all ranks, merged if several stages)."""
+    files = mindspore_strategy if job.cfg.strategy_format == "mindspore" else strat
+    suffix = ".ckpt" if files is mindspore_strategy else ".json"
+    names = [strat.RANK_FILE.format(rank=r, suffix=suffix) for r in job.dst.ranks]
+    return names + ([strat.MERGED_FILE.format(suffix=suffix)] if len(job.dst.stages) > 1 else [])
+
+
+def own_strategy_folder(job: Compiled) -> None:
+    """Remove an earlier job's strategy files that this one will not replace (SPEC 3)."""
+    check_no_overlap(job.cfg.output_path, list(job.protected))
+    strategy_files.own_folder(job.cfg.output_path / STRATEGY_DIR, strategy_names(job))
 
 
 def write_strategies(job: Compiled, ranks: list[int] | None = None, merged: bool = True) -> None:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 from runner import log
-from runner.compile import compile_job, compile_reshard, write_strategies
+from runner.compile import compile_job, compile_reshard, own_strategy_folder, write_strategies
 from runner.config import JobConfig
 from runner.convert import wants_conversion
 from runner.errors import AutotransError, ConfigError, FormatError
@@ -150,7 +150,8 @@ class MpiWorld(LocalWorld):
     # -- the steps of runner.run.run ------------------------------------------------------
     def write_strategies(self, job: Compiled) -> None:
         """Rank r writes destination rank r's file when the worlds match, else those of
-        its share of the units."""
+        its share of the units; first one rank per output folder clears an earlier job's."""
+        self.step("clear the strategy folder", lambda: own_strategy_folder(job) if self.leader else None)
         same = self.link.size == job.dst.world_size
         ranks = [self.link.rank] if same else [k for k in self.share if k in set(job.dst.ranks)]
         write_strategies(job, ranks, merged=self.leader)

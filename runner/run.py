@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from runner import __version__
-from runner.compile import compile_job, write_strategies
+from runner.compile import compile_job, own_strategy_folder, write_strategies
 from runner.config import JobConfig
 from runner.execute import LocalPool, SlicePool, WrittenFile
 from runner.log import debug, say
@@ -164,6 +164,7 @@ class LocalWorld:
         return digest(job, self.stamps)
 
     def write_strategies(self, job: Compiled) -> None:
+        own_strategy_folder(job)
         write_strategies(job)
 
     def claim(self, job: Compiled) -> OutputFolder | None:

@@ -227,6 +227,20 @@ def test_strategy_dry_run(world):
     assert not (out / "transformed_checkpoint").exists()
 
 
+
+def test_strategy_dry_run_replaces_an_earlier_jobs_files(world):
+    """A json dry run, then a mindspore one under MPI: one rank per output folder removes
+    the earlier job's files (several ranks removing them would race and fail)."""
+    root = world["root"]
+    out = root / "dry_twice"
+    keys = {"load_checkpoint": "full.safetensors", "dst_strategy_path_or_dir": "s_tp2pp2",
+            "only_save_strategy": True, "output_dir": str(out)}
+    assert cli_main(["run", str(job_file(root, "dry_json", keys)), "--no-progress"]) == 0
+    proc = mpirun(["-n", 4, *autotrans(job_file(root, "dry_ms", keys | {"strategy_format": "mindspore"}))])
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (out / "strategy").iterdir())
+    assert names == [f"ckpt_strategy_rank_{r}.ckpt" for r in range(4)] + ["merged_ckpt_strategy.ckpt"]
+
 def errors(stderr: str) -> list[str]:
     """The error messages of all ranks (mpiexec may interleave a line and its newline)."""
     return [m.strip() for m in stderr.split("autotrans: error: ")[1:]]

@@ -399,3 +399,83 @@ def test_fp32_merge_and_peft_merge_and_unload_agree_within_fp32_rounding(tmp_pat
         assert bool(((got[name].double() - exact).abs() <= bound).all()), name
         assert bool(((want[name].double() - exact).abs() <= bound).all()), name
     assert merged == 6  # q_proj, o_proj, down_proj in both layers
+
+
+# -- item 6: output_dir/strategy belongs to the job ---------------------------------------
+def native_strategy(folder: Path, tp: int, pp: int) -> Path:
+    """A native strategy of tp * pp ranks, written by hand: w on stage 0, b on the last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stages = [list(range(s * tp, (s + 1) * tp)) for s in range(pp)]
+    params = {"w": {"shape": [8, 4], "dtype": "F32", "stage": 0, "dev_matrix": [tp], "tensor_map": [0, -1]},
+              "b": {"shape": [8], "dtype": "F32", "stage": pp - 1, "dev_matrix": [tp], "tensor_map": [0]}}
+    for r in range(tp * pp):
+        (folder / f"ckpt_strategy_rank_{r}.json").write_text(json.dumps(
+            {"format": "autotrans-strategy", "version": 1, "rank": r, "stages": stages, "params": params}))
+    return folder
+
+
+def dry_run(tmp: Path, capsys, **keys) -> tuple[int, str]:
+    code, _, err = cli(capsys, "strategy", str(job(tmp, output_dir=str(tmp / "out"), **keys)))
+    return code, err
+
+
+def listing(tmp: Path) -> list[str]:
+    return sorted(p.name for p in (tmp / "out" / "strategy").iterdir())
+
+
+def test_a_smaller_job_leaves_only_its_own_strategy_files(tmp_path: Path, capsys) -> None:
+    code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=str(native_strategy(tmp_path / "s8", 4, 2)))
+    assert code == 0, err
+    assert listing(tmp_path) == [f"ckpt_strategy_rank_{r}.json" for r in range(8)] + ["merged_ckpt_strategy.json"]
+    code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=str(native_strategy(tmp_path / "s4", 4, 1)))
+    assert code == 0, err
+    assert listing(tmp_path) == [f"ckpt_strategy_rank_{r}.json" for r in range(4)]
+    code, out, err = cli(capsys, "inspect", str(tmp_path / "out" / "strategy"))
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("strategy (native): 4 ranks in 1 stage(s)")
+
+
+def test_json_then_mindspore_format_leaves_only_ckpt_files(tmp_path: Path, capsys) -> None:
+    s = str(native_strategy(tmp_path / "s", 2, 1))
+    assert dry_run(tmp_path, capsys, dst_strategy_path_or_dir=s)[0] == 0
+    code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=s, strategy_format="mindspore")
+    assert code == 0, err
+    assert listing(tmp_path) == ["ckpt_strategy_rank_0.ckpt", "ckpt_strategy_rank_1.ckpt"]
+
+
+def test_a_users_file_in_the_strategy_folder_is_kept_and_refused(tmp_path: Path, capsys) -> None:
+    s4 = str(native_strategy(tmp_path / "s4", 4, 1))
+    assert dry_run(tmp_path, capsys, dst_strategy_path_or_dir=s4)[0] == 0
+    mine = tmp_path / "out" / "strategy" / "notes.txt"
+    mine.write_text("mine")
+    code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=str(native_strategy(tmp_path / "s2", 2, 1)))
+    assert code == 1
+    assert err.strip().splitlines() == [f"autotrans: error: {mine.parent} holds files autotrans did not write "
+                                        "(notes.txt); move them away or choose another output_dir"]
+    assert mine.read_text() == "mine"
+    assert listing(tmp_path) == [f"ckpt_strategy_rank_{r}.json" for r in range(4)] + ["notes.txt"]
+
+
+def test_files_of_an_unrecorded_earlier_run_are_not_removed(tmp_path: Path, capsys) -> None:
+    """Strategy files the runner has no record of (written by hand, or before it kept one)
+    are someone's: the job refuses and names at most three of them."""
+    native_strategy(tmp_path / "out" / "strategy", 4, 1)
+    code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=str(native_strategy(tmp_path / "s", 1, 1)))
+    assert code == 1
+    assert err.strip().endswith("(ckpt_strategy_rank_1.json, ckpt_strategy_rank_2.json, ckpt_strategy_rank_3.json); "
+                                "move them away or choose another output_dir")
+    assert listing(tmp_path) == [f"ckpt_strategy_rank_{r}.json" for r in range(4)]
+
+
+def test_a_recorded_name_replaced_by_a_symlink_is_not_followed(tmp_path: Path, capsys) -> None:
+    s4 = str(native_strategy(tmp_path / "s4", 4, 1))
+    assert dry_run(tmp_path, capsys, dst_strategy_path_or_dir=s4)[0] == 0
+    target = tmp_path / "precious.json"
+    target.write_text("keep")
+    link = tmp_path / "out" / "strategy" / "ckpt_strategy_rank_3.json"
+    link.unlink()
+    link.symlink_to(target)
+    code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=str(native_strategy(tmp_path / "s2", 2, 1)))
+    assert code == 1, err
+    assert "(ckpt_strategy_rank_3.json)" in err
+    assert target.read_text() == "keep" and link.is_symlink()
