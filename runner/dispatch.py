@@ -5,7 +5,7 @@ from __future__ import annotations
 from runner.config import JobConfig
 from runner.job import without_placeholder
 from runner.launch import launched_size
-from runner.log import say
+from runner.log import count, say
 from runner.mpi import run_mpi
 from runner.preprocess import run_preprocess
 from runner.run import run
@@ -16,9 +16,9 @@ def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
     if cfg.preprocess_data is not None:
         done = run_preprocess(cfg.preprocess_data, show_progress=show_progress)
         secs = max(done["seconds"], 1e-9)
-        say(f"done: {done['documents']} documents, {done['tokens']} tokens, {done['bytes_in'] / 1e6:.1f} MB in "
+        say(f"done: {count(done['documents'], 'document')}, {count(done['tokens'], 'token')}, {done['bytes_in'] / 1e6:.1f} MB in "
             f"{done['seconds']:.2f} s ({done['documents'] / secs:.0f} documents/s, {done['bytes_in'] / 1e6 / secs:.2f} MB/s)"
-            + (f", {done['skipped_lines']} bad lines skipped" if done["skipped_lines"] else "")
+            + (f", {count(done['skipped_lines'], 'bad line')} skipped" if done["skipped_lines"] else "")
             + f" -> {', '.join(done['files'])}")
         return 0
     cfg = without_placeholder(cfg)

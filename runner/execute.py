@@ -116,6 +116,7 @@ class WrittenFile:
     path: Path
     size: int
     crc32: int
+    kept: bool = False  # an earlier run of the job wrote it and proved it intact
 
 
 def tensor_bits(t: TensorPlan, pool: SlicePool) -> np.ndarray:

@@ -41,6 +41,11 @@ def release() -> None:
         _emit(line)
 
 
+def count(n: int, noun: str) -> str:
+    """"1 file", "2 files": a number with its noun in the agreeing number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def say(msg: str) -> None:
     release()
     _emit(f"autotrans: {msg}")

@@ -165,7 +165,7 @@ class OutputFolder:
             return None
         if file_crc32(path) != rec.get("crc32"):
             return None
-        return WrittenFile(path, rec["size"], rec["crc32"])
+        return WrittenFile(path, rec["size"], rec["crc32"], kept=True)
 
     def write_manifest(self, doc: dict) -> None:
         write_json(self.folder / MANIFEST, {**doc, "job_digest": self.digest})

@@ -14,9 +14,10 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
+            # decimal units (kB, MB, GB), as in the closing summary;
             # disable=None: no bar when stderr is not a terminal (logs, CI); under mpiexec
             # stderr is always a pipe to the launcher, which may well show a terminal
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
                              file=sys.stderr, disable=None if tty_only else False, dynamic_ncols=True)
 
     def update(self, n: int) -> None:

@@ -17,7 +17,7 @@ from runner import __version__
 from runner.compile import compile_job, own_strategy_folder, write_strategies
 from runner.config import JobConfig
 from runner.execute import LocalPool, SlicePool, WrittenFile
-from runner.log import debug, say
+from runner.log import count, debug, say
 from runner.outputs import OutputFolder, check_no_overlap, file_crc32
 from runner.progress import Progress
 from runner.units import Compiled, STRATEGY_DIR, Unit, digest, stamp
@@ -108,8 +108,8 @@ def execute_local(job: Compiled, folder: OutputFolder, progress) -> list[Written
 
 
 def file_entries(job: Compiled, written: list[WrittenFile], mpi_rank: int) -> list[dict]:
-    return [{"path": str(w.path.relative_to(job.out_dir)), "bytes": w.size, "crc32": w.crc32, "mpi_rank": mpi_rank}
-            for w in written]
+    return [{"path": str(w.path.relative_to(job.out_dir)), "bytes": w.size, "crc32": w.crc32, "mpi_rank": mpi_rank,
+             "kept": w.kept} for w in written]
 
 
 def finish_folder(job: Compiled, mpi_rank: int = 0) -> list[dict]:
@@ -136,7 +136,7 @@ def manifest(job: Compiled, files: list[dict], stamps: list[dict], elapsed: floa
                        "written": sorted(p.name for p in strategies.iterdir()) if strategies.is_dir() else []},
         "options": cfg.options(),
         "world_size": job.dst.world_size,
-        "files": sorted(files, key=lambda f: f["path"]),
+        "files": sorted(({k: v for k, v in f.items() if k != "kept"} for f in files), key=lambda f: f["path"]),
         "checksum": "crc32",
         "bytes_written": sum(f["bytes"] for f in files),
         "elapsed_s": round(elapsed, 3),
@@ -223,8 +223,10 @@ def run(cfg: JobConfig, show_progress: bool = True, world: LocalWorld | None = N
     elapsed = time.monotonic() - start
     files = world.step("manifest", lambda: world.finish(job, folder, files, elapsed))
     nbytes = sum(f["bytes"] for f in files)
-    say(f"done: {len(files)} files, {nbytes / 1e9:.3f} GB in {elapsed:.2f} s "
-        f"({nbytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s) -> {job.out_dir}")
+    kept = sum(1 for f in files if f.get("kept"))
+    say(f"done: {count(len(files), 'file')}, {nbytes / 1e9:.3f} GB in {elapsed:.2f} s "
+        f"({nbytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s)"
+        + (f", kept {count(kept, 'file')} an earlier run proved complete" if kept else "") + f" -> {job.out_dir}")
     if cfg.verify:
         return world.step("verify", lambda: world.verify(job))
     return 0

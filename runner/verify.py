@@ -119,13 +119,15 @@ def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[st
     return problems
 
 
-def report(problems: list[str], what: str) -> int:
+def report(problems: list[str], what: str, cast: str | None = None) -> int:
+    """Print the verdict. After a cast (`cast`: the job's dtype) the output cannot be
+    bit-identical to the source: say what was compared instead."""
     if problems:
         print(one_line(f"autotrans: verify: {what} differ: {problems[0]}"))
         for p in problems[1:]:
             print(one_line(f"  {p}"))
         return 1
-    print(f"autotrans: verify: {what} are bit-identical")
+    print(f"autotrans: verify: {what} are " + (f"equal after casting the source to {cast}" if cast else "bit-identical"))
     return 0
 
 
@@ -151,7 +153,8 @@ def verify_conversion(job: Compiled) -> int:
         warn("verify: not run; this conversion renames tensors (MindFormers) or merges LoRA, so outputs differ from the source by design")
         return 0
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
-    return report(compare(Checkpoint.open(cfg.load_checkpoint), Checkpoint.open(job.out_dir), cast_to), "source and output")
+    return report(compare(Checkpoint.open(cfg.load_checkpoint), Checkpoint.open(job.out_dir), cast_to),
+                  "source and output", cfg.dtype)
 
 
 def verify_job(job: Job) -> int:
@@ -160,5 +163,5 @@ def verify_job(job: Job) -> int:
         raise AutotransError("verify compares outputs with sources; a LoRA merge changes the weights by design")
     src = Checkpoint(job.source, job.src, job.headers)
     out = Checkpoint.open(job.out_dir, job.cfg.output_path / "strategy")
-    return report(compare(src, out, job.cast_to), "source and output")
+    return report(compare(src, out, job.cast_to), "source and output", job.cfg.dtype)
 

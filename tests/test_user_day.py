@@ -5,6 +5,7 @@ right thing, one exit-code rule. Jobs run through the CLI entry point in-process
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,11 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, got.out, got.err
 
 
-def tp2_strategy(folder: Path) -> Path:
+def tp2_strategy(folder: Path, dtype: str = "F32") -> Path:
     """A native 2-rank tensor-parallel strategy for W and B, written by hand."""
     folder.mkdir(parents=True, exist_ok=True)
-    params = {"w": {"shape": [8, 4], "dtype": "F32", "stage": 0, "dev_matrix": [2], "tensor_map": [0, -1]},
-              "b": {"shape": [8], "dtype": "F32", "stage": 0, "dev_matrix": [2], "tensor_map": [0]}}
+    params = {"w": {"shape": [8, 4], "dtype": dtype, "stage": 0, "dev_matrix": [2], "tensor_map": [0, -1]},
+              "b": {"shape": [8], "dtype": dtype, "stage": 0, "dev_matrix": [2], "tensor_map": [0]}}
     for r in (0, 1):
         (folder / f"ckpt_strategy_rank_{r}.json").write_text(json.dumps(
             {"format": "autotrans-strategy", "version": 1, "rank": r, "stages": [[0, 1]], "params": params}))
@@ -479,3 +480,72 @@ def test_a_recorded_name_replaced_by_a_symlink_is_not_followed(tmp_path: Path, c
     assert code == 1, err
     assert "(ckpt_strategy_rank_3.json)" in err
     assert target.read_text() == "keep" and link.is_symlink()
+
+
+# -- items 4 and 9: what verify compared; summaries ---------------------------------------------
+def full_w_b(tmp: Path) -> Path:
+    save_file({"w": W, "b": B}, str(tmp / "full.safetensors"))
+    return tmp / "full.safetensors"
+
+
+def test_verify_after_a_cast_says_what_it_compared(tmp_path: Path, capsys) -> None:
+    src = full_w_b(tmp_path)
+    cfg = job(tmp_path, load_checkpoint=str(src), dst_strategy_path_or_dir=str(tp2_strategy(tmp_path / "s16", "F16")),
+              dtype="fp16", verify=True,
+              output_dir=str(tmp_path / "cast"))
+    code, out, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    assert "autotrans: verify: source and output are equal after casting the source to fp16" in out
+    assert "bit-identical" not in out
+    got = load_file(str(tmp_path / "cast/transformed_checkpoint/rank_1/checkpoint_1.safetensors"))
+    assert got["w"].dtype == np.float16 and np.array_equal(got["w"], W[4:].astype(np.float16))
+    plain = job(tmp_path, load_checkpoint=str(src), dst_strategy_path_or_dir=str(tp2_strategy(tmp_path / "s")), verify=True,
+                output_dir=str(tmp_path / "plain"))
+    code, out, err = cli(capsys, "run", str(plain))
+    assert code == 0, err
+    assert "autotrans: verify: source and output are bit-identical" in out
+
+
+def test_a_conversion_summary_gives_gb_per_second(hf_llama: Path, tmp_path: Path, capsys) -> None:
+    cfg = job(tmp_path, load_checkpoint=str(hf_llama), output_format="megatron", output_dir=str(tmp_path / "m"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    assert re.search(r"autotrans: done: \d+ files?, \d+\.\d{3} GB in \d+\.\d\d s \(\d+\.\d\d GB/s\) -> ", err), err
+
+
+def test_a_one_file_job_says_1_file(tmp_path: Path, capsys) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    params = {"w": {"shape": [8, 4], "dtype": "F32", "stage": 0, "dev_matrix": [1], "tensor_map": [-1, -1]},
+              "b": {"shape": [8], "dtype": "F32", "stage": 0, "dev_matrix": [1], "tensor_map": [-1]}}
+    (one / "ckpt_strategy_rank_0.json").write_text(json.dumps(
+        {"format": "autotrans-strategy", "version": 1, "rank": 0, "stages": [[0]], "params": params}))
+    src = tmp_path / "tp2"
+    (src / "rank_0").mkdir(parents=True)
+    (src / "rank_1").mkdir()
+    for r in (0, 1):
+        save_file({"w": W[4 * r:4 * r + 4], "b": B[4 * r:4 * r + 4]}, str(src / f"rank_{r}/checkpoint_{r}.safetensors"))
+    cfg = job(tmp_path, load_checkpoint=str(src), src_strategy_path_or_dir=str(tp2_strategy(tmp_path / "s")),
+              dst_strategy_path_or_dir=str(one), output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    written = [p for p in (tmp_path / "out/transformed_checkpoint").rglob("*.safetensors")]
+    assert len(written) == 1 and "autotrans: done: 1 file, " in err, err
+    assert np.array_equal(load_file(str(written[0]))["w"], W)
+
+
+def test_a_resumed_run_says_how_many_files_it_kept(tmp_path: Path, capsys) -> None:
+    cfg = job(tmp_path, load_checkpoint=str(full_w_b(tmp_path)), dst_strategy_path_or_dir=str(tp2_strategy(tmp_path / "s")),
+              output_dir=str(tmp_path / "out"))
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0 and "kept" not in err, err
+    out = tmp_path / "out/transformed_checkpoint"
+    first = out / "rank_0/checkpoint_0.safetensors"
+    before = first.stat()
+    (out / "autotrans.json").unlink()  # as after a kill: no manifest, one file not yet written
+    (out / "rank_1/checkpoint_1.safetensors").unlink()
+    code, _, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    assert "autotrans: done: 2 files, " in err and ", kept 1 file an earlier run proved complete -> " in err, err
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert np.array_equal(load_file(str(out / "rank_1/checkpoint_1.safetensors"))["w"], W[4:])
