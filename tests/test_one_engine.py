@@ -19,7 +19,7 @@ import torch
 
 from runner.cli import main as cli_main
 from tests.convert_util import make_hf
-from tests.test_mpi import MPIEXEC, autotrans, job_file, mpirun
+from tests.test_mpi import autotrans, job_file, mpirun
 
 MANIFEST = "autotrans.json"
 PROGRESS = ".autotrans-progress"
@@ -62,7 +62,6 @@ def weight_files(files: dict[str, bytes]) -> dict[str, bytes]:
 
 # -- (a) MPI: every rank writes, bytes equal one process ---------------------------------------
 @pytest.mark.mpi
-@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec")
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("name", ["to_megatron", "to_hf"])
 def test_conversion_split_over_mpi_ranks(models, name, n):
@@ -83,7 +82,6 @@ def test_conversion_split_over_mpi_ranks(models, name, n):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec")
 @pytest.mark.parametrize("name", ["to_megatron", "to_hf"])
 def test_conversion_over_mpi_without_shared_disk(models, name):
     """3 ranks as 3 nodes: each its own copy of the inputs (at its own path) and its own

@@ -14,7 +14,7 @@ only the overlapping parts of the chunks it touches."""
 from __future__ import annotations
 
 import io
-import pickle
+import pickle  # DCP's .metadata is a pickle by torch's format: read only through the allow-listed unpicklers below
 import struct
 import warnings
 import zipfile

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
+import pickle  # .metadata must be the pickle torch's DCP loader reads; our own records stay JSON
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
