@@ -170,6 +170,7 @@ def test_mixtral_8x7b_experts_dtypes_and_optimizer_shard():
     s = generate(fixture("mixtral_8x7b_finetune"), None)
     h, ffn, experts, dp = 4096, 14336, 8, 8
     p = "model.layers.31."
+    assert s.params[p + "feed_forward.ffn.w1.weight"].shape == (experts, ffn, h)
     for rank in (8, 13):  # stage 1
         pos = rank - 8
         assert box(s, p + "feed_forward.ffn.w1.weight", rank) == ((pos, 0, 0), (1, ffn, h))
