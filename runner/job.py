@@ -103,8 +103,8 @@ def destination_strategy(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy
             if src is None:
                 raise ConfigError("a MindSpore destination strategy holds no shapes: set load_checkpoint")
             dst = fill_from(dst, src, cast)
-        elif cast:  # the strategy written beside the files says what they hold
-            dst = dst.with_params({n: replace(p, dtype=dtypes.cast_dtype(p.dtype, cast)) for n, p in dst.params.items()})
+        else:  # the strategy written beside the files says what they hold
+            dst = dst.cast(cast)
     elif not cfg.use_parallel:
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")

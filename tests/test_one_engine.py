@@ -271,6 +271,30 @@ def test_conversion_writes_mindspore_strategy_files(models):
     assert unit_files(out) == unit_files(models["to_megatron"])  # the strategy format changes no weight byte
 
 
+@pytest.mark.parametrize("fmt", ["megatron", "hf", "mindformers"])
+def test_a_conversion_with_a_cast_writes_strategies_of_the_cast_dtype(models, fmt):
+    """dtype means the same in every kind of job (issue 13, 2c): the bf16 model cast to
+    fp32 gives fp32 weight files (read by torch.load and safetensors) and strategy files
+    that say F32, as a reshard's do."""
+    from safetensors import safe_open
+
+    root = models["root"]
+    out = root / f"cast_{fmt}"
+    keys = {"load_checkpoint": str(models["hf"]), "output_format": fmt, "dtype": "fp32", "output_dir": str(out)}
+    assert cli_main(["run", str(job_file(root, out.name, keys | ({"use_parallel": False} if fmt == "mindformers" else {}))),
+                     "--no-progress"]) == 0
+    kinds = set()
+    for path in (out / "transformed_checkpoint").rglob("*"):
+        if path.suffix == ".pt":
+            kinds |= {t.dtype for t in torch.load(path, weights_only=False)["model"].values() if isinstance(t, torch.Tensor)}
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                kinds |= {f.get_tensor(k).dtype for k in f.keys()}
+    assert kinds == {torch.float32}
+    for path in (out / "strategy").iterdir():
+        assert {p["dtype"] for p in json.loads(path.read_text())["params"].values()} == {"F32"}, path.name
+
+
 # -- (d) the manifest of every kind of job ------------------------------------------------------
 def check_manifest(out: Path, sources: list[Path]) -> None:
     doc = manifest(out)

@@ -532,6 +532,17 @@ def test_a_conversion_summary_gives_gb_per_second(hf_llama: Path, tmp_path: Path
     assert re.search(r"autotrans: done: \d+ files?, \d+\.\d{3} GB in \d+\.\d\d s \(\d+\.\d\d GB/s\) -> ", err), err
 
 
+def test_the_progress_bar_counts_in_the_summarys_decimal_units(capsys) -> None:
+    """The bar and the summary use one unit system: 2,500,000 bytes are 2.50 MB in both
+    (the summary prints bytes / 1e9 GB), not 2.38 binary megabytes."""
+    from runner.progress import Progress
+
+    with Progress(2_500_000, tty_only=False) as bar:
+        bar.update(2_500_000)
+    err = capsys.readouterr().err
+    assert "2.50M/2.50M" in err and "2.38M" not in err, err
+
+
 def test_a_one_file_job_says_1_file(tmp_path: Path, capsys) -> None:
     one = tmp_path / "one"
     one.mkdir()

@@ -293,7 +293,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     else:
         infos = _infos(nmap.shapes, lambda n: next(iter(src.infos.values())).dtype)
         plan_src, wrap = _reshard_source(src, infos, nmap)
-    dst = mm.strategy(infos)
+    dst = mm.strategy(infos).cast(cast_to)  # as the files hold them, written beside them
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
     step = 0 if cfg.iteration == "release" else cfg.iteration  # Megatron loads a release checkpoint as iteration 0
@@ -414,7 +414,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     units = tuple(Unit(i, hf_dir.shard_name(i, len(shards)), sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shard))
                   for i, shard in enumerate(shards))
     doc = {"to": "hf", "shards": shards, "reference": bool(src.reference)}  # no path: ranks on other nodes compare it
-    return Target(Strategy.full(infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
+    return Target(Strategy.full(out_infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
                   write, lambda base: src.pool(recipes, base), doc, finish)
 
 
