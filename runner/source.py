@@ -175,7 +175,7 @@ def file_header(path: Path) -> FileHeader:
     folder's `.metadata` (the whole model, with common.pt's args). A torch file is
     unpickled with its tensors memory-mapped, so only its pickle is read."""
     path = Path(path)
-    dist = path.name == METADATA
+    dist = path.name == METADATA and torch_dist.is_torch_dist(path.parent)  # else a plain DCP folder
     reader = torch_dist.TorchDistReader(path.parent) if dist else open_reader(path)
     try:
         objects = getattr(reader, "objects", {})
