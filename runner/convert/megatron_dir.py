@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,9 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
     )
 
 
+_WARNINGS = threading.Lock()  # warnings.catch_warnings swaps process-wide state: one thread at a time
+
+
 def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple[str, ...]], extra_state: list[str],
                head: dict, legacy: bool) -> WrittenFile:
     """Write one `model_optim_rng.pt` atomically: `head` (args, checkpoint_version,
@@ -304,7 +308,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
     reader = SafetensorsReader(staging)
     try:
         model: dict = {}
-        with warnings.catch_warnings():
+        with _WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only mapping: torch warns, never writes
             for t in fp.tensors:
                 bits = reader.array(t.name)
