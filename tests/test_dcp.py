@@ -96,6 +96,16 @@ def _reference(folder: Path, tmp: Path) -> dict:
     return flat
 
 
+def assert_is_hf_model(out: Path, hf: Path) -> None:
+    """`out` holds `hf`'s weights bit for bit and gives transformers' logits."""
+    got, want = hf_tensors(out), hf_tensors(hf)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    ids = torch.tensor([[1, 7, 42, 99, 3, 120, 5]])
+    assert torch.equal(logits(out, "llama", ids), logits(hf, "llama", ids))
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
     size = t.element_size()
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).numpy().view(f"u{size}")
@@ -166,13 +176,7 @@ def test_torch_dist_chunks_read_like_dcp_to_torch_save(tmp_path, torch_dist):
 def test_torch_dist_to_hf_is_the_original_model(tmp_path, torch_dist, tp):
     folders, hf = torch_dist
     assert run(load_checkpoint=str(folders[tp]), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "o")) == 0
-    out = tmp_path / "o" / "transformed_checkpoint"
-    got, want = hf_tensors(out), hf_tensors(hf)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    ids = torch.tensor([[1, 7, 42, 99, 3, 120, 5]])
-    assert torch.equal(logits(out, "llama", ids), logits(hf, "llama", ids))
+    assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf)
 
 
 def test_torch_dist_reshards_to_torch_format_and_verifies(tmp_path, torch_dist):
@@ -239,4 +243,87 @@ def test_hf_to_torch_dist_loads_with_megatron_core_at_another_tp(tmp_path, mcore
     from runner.verify import Checkpoint, compare
 
     assert compare(Checkpoint.open(hf), Checkpoint.open(root), None) == []  # and it reads back as the HF model
+    torch.testing.assert_close(forward(model)[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
+
+
+# torchtitan's Llama 3 names for HF's, per layer and outside the layers
+_TITAN_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+                "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+_TITAN_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def _torchtitan_weights(hf: Path) -> dict[str, torch.Tensor]:
+    """The HF model's weights as torchtitan's Llama 3 holds them (its state_dict_adapter's
+    from_hf, written here with torch ops): its names, and q / k rows in Meta's rotary
+    layout, HF's two half-head blocks interleaved row by row within each head."""
+    c = FAMILIES["llama"]
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+
+    def meta(w: torch.Tensor, heads: int) -> torch.Tensor:
+        return w.view(heads, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape).clone()
+
+    out = {}
+    for name, t in hf_tensors(hf).items():
+        if name in _TITAN_TOP:
+            out[_TITAN_TOP[name]] = t
+            continue
+        layer, rest = name[len("model.layers."):].split(".", 1)
+        module = rest[: -len(".weight")]
+        if module == "self_attn.q_proj":
+            t = meta(t, c["num_attention_heads"])
+        elif module == "self_attn.k_proj":
+            t = meta(t, c["num_key_value_heads"])
+        out[f"layers.{layer}.{_TITAN_LAYER[module]}.weight"] = t
+    return out
+
+
+@pytest.fixture(scope="module")
+def titan(tmp_path_factory):
+    """A tiny Llama's HF folder and torchtitan-style DCP folders of its weights saved by
+    torch.distributed.checkpoint.save with AdamW-like optimizer state and a step counter:
+    {"nested": model weights under `model.` (torchtitan before it flattened them),
+    "flat": at the top level (torchtitan now)}."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = tmp_path_factory.mktemp("titan")
+    hf = make_hf(tmp / "hf", "llama", dtype=torch.float32)
+    weights = _torchtitan_weights(hf)
+    optim = {"state": {n: {"exp_avg": torch.zeros_like(t)} for n, t in list(weights.items())[:3]}}
+    folders = {"nested": tmp / "nested", "flat": tmp / "flat"}
+    dcp.save({"model": weights, "optimizer": optim, "train_state": {"step": 10}}, checkpoint_id=str(folders["nested"]))
+    dcp.save({**weights, "optimizer": optim, "train_state": {"step": 10}}, checkpoint_id=str(folders["flat"]))
+    return folders, hf
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_torchtitan_dcp_to_hf_is_the_original_model(tmp_path, titan, layout, capsys):
+    """DCP (torchtitan names, Meta's rotary rows) -> HF gives back the HF weights bit for
+    bit and transformers' logits; the optimizer state is left out with a warning; and the
+    folder reads as torch's own dcp_to_torch_save reassembles it."""
+    folders, hf = titan
+    reader = DcpReader(folders[layout])
+    try:
+        _assert_reads_like_torch(reader, _reference(folders[layout], tmp_path))
+    finally:
+        reader.close()
+    assert run(load_checkpoint=str(folders[layout]), output_format="hf", reference_hf_dir=str(hf),
+               output_dir=str(tmp_path / "o")) == 0
+    assert "optimizer" in capsys.readouterr().err
+    assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf)
+
+
+def test_torchtitan_dcp_to_megatron_loads_in_gpt_model(tmp_path, titan, mcore_cpu):
+    """DCP (torchtitan) -> Megatron torch format (local spec): megatron-core's GPTModel
+    loads it strictly and gives transformers' logits."""
+    folders, hf = titan
+    assert run(load_checkpoint=str(folders["nested"]), output_format="megatron", transformer_impl="local",
+               reference_hf_dir=str(hf), output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt",
+                     weights_only=False)
+    model = gpt_from_args(doc["args"], FAMILIES["llama"]["rms_norm_eps"])
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    want = logits(hf, "llama", torch.tensor(IDS))
     torch.testing.assert_close(forward(model)[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)

@@ -26,7 +26,7 @@ from runner.errors import ConfigError, FormatError, name_list
 from runner.execute import LocalPool, SlicePool, WrittenFile, tensor_bits, write_file
 from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
-from runner.formats.dcp import METADATA
+from runner.formats.dcp import METADATA, model_entries
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.job import destination_strategy
 from runner.layout import Box, ParamLayout
@@ -66,6 +66,8 @@ class HFInput:
             held = dict(reader.tensors())
         finally:
             reader.close()
+        if source.files[0][0].name == METADATA:
+            return HFInput._open_dcp(cfg, source, held)
         merge = None
         if cfg.lora is not None:
             merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}, source.root)
@@ -80,17 +82,28 @@ class HFInput:
         if source.kind != "hf":
             if not cfg.reference_hf_dir:
                 raise ConfigError(f"{source.root} is neither an HF folder (config.json + weights) nor a Megatron folder; "
-                                  "for a MindFormers checkpoint set reference_hf_dir to the model's HF folder (its config.json)")
+                                  "for a MindFormers or torchtitan (DCP) checkpoint set reference_hf_dir to the model's "
+                                  "HF folder (its config.json)")
             _, spec = read_hf_config(Path(cfg.reference_hf_dir), arch)
-            if "mindformers" not in spec.template.schemes:
-                raise ConfigError(f"template {spec.family} has no MindFormers names; {source.root} is not an HF folder")
             spec = spec.with_job(cfg.model)
-            infos, built = hf_tensors(spec, "mindformers", held, str(source.root))
+            infos, built = hf_tensors(spec, _scheme_of(spec, held, source.root), held, str(source.root))
             return HFInput(source, spec, infos, held, built, Path(cfg.reference_hf_dir))
         doc, spec = read_hf_config(source.root, arch)
         config_json_names(doc, (cfg.model or {}).get("model_config") or {}, source.root / "config.json")  # they must agree
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
         return HFInput(source, spec, held, held, {}, reference)
+
+    @staticmethod
+    def _open_dcp(cfg: JobConfig, source: Source, held: dict[str, TensorInfo]) -> "HFInput":
+        """A PyTorch DCP folder (torchtitan's): its model weights, under the names of the
+        template scheme they match; training state is left out with a warning."""
+        if cfg.lora is not None:
+            raise ConfigError("lora: a merge reads HF folders and safetensors / ckpt checkpoints; convert the DCP checkpoint to HF first, then merge")
+        model, dropped = model_entries(list(held))
+        if dropped:
+            warn(f"{', '.join(dropped)} in {source.root} {'is' if len(dropped) == 1 else 'are'} not converted: only the model's weights are")
+        inp = HFInput._open(cfg, source, {n: held[stored] for n, stored in model.items()})
+        return HFInput(source, inp.spec, inp.infos, held, rows.renamed(inp.built, model), inp.reference)
 
     def check(self, nmap: NameMap) -> None:
         """Every source tensor is mapped and has the shape the config implies."""
@@ -121,6 +134,24 @@ class HFInput:
 
     def files(self) -> list[Path]:
         return list(self.source.files[0]) + (self.lora.files if self.lora else [])
+
+
+def _scheme_of(spec: Model, held: dict[str, TensorInfo], root: Path) -> str:
+    """The template scheme, other than HF's and Megatron's, holding most of the names of a
+    checkpoint (MindFormers, torchtitan); the first such scheme when none holds any, so
+    that the error names what is missing."""
+    t = spec.template
+    schemes = [s for s in t.schemes if s != "hf" and not s.startswith("megatron")]
+    if not schemes:
+        raise ConfigError(f"template {spec.family} has no names but HF's and Megatron's; {root} is not an HF folder")
+    found = []
+    for s in schemes:
+        try:
+            found.append((len(set(held) & set(scheme_map(spec, "hf", s).shapes)), s))
+        except ConfigError:  # a scheme the template does not complete for this config
+            found.append((0, s))
+    best = max(found, key=lambda f: f[0])
+    return best[1] if best[0] else schemes[0]
 
 
 class WholeTensors:
