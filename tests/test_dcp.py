@@ -6,6 +6,7 @@ of the model the checkpoint was made from."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -327,3 +328,64 @@ def test_torchtitan_dcp_to_megatron_loads_in_gpt_model(tmp_path, titan, mcore_cp
     assert not result.missing_keys and not result.unexpected_keys
     want = logits(hf, "llama", torch.tensor(IDS))
     torch.testing.assert_close(forward(model)[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_dist_output_split_over_mpi_ranks(tmp_path, mcore_cpu):
+    """HF -> torch_dist cut into several .distcp files (max_shard_size): under mpiexec -n 2
+    and -n 3 every rank writes its share of them (the manifest says who wrote what), the
+    bytes are those of one process, and megatron-core's dist_checkpointing.load fills a
+    GPTModel from the folder, which gives transformers' logits."""
+    from megatron.core import dist_checkpointing
+
+    from runner.cli import main as cli_main
+    from tests.test_mpi import autotrans, job_file, mpirun, outputs
+
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
+    keys = {"load_checkpoint": str(hf), "output_format": "megatron", "megatron_format": "torch_dist",
+            "transformer_impl": "local", "max_shard_size": "60KB"}
+    one = tmp_path / "one"
+    assert cli_main(["run", str(job_file(tmp_path, "one", keys | {"output_dir": str(one)})), "--no-progress"]) == 0
+    folder = one / "transformed_checkpoint" / "iter_0000001"
+    data = sorted(p.name for p in folder.glob("*.distcp"))
+    assert len(data) > 3 and not (folder / ".metadata").stat().st_size == 0
+    for n in (2, 3):
+        out = tmp_path / f"mpi{n}"
+        proc = mpirun(["-n", n, *autotrans(job_file(tmp_path, out.name, keys | {"output_dir": str(out)}))], timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        assert outputs(out) == outputs(one)
+        files = json.loads((out / "transformed_checkpoint" / "autotrans.json").read_text())["files"]
+        assert {f["mpi_rank"] for f in files if f["path"].endswith(".distcp")} == set(range(n))
+    common = torch.load(folder / "common.pt", weights_only=False)
+    model = gpt_from_args(common["args"], FAMILIES["llama"]["rms_norm_eps"])
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
+    for key in ("checkpoint_version", "iteration", "args"):
+        state.pop(key)
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    want = logits(hf, "llama", torch.tensor(IDS))
+    torch.testing.assert_close(forward(model)[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_written_archives_load_with_torch_and_are_deterministic(tmp_path, monkeypatch, zip64):
+    """The chunk archives autotrans writes load with torch.load (weights_only) as the
+    tensors they hold, twice the same bytes, of the size announced before writing; with
+    the ZIP64 threshold lowered, every record takes the ZIP64 form and torch reads it."""
+    import io
+
+    from runner.formats import torch_archive
+
+    if zip64:
+        monkeypatch.setattr(torch_archive, "LIMIT", 100)
+    torch.manual_seed(0)
+    for t in (torch.randn(37, 64).to(torch.bfloat16), torch.randn(1, 5, 3), torch.randn(()).half()):
+        bits = _bits(t).reshape(t.shape)
+        dtype = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}[t.dtype]
+        first, second = io.BytesIO(), io.BytesIO()
+        torch_archive.write_tensor(first, bits, dtype)
+        torch_archive.write_tensor(second, bits, dtype)
+        assert first.getvalue() == second.getvalue()
+        assert len(first.getvalue()) == torch_archive.tensor_size(dtype, tuple(t.shape))
+        got = torch.load(io.BytesIO(first.getvalue()), weights_only=True)
+        assert got.dtype == t.dtype and torch.equal(got, t)
+    assert torch.load(io.BytesIO(torch_archive.object_archive({"a": [None]})), weights_only=True) == {"a": [None]}

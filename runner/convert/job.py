@@ -10,7 +10,6 @@ MindFormers outputs are whole tensors served by recipes from either side."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -332,29 +331,41 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 
 def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wrap, objects: list[str], head: dict,
                        cast_to: str | None) -> Target:
-    """One unit: the whole model streamed, one tensor at a time, into a torch_dist folder
-    whose `.metadata`, written last, is the unit's file."""
-    import torch
+    """One unit per .distcp file, consecutive whole tensors cut at `max_shard_size`, so
+    MPI ranks share the writing; the finishing step writes `.metadata` (every chunk's
+    byte range follows from the plan), common.pt and metadata.json."""
+    order = list(dst.params)
+    out_infos = {n: TensorInfo(dtypes.cast_dtype(dst.params[n].dtype, cast_to), dst.params[n].shape) for n in order}
+    files = hf_dir.shard(order, out_infos, hf_dir.parse_size(cfg.max_shard_size))
+    folder = iteration_folder(cfg.iteration)
+
+    def plan(unit: Unit) -> FilePlan:
+        names = files[unit.key]
+        return planner.plan_rank(plan_src.with_params({n: plan_src.params[n] for n in names}),
+                                 dst.with_params({n: dst.params[n] for n in names}), 0, cast_to=cast_to)
+
+    def stored(fp: FilePlan) -> list[tuple[str, str, tuple[int, ...]]]:
+        names = mm.file_names(0, [t.name for t in fp.tensors])
+        return [(names[t.name][0], t.out_dtype, tuple(t.stored_shape)) for t in fp.tensors]
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
-        names = mm.file_names(0, [t.name for t in fp.tensors])
-
         def tensors():
-            for t in fp.tensors:
-                bits = tensor_bits(t, pool).reshape(t.stored_shape)
-                yield names[t.name][0], torch.from_numpy(bits).view(dtypes.torch_dtype(t.out_dtype))
+            for (name, dtype, shape), t in zip(stored(fp), fp.tensors):
+                yield name, tensor_bits(t, pool).reshape(shape), dtype
                 pool.release()
                 on_bytes(t.write_bytes)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tensors over read-only mappings: torch warns, never writes
-            meta = torch_dist.write_folder(path.parent, tensors(), mm.nmap.env.int("num_layers"), objects, head)
-        return WrittenFile(meta, meta.stat().st_size, file_crc32(meta))
+        torch_dist.write_data(path, tensors(), objects if unit.key == 0 else [])
+        return WrittenFile(path, path.stat().st_size, file_crc32(path))
 
-    units = (Unit(0, f"{iteration_folder(cfg.iteration)}/{METADATA}", dst.rank_bytes(0)),)
-    return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, 0, cast_to=cast_to), write, wrap,
-                  {"to": "megatron torch_dist", "dst": dst.to_json()},
-                  finish=lambda out: [write_iteration_marker(out, cfg.iteration)])
+    def finish(out: Path) -> list[Path]:
+        contents = [stored(plan(u)) for u in units]
+        return [*torch_dist.write_metadata(out / folder, contents, objects, mm.nmap.env.int("num_layers"), head),
+                write_iteration_marker(out, cfg.iteration)]
+
+    units = tuple(Unit(k, f"{folder}/{torch_dist.data_file(k)}", sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in names))
+                  for k, names in enumerate(files))
+    return Target(dst, units, plan, write, wrap, {"to": "megatron torch_dist", "dst": dst.to_json(), "files": files}, finish)
 
 
 def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: NameMap):

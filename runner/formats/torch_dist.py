@@ -11,22 +11,25 @@ file holding the whole model: `model.decoder.layers.{i}.…` per layer, each a b
 the stacked DCP tensor, so the torch-format naming reads them unchanged.
 
 Writing is the reverse: whole per-layer tensors become chunks (layer index on the leading
-axis) of the stacked tensors, each chunk one torch.save archive appended to a .distcp
-file, then `.metadata` (DCP's own dataclasses), `common.pt` and `metadata.json`.
+axis) of the stacked tensors, each chunk one torch.save archive (runner.formats.
+torch_archive: deterministic bytes, sizes known in advance) appended to a .distcp file;
+several files can be written apart (by MPI ranks), and `.metadata` (DCP's own
+dataclasses), `common.pt` and `metadata.json` follow from what each file holds.
 Megatron-Core's dist_checkpointing.load then cuts whatever boxes its TP / PP needs."""
 
 from __future__ import annotations
 
-import io
 import json
 import pickle  # .metadata must be the pickle torch's DCP loader reads; our own records stay JSON
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from runner.durable import DurableFile
+from runner import dtypes
+from runner.durable import DurableFile, write_bytes
 from runner.errors import FormatError
+from runner.formats import torch_archive
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA, DcpReader
 from runner.formats.torch_pt import load
@@ -126,51 +129,61 @@ class TorchDistReader:
         self._dcp.close()
 
 
-def _durable(path: Path, write: Callable[[Any], None]) -> None:
+def data_file(k: int) -> str:
+    """The k-th .distcp file of a folder autotrans writes."""
+    return f"__{k}_0.distcp"
+
+
+def write_data(path: Path, tensors: Iterable[tuple[str, np.ndarray, str]], objects: list[str]) -> None:
+    """Write one .distcp file: `tensors` yields (torch-format name, raw bits shaped as
+    stored, dtype) one at a time, each appended as its own archive (a chunk of its stacked
+    tensor); then `objects` (module `_extra_state` names), each saved as None, as
+    Megatron-Core's local linears hold it."""
     with DurableFile(path) as out:
-        write(out.stream())
+        f = out.stream()
+        for name, bits, dtype in tensors:
+            lead = stacked(name)[1]
+            torch_archive.write_tensor(f, bits.reshape((1,) * len(lead) + bits.shape), dtype)
+        for _ in objects:
+            f.write(_NONE)
 
 
-def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: int, objects: list[str], head: dict) -> Path:
-    """Write a torch_dist iteration folder: `tensors` yields (torch-format name, torch
-    tensor) one at a time, whole; `objects` are module `_extra_state` names (saved as
-    None, as Megatron-Core's local linears hold it); `head` goes to common.pt. Returns the
-    path of `.metadata`, written last."""
+_NONE = torch_archive.object_archive([None])  # Megatron-Core saves each object as a one-item list
+
+
+def write_metadata(folder: Path, files: list[list[tuple[str, str, tuple[int, ...]]]], objects: list[str],
+                   num_layers: int, head: dict) -> list[Path]:
+    """`.metadata`, `common.pt` (`head`) and `metadata.json` of a folder whose k-th .distcp
+    file holds `files[k]`, (torch-format name, dtype, stored shape) in order, whole
+    per-layer tensors as chunks (layer index on the leading axis) of the stacked tensors,
+    and file 0 then `objects`: every chunk's byte range follows from the archive sizes."""
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
                                                        TensorProperties, TensorStorageMetadata)
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = "__0_0.distcp"
     entries: dict[str, Any] = {}
     storage: dict = {}
-
-    def write_data(f) -> None:
-        for name, t in tensors:
+    for k, items in enumerate(files):
+        at = 0
+        for name, dtype, shape in items:
             key, lead = stacked(name)
-            size = torch.Size((num_layers,) * len(lead) + tuple(t.shape))
-            offsets = torch.Size(lead + (0,) * t.dim())
-            entry = entries.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=t.dtype), size, []))
-            entry.chunks.append(ChunkStorageMetadata(offsets, torch.Size((1,) * len(lead) + tuple(t.shape))))
-            start = f.tell()
-            torch.save(t.reshape(entry.chunks[-1].sizes), f)
-            storage[MetadataIndex(key, offsets)] = _StorageInfo(data, start, f.tell() - start)
-        for name in objects:
+            entry = entries.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtypes.torch_dtype(dtype)),
+                                                                  torch.Size((num_layers,) * len(lead) + shape), []))
+            offsets = torch.Size(lead + (0,) * len(shape))
+            entry.chunks.append(ChunkStorageMetadata(offsets, torch.Size((1,) * len(lead) + shape)))
+            size = torch_archive.tensor_size(dtype, (1,) * len(lead) + shape)
+            storage[MetadataIndex(key, offsets)] = _StorageInfo(data_file(k), at, size)
+            at += size
+        for name in objects if k == 0 else ():
             key, lead = stacked(name)
             fqn = f"{key}/shard_{'_'.join(str(i) for i in lead)}{'_' if lead else ''}{'_'.join(str(num_layers) for _ in lead)}"
-            blob = io.BytesIO()
-            torch.save([None], blob)  # Megatron-Core saves each object as a one-item list
-            start = f.tell()
-            f.write(blob.getvalue())
             entries[fqn] = BytesStorageMetadata()
-            storage[MetadataIndex(fqn)] = _StorageInfo(data, start, f.tell() - start)
-
-    _durable(folder / data, write_data)
-    _durable(folder / COMMON, lambda f: torch.save(head, f))
-    (folder / META_JSON).write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                                                "common_backend": "torch", "common_backend_version": 1}))
-    path = folder / METADATA
-    _durable(path, lambda f: pickle.dump(Metadata(state_dict_metadata=entries, storage_data=storage), f))
-    return path
+            storage[MetadataIndex(fqn)] = _StorageInfo(data_file(k), at, len(_NONE))
+            at += len(_NONE)
+    write_bytes(folder / COMMON, torch_archive.object_archive(head))
+    write_bytes(folder / META_JSON, json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                "common_backend": "torch", "common_backend_version": 1}).encode())
+    write_bytes(folder / METADATA, pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage), protocol=2))
+    return [folder / COMMON, folder / META_JSON, folder / METADATA]
