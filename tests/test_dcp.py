@@ -26,23 +26,28 @@ from tests.test_convert_mcore import IDS, forward, gpt_from_args, mcore_cpu  # n
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# megatron-core's own save of a GPTModel (local spec) holding a torch-format rank file;
-# a file, not `-c`: the async writer's helper process re-imports the main module.
+# megatron-core's own save of a GPTModel (local spec) holding a torch-format rank file,
+# on every rank of a TP x PP x EP layout (EP carved out of data parallelism); a file, not
+# `-c`: the async writer's helper process re-imports the main module.
 SAVE_WORKER = """
 import os, sys, torch, torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing, parallel_state as ps
 from megatron.core.tensor_parallel import random as mrandom
 from tests.test_convert_mcore import cpu_patches, gpt_from_args
 
 if __name__ == "__main__":
-    rank, tp, port, src, out, eps = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], float(sys.argv[6])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
-    parallel_state.initialize_model_parallel(tp, 1)
+    rank, world, tp, pp, ep = (int(a) for a in sys.argv[1:6])
+    port, src, out, eps = sys.argv[6], sys.argv[7], sys.argv[8], float(sys.argv[9])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
     for obj, name, value in cpu_patches(mrandom):
         setattr(obj, name, value)
     torch.cuda.synchronize = lambda *a, **k: None  # the writer syncs the (absent) GPU
-    doc = torch.load(f"{src}/iter_0000001/mp_rank_{rank:02d}/model_optim_rng.pt", weights_only=False)
-    model = gpt_from_args(doc["args"], eps)
+    stage = ps.get_pipeline_model_parallel_rank()
+    folder = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}" + (f"_{stage:03d}" if pp > 1 else "") \\
+        + (f"_{ps.get_expert_model_parallel_rank():03d}" if ep > 1 else "")
+    doc = torch.load(f"{src}/iter_0000001/{folder}/model_optim_rng.pt", weights_only=False)
+    model = gpt_from_args(doc["args"], eps, pipeline=pp, pre_process=stage == 0, post_process=stage == pp - 1)
     model.load_state_dict(doc["model"], strict=True)
     state = {"args": doc["args"], "checkpoint_version": 3.0, "iteration": 1, "model": model.sharded_state_dict()}
     os.makedirs(f"{out}/iter_0000001", exist_ok=True)
@@ -59,28 +64,50 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _megatron_save(tmp: Path, hf: Path, family: str, tp: int = 1, pp: int = 1, ep: int = 1):
+    """Start megatron-core saving `hf`'s model (converted to torch format at TP x PP x EP
+    by autotrans, loaded strictly by each rank) as a torch_dist folder: (folder, processes)."""
+    name = f"{family}_tp{tp}pp{pp}ep{ep}"
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp / f"torch_{name}"),
+               parallel_config={"model_parallel": tp, "pipeline_stage": pp, "expert_parallel": ep}) == 0
+    worker = tmp / "save_worker.py"
+    worker.write_text(SAVE_WORKER)
+    port, world, out = _port(), tp * pp * ep, tmp / f"dist_{name}"
+    eps = FAMILIES[family]["rms_norm_eps"]
+    return out, [subprocess.Popen([sys.executable, str(worker), *map(str, (r, world, tp, pp, ep, port)),
+                                   str(tmp / f"torch_{name}" / "transformed_checkpoint"), str(out), str(eps)],
+                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+
+
+def _wait(procs) -> None:
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+
 @pytest.fixture(scope="module")
 def torch_dist(tmp_path_factory):
     """{tp: torch_dist folder} saved by megatron-core at TP1 and TP2 from one tiny Llama
     (GQA, untied), and that model's HF folder."""
     tmp = tmp_path_factory.mktemp("torch_dist")
     hf = make_hf(tmp / "hf", "llama", dtype=torch.float32)
-    worker = tmp / "save_worker.py"
-    worker.write_text(SAVE_WORKER)
-    procs, folders = [], {}
-    for tp in (1, 2):
-        assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local",
-                   parallel_config={"model_parallel": tp}, output_dir=str(tmp / f"torch{tp}")) == 0
-        folders[tp] = tmp / f"dist{tp}"
-        port = _port()
-        procs += [subprocess.Popen([sys.executable, str(worker), str(r), str(tp), str(port), str(tmp / f"torch{tp}" / "transformed_checkpoint"),
-                                    str(folders[tp]), str(FAMILIES["llama"]["rms_norm_eps"])],
-                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(tp)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    return folders, hf
+    started = {tp: _megatron_save(tmp, hf, "llama", tp=tp) for tp in (1, 2)}
+    for _, procs in started.values():
+        _wait(procs)
+    return {tp: folder for tp, (folder, _) in started.items()}, hf
+
+
+@pytest.fixture(scope="module")
+def torch_dist_pp_moe(tmp_path_factory):
+    """torch_dist folders megatron-core saved from a tiny Llama at pipeline parallel 2 and
+    from a tiny Mixtral (4 experts) at expert parallel 2: {name: (folder, HF folder)}."""
+    tmp = tmp_path_factory.mktemp("torch_dist_pp_moe")
+    hfs = {"pp2": make_hf(tmp / "llama", "llama", dtype=torch.float32), "moe": make_hf(tmp / "mixtral", "mixtral", dtype=torch.float32)}
+    started = {"pp2": _megatron_save(tmp, hfs["pp2"], "llama", pp=2), "moe": _megatron_save(tmp, hfs["moe"], "mixtral", ep=2)}
+    for _, procs in started.values():
+        _wait(procs)
+    return {k: (folder, hfs[k]) for k, (folder, _) in started.items()}
 
 
 def _reference(folder: Path, tmp: Path) -> dict:
@@ -97,14 +124,14 @@ def _reference(folder: Path, tmp: Path) -> dict:
     return flat
 
 
-def assert_is_hf_model(out: Path, hf: Path) -> None:
+def assert_is_hf_model(out: Path, hf: Path, family: str = "llama") -> None:
     """`out` holds `hf`'s weights bit for bit and gives transformers' logits."""
     got, want = hf_tensors(out), hf_tensors(hf)
     assert sorted(got) == sorted(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
     ids = torch.tensor([[1, 7, 42, 99, 3, 120, 5]])
-    assert torch.equal(logits(out, "llama", ids), logits(hf, "llama", ids))
+    assert torch.equal(logits(out, family, ids), logits(hf, family, ids))
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -180,6 +207,16 @@ def test_torch_dist_to_hf_is_the_original_model(tmp_path, torch_dist, tp):
     assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf)
 
 
+@pytest.mark.parametrize("name,family", [("pp2", "llama"), ("moe", "mixtral")])
+def test_torch_dist_pp2_and_moe_to_hf_is_the_original_model(tmp_path, torch_dist_pp_moe, name, family):
+    """megatron-core's saves at pipeline parallel 2 (each stage's layers at their global
+    numbers) and of a Mixtral at expert parallel 2 (experts on a second stacked axis)
+    convert to HF bit for bit."""
+    folder, hf = torch_dist_pp_moe[name]
+    assert run(load_checkpoint=str(folder), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "o")) == 0
+    assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf, family)
+
+
 def test_torch_dist_reshards_to_torch_format_and_verifies(tmp_path, torch_dist):
     """torch_dist (saved at TP2; local-spec norms under TransformerEngine's names, as
     Megatron-Core saves them) -> torch-format TP1 PP2 holds the same model (verify
@@ -218,33 +255,38 @@ def test_torch_dist_missing_data_file_is_one_clear_error(tmp_path, torch_dist):
             reader.array(name)
 
 
-def test_hf_to_torch_dist_loads_with_megatron_core_at_another_tp(tmp_path, mcore_cpu):
-    """HF -> torch_dist written for TP2; megatron-core's own dist_checkpointing.load fills
-    a TP1 GPTModel's sharded_state_dict (strict) and it gives transformers' logits."""
+@pytest.mark.parametrize("family,parallel,arg", [("llama", "model_parallel", "tensor_model_parallel_size"),
+                                                 ("mixtral", "expert_parallel", "expert_model_parallel_size")])
+def test_hf_to_torch_dist_loads_with_megatron_core_at_another_layout(tmp_path, mcore_cpu, monkeypatch, family, parallel, arg):
+    """HF -> torch_dist written for TP2 (a dense Llama) or EP2 (a Mixtral: experts on a
+    second stacked axis); megatron-core's own dist_checkpointing.load fills a TP1 EP1
+    GPTModel's sharded_state_dict (strict), which gives transformers' logits."""
     import argparse
 
+    import megatron.core.transformer.moe.moe_utils as moe_utils
     from megatron.core import dist_checkpointing
 
-    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
+    from runner.verify import Checkpoint, compare
+
+    monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)  # its router reads this TransformerEngine hook
+    hf = make_hf(tmp_path / "hf", family, dtype=torch.float32)
     assert run(load_checkpoint=str(hf), output_format="megatron", megatron_format="torch_dist", transformer_impl="local",
-               parallel_config={"model_parallel": 2}, output_dir=str(tmp_path / "m")) == 0
+               parallel_config={parallel: 2}, output_dir=str(tmp_path / "m")) == 0
     root = tmp_path / "m" / "transformed_checkpoint"
     assert (root / "latest_checkpointed_iteration.txt").read_text() == "1"
     folder = root / "iter_0000001"
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
     common = torch.load(folder / "common.pt", weights_only=False)
-    assert common["args"].tensor_model_parallel_size == 2 and common["iteration"] == 1
-    args = argparse.Namespace(**{**vars(common["args"]), "tensor_model_parallel_size": 1})
-    model = gpt_from_args(args, FAMILIES["llama"]["rms_norm_eps"])
+    assert getattr(common["args"], arg) == 2 and common["iteration"] == 1
+    args = argparse.Namespace(**{**vars(common["args"]), arg: 1})
+    model = gpt_from_args(args, FAMILIES[family]["rms_norm_eps"])
     state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
     assert state.pop("checkpoint_version") == 3.0 and state.pop("iteration") == 1 and state.pop("args") is not None
     result = model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    want = logits(hf, "llama", torch.tensor(IDS))
-    from runner.verify import Checkpoint, compare
-
+    want = logits(hf, family, torch.tensor(IDS))
     assert compare(Checkpoint.open(hf), Checkpoint.open(root), None) == []  # and it reads back as the HF model
-    torch.testing.assert_close(forward(model)[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(forward(model)[..., : FAMILIES[family]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
 
 
 # torchtitan's Llama 3 names for HF's, per layer and outside the layers

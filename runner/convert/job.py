@@ -287,12 +287,12 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     spec = src.spec
     padded = spec.padded_vocab(cfg.make_vocab_size_divisible_by, lay.tp)
     dist = cfg.megatron_format == "torch_dist"
-    if dist and (cfg.megatron_naming == "legacy" or spec.experts):
-        raise ConfigError("megatron_format: torch_dist is written for dense models with Megatron-Core names (megatron_naming: core)")
-    # torch_dist holds whole tensors under TransformerEngine's names whatever the layer
-    # spec, as Megatron-Core saves them; its loader cuts them for any TP / PP
-    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, "transformer_engine" if dist else cfg.transformer_impl),
-                      MegatronLayout(1, 1, 1) if dist else lay, padded)
+    if dist and cfg.megatron_naming == "legacy":
+        raise ConfigError("megatron_format: torch_dist needs Megatron-Core names (megatron_naming: core); Megatron-LM's "
+                          "legacy models do not use distributed checkpoints")
+    # torch_dist holds whole tensors (its loader cuts them for any TP / PP / EP), under the
+    # keys the layer spec saves them as
+    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), MegatronLayout(1, 1, 1) if dist else lay, padded)
     nmap = mm.nmap
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if isinstance(src, HFInput):
@@ -312,9 +312,8 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
                          cfg.megatron_naming, out_dtype, step)
     head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}
     if dist:
-        local = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), MegatronLayout(1, 1, 1), padded)
-        objects = [n for n in local.extra_state(0) if n.startswith(torch_dist.LAYERS)]
-        return _torch_dist_target(cfg, mm, plan_src, dst, wrap, objects, head, cast_to)
+        objects = [n for n in mm.extra_state(0) if n.startswith(torch_dist.LAYERS)]
+        return _torch_dist_target(cfg, mm, plan_src, dst, wrap, objects, head, cast_to, spec.experts)
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
         names = mm.file_names(unit.key, [t.name for t in fp.tensors])
@@ -330,7 +329,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 
 
 def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wrap, objects: list[str], head: dict,
-                       cast_to: str | None) -> Target:
+                       cast_to: str | None, experts: int) -> Target:
     """One unit per .distcp file, consecutive whole tensors cut at `max_shard_size`, so
     MPI ranks share the writing; the finishing step writes `.metadata` (every chunk's
     byte range follows from the plan), common.pt and metadata.json."""
@@ -344,14 +343,30 @@ def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wr
         return planner.plan_rank(plan_src.with_params({n: plan_src.params[n] for n in names}),
                                  dst.with_params({n: dst.params[n] for n in names}), 0, cast_to=cast_to)
 
-    def stored(fp: FilePlan) -> list[tuple[str, str, tuple[int, ...]]]:
+    def keys(fp: FilePlan) -> dict[str, list[str]]:
         names = mm.file_names(0, [t.name for t in fp.tensors])
-        return [(names[t.name][0], t.out_dtype, tuple(t.stored_shape)) for t in fp.tensors]
+        if cfg.transformer_impl == "local":
+            names = {n: [torch_dist.local_spec_key(f) for f in fs] for n, fs in names.items()}
+        return names
+
+    def stored(fp: FilePlan) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Each tensor's chunks in file order: one per tensor, one per expert of a tensor
+        that stacks experts."""
+        names = keys(fp)
+        return [(name, t.out_dtype, tuple(t.stored_shape[1:] if stacks(t) else t.stored_shape))
+                for t in fp.tensors for name in names[t.name]]
+
+    def stacks(t) -> bool:
+        return mm.nmap.tensors[t.name].experts > 0
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
+        names = keys(fp)
+
         def tensors():
-            for (name, dtype, shape), t in zip(stored(fp), fp.tensors):
-                yield name, tensor_bits(t, pool).reshape(shape), dtype
+            for t in fp.tensors:
+                bits = tensor_bits(t, pool).reshape(t.stored_shape)
+                for j, name in enumerate(names[t.name]):
+                    yield name, bits[j] if stacks(t) else bits, t.out_dtype
                 pool.release()
                 on_bytes(t.write_bytes)
 
@@ -360,7 +375,8 @@ def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wr
 
     def finish(out: Path) -> list[Path]:
         contents = [stored(plan(u)) for u in units]
-        return [*torch_dist.write_metadata(out / folder, contents, objects, mm.nmap.env.int("num_layers"), head),
+        axes = (mm.nmap.env.int("num_layers"), max(1, experts))
+        return [*torch_dist.write_metadata(out / folder, contents, objects, axes, head),
                 write_iteration_marker(out, cfg.iteration)]
 
     units = tuple(Unit(k, f"{folder}/{torch_dist.data_file(k)}", sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in names))
@@ -371,11 +387,17 @@ def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wr
 def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: NameMap):
     """Megatron to Megatron: tensors whose shape is unchanged are read straight from the
     source layout; vocab tensors whose padding changes (or a tied output layer copy the
-    source lacks) are rebuilt by a recipe from the source's logical tensors."""
+    source lacks), and tensors another layer spec names differently (the norms), are
+    rebuilt by a recipe from the source's logical tensors."""
     direct = {n: p for n, p in src.strategy.params.items() if n in infos and p.shape == infos[n].shape}
     links, pads = [], []
     vocab = src.spec.vocab
+    by_role = {(t.weight.role, t.layer): n for n, t in src.nmap.tensors.items()}
     for n in sorted(set(infos) - set(direct)):
+        renamed = by_role.get((nmap.tensors[n].weight.role, nmap.tensors[n].layer))
+        if n not in nmap.vocab and renamed is not None and src.infos[renamed].shape == infos[n].shape:
+            links.append(rows.Link(renamed, 0, n, 0, infos[n].shape[0]))
+            continue
         if n not in nmap.vocab:
             raise FormatError(f"{n}: the source has shape {list(src.infos[n].shape) if n in src.infos else 'none'}, the destination needs {list(infos[n].shape)}")
         origin = n if n in src.infos else nmap.vocab[n]
