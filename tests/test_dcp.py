@@ -431,3 +431,60 @@ def test_written_archives_load_with_torch_and_are_deterministic(tmp_path, monkey
         got = torch.load(io.BytesIO(first.getvalue()), weights_only=True)
         assert got.dtype == t.dtype and torch.equal(got, t)
     assert torch.load(io.BytesIO(torch_archive.object_archive({"a": [None]})), weights_only=True) == {"a": [None]}
+
+
+def _megatron_logits(root: Path, eps: float) -> torch.Tensor:
+    """Logits of megatron-core's GPTModel (local layer spec, TP1) holding a Megatron
+    output: a torch_dist folder through dist_checkpointing.load, or each pipeline stage's
+    rank file; every load strict."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+
+    folder = root / "iter_0000001"
+    if (folder / "metadata.json").exists():
+        args = torch.load(folder / "common.pt", weights_only=False)["args"]
+        model = gpt_from_args(argparse.Namespace(**{**vars(args), "tensor_model_parallel_size": 1}), eps)
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
+        stages = [(model, {k: v for k, v in state.items() if k not in ("args", "checkpoint_version", "iteration")})]
+    else:
+        docs = [torch.load(p, weights_only=False) for p in sorted(folder.glob("mp_rank_*/model_optim_rng.pt"))]
+        a = docs[0]["args"]
+        assert a.tensor_model_parallel_size == 1 and a.transformer_impl == "local"
+        stage_args = argparse.Namespace(**{**vars(a), "num_layers": a.num_layers // len(docs)})
+        stages = [(gpt_from_args(stage_args, eps, pre_process=i == 0, post_process=i == len(docs) - 1), d["model"])
+                  for i, d in enumerate(docs)]
+    hidden = None
+    for model, state in stages:
+        result = model.load_state_dict(state, strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        if hidden is not None:
+            model.set_input_tensor(hidden)
+        hidden = forward(model)
+    return hidden
+
+
+@pytest.mark.parametrize("steps", [
+    [{"transformer_impl": "transformer_engine", "parallel_config": {"model_parallel": 2}}, {"transformer_impl": "local"}],
+    [{"transformer_impl": "local", "parallel_config": {"model_parallel": 2}}, {"transformer_impl": "local", "megatron_format": "torch_dist"}],
+    [{"megatron_format": "torch_dist", "parallel_config": {"model_parallel": 2}},
+     {"transformer_impl": "local", "parallel_config": {"pipeline_stage": 2}}],
+    [{"transformer_impl": "local", "parallel_config": {"pipeline_stage": 2}}, {"megatron_format": "torch_dist"},
+     {"transformer_impl": "local", "parallel_config": {"model_parallel": 2}}, {"transformer_impl": "local"}],
+], ids=["te-tp2>local", "local-tp2>dist-local", "dist-te-tp2>local-pp2", "local-pp2>dist-te>local-tp2>local"])
+def test_megatron_to_megatron_across_layer_specs_loads_in_gpt_model(tmp_path, mcore_cpu, steps):
+    """Megatron -> Megatron between layer specs (TransformerEngine's fused norm names and
+    the local spec's), torch format and torch_dist, and TP / PP: the last output loads
+    strictly into megatron-core's GPTModel at its own spec and gives transformers' logits,
+    and it holds the HF model bit for bit."""
+    from runner.verify import Checkpoint, compare
+
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
+    src = hf
+    for i, keys in enumerate(steps):
+        assert run(load_checkpoint=str(src), output_format="megatron", output_dir=str(tmp_path / f"s{i}"), **keys) == 0
+        src = tmp_path / f"s{i}" / "transformed_checkpoint"
+    got = _megatron_logits(src, FAMILIES["llama"]["rms_norm_eps"])
+    want = logits(hf, "llama", torch.tensor(IDS))
+    torch.testing.assert_close(got[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
+    assert compare(Checkpoint.open(hf), Checkpoint.open(src), None) == []
