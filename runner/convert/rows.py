@@ -11,7 +11,7 @@ computed from source rows only, never materialising more than the region."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
@@ -141,6 +141,11 @@ def compose(outer: dict[str, Recipe], inner: dict[str, Recipe]) -> dict[str, Rec
             blocks += _sub_blocks(mid.blocks, b.start, 1 if b.repeat else b.count, b.count if b.repeat else 0)
         out[name] = Recipe(r.shape, r.dtype, r.row_dims, tuple(blocks))
     return out
+
+
+def renamed(recipes: dict[str, Recipe], names: dict[str, str]) -> dict[str, Recipe]:
+    """`recipes` reading their sources under other names (`names`: old -> new)."""
+    return {n: replace(r, blocks=tuple(b._replace(src=names.get(b.src, b.src)) for b in r.blocks)) for n, r in recipes.items()}
 
 
 def _sub_blocks(blocks: tuple[Block, ...], start: int, count: int, repeat: int) -> list[Block]:
