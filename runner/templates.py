@@ -122,6 +122,17 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "param_init_type": ("torch_dtype", "dtype", "params_dtype"),
 }
 
+# MindSpore Transformers' model_config / moe_config keys (and HF's) that change which
+# weights exist or how they are laid out, with the value that changes nothing. Another
+# value needs a template that models the key (SPEC 5: never a silently different layout).
+LAYOUT_KEYS = {"qkv_concat": False, "qkv_has_bias": False, "attn_proj_has_bias": False, "attention_bias": False,
+               "mlp_bias": False, "add_bias_linear": False, "qk_layernorm": False, "use_3d_tensor_parallel": False,
+               "mtp_depth": 0, "multi_latent_attention": False, "q_lora_rank": None, "kv_lora_rank": None,
+               "expert_num": 1, "shared_expert_num": 0, "use_shared_expert_gating": False,
+               "first_k_dense_replace": True, "moe_intermediate_size": 1407, "balance_via_topk_bias": False,
+               "use_allgather_dispatcher": False, "expert_model_parallel": None, "use_gmm": False,
+               "enable_cold_hot_expert": False, "enable_deredundency": False,
+               "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 @dataclass(frozen=True)
 class Part:
@@ -471,6 +482,19 @@ def config_json_names(hf: Mapping[str, Any], mc: Mapping[str, Any], where: Path)
                               "the HF folder gives the sizes: leave it out or give the right one")
         names[key] = f"{where}'s {k}"
     return names
+
+
+def check_modelled(template: Template, sections: list[tuple[str, dict]]) -> None:
+    """A layout key set to a value that changes the layout must be one the template
+    models; else the layout would silently differ from the model's."""
+    known = template.mentions()
+    reverse = {alias: key for key, aliases in ALIASES.items() for alias in aliases}
+    for label, doc in sections:
+        for key, value in doc.items():
+            if key in LAYOUT_KEYS and value is not None and value != LAYOUT_KEYS[key] \
+                    and key not in known and reverse.get(key, key) not in known:
+                raise ConfigError(f"{label}.{key}: {value!r} changes the weights or their layout in a way "
+                                  f"template {template.name} does not model; no layout is generated for it")
 
 
 def hf_config(folder: Path) -> dict[str, Any]:

@@ -30,6 +30,11 @@ FAMILIES = {
     # GPT-2: Conv1D weights [in, out], learned positions, LayerNorm with bias, tied embeddings
     "gpt2": dict(cls="GPT2Config", model="GPT2LMHeadModel", n_embd=64, n_layer=4, n_head=4, n_positions=32, vocab_size=300,
                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=True),
+    # Qwen3-MoE: Qwen3's attention, routed experts only, top-k probabilities renormalised
+    "qwen3_moe": dict(cls="Qwen3MoeConfig", model="Qwen3MoeForCausalLM", hidden_size=64, intermediate_size=96,
+                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      vocab_size=150, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False,
+                      rms_norm_eps=1e-6),
     "qwen3": dict(cls="Qwen3Config", model="Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, tie_word_embeddings=False,
                   rms_norm_eps=1e-6),

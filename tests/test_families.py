@@ -25,6 +25,16 @@ MF_NAMES = {
         "model.norm.weight": "decoder.final_layernorm.weight",
         "lm_head.weight": "output_layer.weight",
     },
+    "qwen3_moe": {  # its Qwen3-MoE weight loader's convert_name
+        "model.layers.1.self_attn.q_norm.weight": "decoder.layers.1.self_attention.q_layernorm.weight",
+        "model.layers.1.self_attn.v_proj.weight": "decoder.layers.1.self_attention.linear_v.weight",
+        "model.layers.0.mlp.gate.weight": "decoder.layers.0.mlp.router.weight.weight",
+        "model.layers.0.mlp.experts.3.gate_proj.weight": "decoder.layers.0.mlp.experts.3.gating.weight",
+        "model.layers.1.mlp.experts.0.up_proj.weight": "decoder.layers.1.mlp.experts.0.linear_fc1.weight",
+        "model.layers.1.mlp.experts.2.down_proj.weight": "decoder.layers.1.mlp.experts.2.linear_fc2.weight",
+        "model.layers.1.post_attention_layernorm.weight": "decoder.layers.1.pre_mlp_layernorm.weight",
+        "lm_head.weight": "output_layer.weight",
+    },
 }
 
 
@@ -43,18 +53,27 @@ def test_hf_to_mindformers_names_and_back_is_bit_identical(tmp_path, family):
     assert all(torch.equal(back[k].view(torch.int16), src[k].view(torch.int16)) for k in src)
 
 
-def test_qwen2_moe_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch):
-    """Routed experts (softmax before top-k, no renormalisation, as Qwen2-MoE), the shared
-    expert and its sigmoid gate: megatron-core's MoE layer on the CPU (local spec, the
-    allgather dispatcher) gives transformers' logits."""
+# megatron-core settings of each MoE family's routing (the weights say nothing of it)
+MOE_ROUTING = {
+    # softmax over all experts before top-k, no renormalisation; a shared expert with a sigmoid gate
+    "qwen2_moe": dict(moe_router_pre_softmax=True, moe_shared_expert_gate=True),
+    # norm_topk_prob: top-k of the logits, softmax over those k (= renormalised probabilities); q/k norms
+    "qwen3_moe": dict(moe_router_pre_softmax=False, qk_layernorm=True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_ROUTING))
+def test_moe_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch, family):
+    """Routed experts (and a shared expert where the family has one): megatron-core's MoE
+    layer on the CPU (local spec, the allgather dispatcher) gives transformers' logits."""
     import megatron.core.transformer.moe.moe_utils as moe_utils
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)  # its router reads this TransformerEngine hook
-    c = FAMILIES["qwen2_moe"]
-    hf = make_hf(tmp_path / "hf", "qwen2_moe", dtype=torch.float32)
+    c, routing = FAMILIES[family], MOE_ROUTING[family]
+    hf = make_hf(tmp_path / "hf", family, dtype=torch.float32)
     assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
     doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     a = doc["args"]
@@ -65,15 +84,31 @@ def test_qwen2_moe_megatron_output_loads_strict_into_gpt_model_and_matches_trans
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=a.add_qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, use_cpu_initialization=True,
         num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size, moe_router_topk=a.moe_router_topk,
-        moe_router_pre_softmax=True, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-        moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size, moe_shared_expert_gate=True,
-        moe_token_dispatcher_type="allgather")
-    model = GPTModel(cfg, get_gpt_layer_local_spec(num_experts=a.num_experts, moe_grouped_gemm=False),
-                     vocab_size=a.padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size,
+        moe_token_dispatcher_type="allgather", **routing)
+    spec = get_gpt_layer_local_spec(num_experts=a.num_experts, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
+    model = GPTModel(cfg, spec, vocab_size=a.padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
                      rotary_base=int(a.rotary_base), share_embeddings_and_output_weights=False)
     assert sorted(doc["model"]) == sorted(model.state_dict())
     result = model.load_state_dict(doc["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     got = forward(model)[..., : c["vocab_size"]]
-    want = logits(hf, "qwen2_moe", torch.tensor(IDS))
+    want = logits(hf, family, torch.tensor(IDS))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [("mlp_only_layers", [1]), ("decoder_sparse_step", 2)])
+def test_qwen3_moe_dense_layers_are_refused_naming_the_key(tmp_path, key, value):
+    """Layers with a dense MLP among the MoE layers are a layout the template does not
+    name: the conversion stops with a one-line error naming the config.json key."""
+    import json
+
+    from runner.errors import ConfigError
+
+    hf = make_hf(tmp_path / "hf", "qwen3_moe")
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ConfigError) as e:
+        run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"))
+    assert f"config.json.{key}: {value!r}" in str(e.value) and "qwen3_moe" in str(e.value) and "\n" not in str(e.value)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from runner.errors import ConfigError, FormatError
-from runner.templates import Env, Template, available, canonical_config, evaluate, find, resolve
+from runner.templates import Env, Template, available, canonical_config, check_modelled, evaluate, find, resolve
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,16 @@ def from_hf_config(cfg: dict, where: str, arch: Any = None) -> Model:
     else config.json's architectures / model_type do."""
     values = canonical_config(cfg, {"rope_theta": (cfg.get("rope_parameters") or {}).get("rope_theta")})
     if arch:
-        return Model(resolve(arch), values)
-    names = [*(cfg.get("architectures") or []), cfg.get("model_type")]
-    template = next((t for t in (find(n) for n in names if isinstance(n, str)) if t is not None), None)
-    if template is None:
-        raise FormatError(f"{where}: model_type {cfg.get('model_type')!r} has no template in strategies/ "
-                          f"(templates: {', '.join(available())}); set model.arch to a template file of your own")
-    return Model(template.switched(values), values)
+        template = resolve(arch)
+    else:
+        names = [*(cfg.get("architectures") or []), cfg.get("model_type")]
+        found = next((t for t in (find(n) for n in names if isinstance(n, str)) if t is not None), None)
+        if found is None:
+            raise FormatError(f"{where}: model_type {cfg.get('model_type')!r} has no template in strategies/ "
+                              f"(templates: {', '.join(available())}); set model.arch to a template file of your own")
+        template = found.switched(values)
+    check_modelled(template, [(where, cfg)])  # a layer layout the template cannot name is refused
+    return Model(template, values)
 
 
 def read_hf_config(folder: Path, arch: Any = None) -> tuple[dict, Model]:
