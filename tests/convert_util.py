@@ -35,6 +35,10 @@ FAMILIES = {
                       moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       vocab_size=150, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False,
                       rms_norm_eps=1e-6),
+    # GLM-4: q/k/v biases, fused gate_up_proj, sandwich norms, interleaved rotary on half of each head
+    "glm4": dict(cls="Glm4Config", model="Glm4ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=150, tie_word_embeddings=False,
+                 rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=0),
     "qwen3": dict(cls="Qwen3Config", model="Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, tie_word_embeddings=False,
                   rms_norm_eps=1e-6),

@@ -42,8 +42,9 @@ def cpu_patches(mrandom) -> list:
             (mrandom.CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext())]
 
 
-def gpt_from_args(a, rms_eps: float, **kw):
-    """Megatron-Core's GPTModel (local layer spec) for a checkpoint's args."""
+def gpt_from_args(a, rms_eps: float, config: dict | None = None, **kw):
+    """Megatron-Core's GPTModel (local layer spec) for a checkpoint's args; `config` adds
+    TransformerConfig fields, `kw` GPTModel arguments."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -59,7 +60,7 @@ def gpt_from_args(a, rms_eps: float, **kw):
         activation_func=activation, add_bias_linear=a.add_bias_linear, add_qkv_bias=a.add_qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0, qk_layernorm=getattr(a, "qk_layernorm", False),
         params_dtype=torch.float32, use_cpu_initialization=True, tensor_model_parallel_size=a.tensor_model_parallel_size,
-    )
+        **(config or {}))
     rope = {"rotary_base": int(a.rotary_base)} if a.position_embedding_type == "rope" else {}
     return GPTModel(cfg, get_gpt_layer_local_spec(qk_layernorm=getattr(a, "qk_layernorm", False)),
                     vocab_size=a.padded_vocab_size, max_sequence_length=a.max_position_embeddings,

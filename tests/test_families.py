@@ -25,6 +25,16 @@ MF_NAMES = {
         "model.norm.weight": "decoder.final_layernorm.weight",
         "lm_head.weight": "output_layer.weight",
     },
+    "glm4": {  # its Glm4 weight_mapping
+        "model.embed_tokens.weight": "embedding.word_embeddings.weight",
+        "model.layers.0.self_attn.q_proj.bias": "decoder.layers.0.self_attention.linear_q.bias",
+        "model.layers.3.self_attn.k_proj.weight": "decoder.layers.3.self_attention.linear_k.weight",
+        "model.layers.1.mlp.gate_up_proj.weight": "decoder.layers.1.mlp.linear_fc1.weight",
+        "model.layers.1.post_attention_layernorm.weight": "decoder.layers.1.pre_mlp_layernorm.weight",
+        "model.layers.2.post_self_attn_layernorm.weight": "decoder.layers.2.post_self_attn_layernorm.weight",
+        "model.layers.2.post_mlp_layernorm.weight": "decoder.layers.2.post_mlp_layernorm.weight",
+        "lm_head.weight": "output_layer.weight",
+    },
     "qwen3_moe": {  # its Qwen3-MoE weight loader's convert_name
         "model.layers.1.self_attn.q_norm.weight": "decoder.layers.1.self_attention.q_layernorm.weight",
         "model.layers.1.self_attn.v_proj.weight": "decoder.layers.1.self_attention.linear_v.weight",
@@ -112,3 +122,31 @@ def test_qwen3_moe_dense_layers_are_refused_naming_the_key(tmp_path, key, value)
     with pytest.raises(ConfigError) as e:
         run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"))
     assert f"config.json.{key}: {value!r}" in str(e.value) and "qwen3_moe" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_glm4_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu):
+    """GLM-4 in GPTModel (local spec): q/k/v biases, gate_up_proj as fc1, rotary on the first
+    half of each head with interleaved pairs (rotary_interleaved, rotary_percent 0.5, q and k
+    rows as HF has them). Megatron-Core 0.16's TransformerLayer has no sandwich norms: the
+    test gives each layer post_self_attn_layernorm and post_mlp_layernorm modules (norms of
+    the attention and MLP outputs, applied by forward hooks), which the checkpoint fills."""
+    import copy
+
+    from tests.test_convert_mcore import gpt_from_args
+
+    c = FAMILIES["glm4"]
+    hf = make_hf(tmp_path / "hf", "glm4", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    model = gpt_from_args(doc["args"], c["rms_norm_eps"], config={"rotary_interleaved": True}, rotary_percent=0.5)
+    for layer in model.decoder.layers:
+        for module, norm_name in ((layer.self_attention, "post_self_attn_layernorm"), (layer.mlp, "post_mlp_layernorm")):
+            norm = copy.deepcopy(layer.input_layernorm)
+            setattr(layer, norm_name, norm)
+            module.register_forward_hook(lambda _m, _i, out, norm=norm: (norm(out[0]), out[1]))
+    assert sorted(doc["model"]) == sorted(model.state_dict())
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    got = forward(model)[..., : c["vocab_size"]]
+    want = logits(hf, "glm4", torch.tensor(IDS))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -75,7 +75,8 @@ class Model:
 def from_hf_config(cfg: dict, where: str, arch: Any = None) -> Model:
     """The model an HF config.json describes; `arch` (model.arch) names its template,
     else config.json's architectures / model_type do."""
-    values = canonical_config(cfg, {"rope_theta": (cfg.get("rope_parameters") or {}).get("rope_theta")})
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps the rotary settings here
+    values = canonical_config(cfg, {k: rope.get(k) for k in ("rope_theta", "partial_rotary_factor")})
     if arch:
         template = resolve(arch)
     else:
@@ -122,6 +123,7 @@ def megatron_config(args: Namespace, where: str, true_vocab: int | None = None) 
         "vocab_size": int(vocab), "tie_word_embeddings": not a.get("untie_embeddings_and_output_weights", False),
         "norm_eps": a.get("norm_epsilon"), "rope_theta": a.get("rotary_base"),
         "max_position_embeddings": a.get("max_position_embeddings"),
+        "partial_rotary_factor": a.get("rotary_percent"),
     }
     if experts:
         out.update(num_experts=experts, num_experts_per_tok=a.get("moe_router_topk"),

@@ -215,10 +215,22 @@ def linked_dtype(m: NameMap, name: str, sources: dict[str, TensorInfo]) -> str:
     return kinds.pop()
 
 
+def whole_map(model: Model, scheme: str) -> NameMap:
+    """HF -> `scheme` links for whole tensors: a fused weight has its stored shape
+    (GLM-4's fc1 [2 * ffn, hidden], not the [2, ffn, hidden] a tensor-parallel split needs;
+    the rows are the same)."""
+    m = scheme_map(model, "hf", scheme)
+    for name, t in m.tensors.items():
+        if t.stored is not None:
+            m.shapes[name] = t.stored
+            m.row_dims[name] = row_dims(t.stored)
+    return m
+
+
 def scheme_tensors(model: Model, scheme: str, hf: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], dict[str, Recipe]]:
     """The tensors of `scheme` (MindFormers names: renamed, fused, experts stacked), each
     with its recipe from the whole HF tensors `hf`."""
-    m = scheme_map(model, "hf", scheme)
+    m = whole_map(model, scheme)
     infos = {n: TensorInfo(linked_dtype(m, n, hf), shape) for n, shape in m.shapes.items()}
     return infos, forward(m.links, m.pads, hf, infos, m.row_dims)
 
@@ -226,7 +238,7 @@ def scheme_tensors(model: Model, scheme: str, hf: dict[str, TensorInfo]) -> tupl
 def hf_tensors(model: Model, scheme: str, held: dict[str, TensorInfo], where: str) -> tuple[dict[str, TensorInfo], dict[str, Recipe]]:
     """The HF tensors a checkpoint named in `scheme` holds, each with its recipe from
     the checkpoint's tensors (`held`, which must be exactly the scheme's)."""
-    m = scheme_map(model, "hf", scheme)
+    m = whole_map(model, scheme)
     unknown, missing = sorted(set(held) - set(m.shapes)), sorted(set(m.shapes) - set(held))
     if unknown or missing:
         what = f"holds {unknown[0]}, which is" if unknown else f"lacks {missing[0]}, which is"
