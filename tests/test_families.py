@@ -63,6 +63,21 @@ def test_hf_to_mindformers_names_and_back_is_bit_identical(tmp_path, family):
     assert all(torch.equal(back[k].view(torch.int16), src[k].view(torch.int16)) for k in src)
 
 
+class CausalAttention(torch.nn.Module):
+    """Causal softmax attention for MLA on the CPU, where megatron-core's local
+    DotProductAttention refuses MLA's separate key and value head sizes."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, k_channels=None,
+                 v_channels=None, **_):
+        super().__init__()
+        self.scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s, b, heads, d] -> [b, heads, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+
 # megatron-core settings of each MoE family's routing (the weights say nothing of it)
 MOE_ROUTING = {
     # softmax over all experts before top-k, no renormalisation; a shared expert with a sigmoid gate
@@ -149,4 +164,54 @@ def test_glm4_megatron_output_loads_strict_into_gpt_model_and_matches_transforme
     assert not result.missing_keys and not result.unexpected_keys
     got = forward(model)[..., : c["vocab_size"]]
     want = logits(hf, "glm4", torch.tensor(IDS))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_deepseek_v3_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch):
+    """DeepSeek-V3 in GPTModel (local spec, built on the CPU): MLA with q / kv LoRA ranks
+    (its rotary de-interleaves the rope dims itself, as HF's rope_interleave), one dense layer then MoE layers (sigmoid router with expert
+    bias, group-limited top-k, renormalised and scaled, a shared expert), and the MTP
+    layer, whose weights (mtp.layers.0.*) load strictly too. The logits are the main
+    model's, which transformers gives."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
+    monkeypatch.setattr(mla, "HAVE_TE", False)  # its TELinear check runs whenever TE's name imports
+    c = FAMILIES["deepseek_v3"]
+    hf = make_hf(tmp_path / "hf", "deepseek_v3", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    layers, dense = c["num_hidden_layers"], c["first_k_dense_replace"]
+    cfg = MLATransformerConfig(
+        num_layers=layers, hidden_size=c["hidden_size"], ffn_hidden_size=c["intermediate_size"],
+        num_attention_heads=c["num_attention_heads"], normalization="RMSNorm", layernorm_epsilon=c["rms_norm_eps"],
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, params_dtype=torch.float32, use_cpu_initialization=True,
+        multi_latent_attention=True, q_lora_rank=c["q_lora_rank"], kv_lora_rank=c["kv_lora_rank"],
+        qk_head_dim=c["qk_nope_head_dim"], qk_pos_emb_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+        rope_type="rope", qk_layernorm=True,
+        num_moe_experts=c["n_routed_experts"], moe_ffn_hidden_size=c["moe_intermediate_size"],
+        moe_router_topk=c["num_experts_per_tok"], moe_layer_freq=[0] * dense + [1] * (layers - dense),
+        moe_shared_expert_intermediate_size=c["n_shared_experts"] * c["moe_intermediate_size"],
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
+        moe_router_num_groups=c["n_group"], moe_router_group_topk=c["topk_group"], moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather",
+        mtp_num_layers=c["num_nextn_predict_layers"])
+    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+    for spec in block.layer_specs:  # megatron-core 0.16's local attention takes no k_channels (MLA's)
+        spec.submodules.self_attention.submodules.core_attention = CausalAttention
+    model = GPTModel(cfg, block, vocab_size=doc["args"].padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False,
+                     mtp_block_spec=get_gpt_mtp_block_spec(cfg, block.layer_specs[-1], use_transformer_engine=False))
+    assert sorted(doc["model"]) == sorted(model.state_dict())
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    model.mtp_process, cfg.mtp_num_layers = False, None  # the main model's logits (MTP needs labels)
+    want = logits(hf, "deepseek_v3", torch.tensor(IDS))
+    got = forward(model)[..., : c["vocab_size"]]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

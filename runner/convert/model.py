@@ -119,14 +119,14 @@ def megatron_config(args: Namespace, where: str, true_vocab: int | None = None) 
         "num_layers": need("num_layers"), "hidden_size": need("hidden_size"), "num_heads": heads,
         "n_kv_heads": (a.get("num_query_groups") if a.get("group_query_attention") else None) or heads,
         "head_dim": a.get("kv_channels") or need("hidden_size") // heads,
-        "intermediate_size": (a.get("moe_ffn_hidden_size") if experts else None) or need("ffn_hidden_size"),
+        "intermediate_size": need("ffn_hidden_size"),
         "vocab_size": int(vocab), "tie_word_embeddings": not a.get("untie_embeddings_and_output_weights", False),
         "norm_eps": a.get("norm_epsilon"), "rope_theta": a.get("rotary_base"),
         "max_position_embeddings": a.get("max_position_embeddings"),
         "partial_rotary_factor": a.get("rotary_percent"),
     }
     if experts:
-        out.update(num_experts=experts, num_experts_per_tok=a.get("moe_router_topk"),
+        out.update(num_experts=experts, num_experts_per_tok=a.get("moe_router_topk"), moe_intermediate_size=a.get("moe_ffn_hidden_size"),
                    shared_expert_intermediate_size=a.get("moe_shared_expert_intermediate_size"))
     return {k: v for k, v in out.items() if v is not None}
 

@@ -48,6 +48,7 @@ class NameMap:
     hf_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # source tensors
     tensors: dict[str, Tensor] = field(default_factory=dict)
     vocab: dict[str, str] = field(default_factory=dict)  # padded tensor -> the tensor whose rows it holds
+    copies: dict[str, str] = field(default_factory=dict)  # source tensor -> the source tensor it is a copy of
 
 
 def rows_of(shape: tuple[int, ...]) -> int:
@@ -94,9 +95,33 @@ def scheme_map(model: Model, src: str, dst: str, pp: int = 1, padded_vocab: int 
             continue
         for layer in instances(w, env, src):
             for e in range(experts) if w.experts == "each" else [None]:
-                if format_name(w.names[src], env, layer, e) not in m.hf_shapes:
+                name = format_name(w.names[src], env, layer, e)
+                if name in m.hf_shapes:
+                    continue
+                original = _copy_of(m, w, layer, e, src)
+                if original is None:
                     raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {dst!r} name and is part of no {dst!r} weight")
+                m.copies[name] = original
+                m.hf_shapes[name] = env.shape(w.shape)
+                m.row_dims[name] = row_dims(m.hf_shapes[name])
     return m
+
+
+def _copy_of(m: NameMap, w: Weight, layer: int | None, expert: int | None, src: str) -> str | None:
+    """The `src` tensor that `w` copies there (a fuse of one whole role that `src` also
+    names: DeepSeek-V3's MTP embed_tokens), when the destination keeps only the original."""
+    if w.fuse is None or len(w.fuse.parts) != 1 or w.fuse.parts[0].rows or w.fuse.parts[0].transpose:
+        return None
+    part = m.template.role(w.fuse.parts[0].role)
+    if src not in part.names:
+        return None
+    original = format_name(part.names[src], m.env, layer if part.place == "layer" else None, expert)
+    return original if original in m.hf_shapes else None
+
+
+def with_copies(m: NameMap, recipes: dict[str, Recipe]) -> dict[str, Recipe]:
+    """Recipes for the source tensors a conversion dropped as copies: their originals'."""
+    return {**recipes, **{n: recipes[o] for n, o in m.copies.items() if o in recipes}}
 
 
 def _add(m: NameMap, w: Weight, origin: Weight, layer: int | None, src: str, padded_vocab: int | None,
@@ -248,5 +273,5 @@ def hf_tensors(model: Model, scheme: str, held: dict[str, TensorInfo], where: st
         if held[n].shape != shape:
             raise FormatError(f"{where}: tensor {n} has shape {list(held[n].shape)}, config.json implies {list(shape)}")
     back = {lk.a: held[lk.b].dtype for lk in m.links if lk.primary}
-    infos = {n: TensorInfo(back[n], shape) for n, shape in m.hf_shapes.items()}
-    return infos, backward(m.links, infos, held, m.row_dims)
+    infos = {n: TensorInfo(back[m.copies.get(n, n)], shape) for n, shape in m.hf_shapes.items()}
+    return infos, with_copies(m, backward(m.links, infos, held, m.row_dims))
