@@ -37,7 +37,8 @@ A weight:
   dim      the tensor dim that column / row / vocab split (defaults 0, 1, 0; one more
            for experts: stacked)
   place    layer (default) | embedding (first stage, and the last when embeddings are
-           tied) | output (last stage) | first | last
+           tied or the model has MTP layers) | output (last stage) | first | last (with
+           `layers`, layers after the decoder's: MTP, on the last stage)
   layers   [start, stop] expressions: the layers that have this weight (default all
            layers, [0, num_layers]); e.g. dense layers [0, first_k_dense_replace]
   when     expression: the weight exists only where it is true (q_lora_rank > 0); or
@@ -64,7 +65,10 @@ A weight:
            A part is a role, or {role, rows: [start, count], transpose: true} for a row
            range of a role's tensor, transposed first when asked (GPT-2's Conv1D c_attn
            [h, 3h] holds q, k, v as row ranges of its transpose). With `experts`, parts
-           are taken per expert, experts outermost.
+           are taken per expert, experts outermost. A weight that has a name in a
+           scheme and is fused from one whole role there is a copy of it (DeepSeek-V3's MTP
+           embed_tokens): dropped going to a scheme that keeps only the original, written
+           back from the original.
 
 A conversion from scheme A to scheme B takes each weight of B from the weight of the
 same role in A (a rename), or from its `fuse` parts in A; runner/convert/names.py
