@@ -102,3 +102,22 @@ def test_mixtral_refuses_qkv_concat_it_does_not_model(models, tmp_path):
     with pytest.raises(ConfigError, match="model.model_config.qkv_concat: template mixtral"):
         run(load_checkpoint=str(models["mixtral"]), output_format="mindformers", use_parallel=False,
             model=QKV_CONCAT, output_dir=str(tmp_path / "mf"))
+
+
+def test_qwen2_moe_shared_experts_hf_mindformers_hf(tmp_path):
+    """Qwen2-MoE: routed experts stacked under routed_experts.ffn, the shared expert and its
+    gate under shared_experts / shared_experts_gate (LlamaFeedForwardWithMoE's names)."""
+    hf = make_hf(tmp_path / "hf", "qwen2_moe")
+    src = hf_tensors(hf)
+    path, mf = to_mindformers(tmp_path, hf, "mf")
+    c = FAMILIES["qwen2_moe"]
+    for layer in range(c["num_hidden_layers"]):
+        p, f = f"model.layers.{layer}.mlp.", f"model.layers.{layer}.feed_forward."
+        for hf_name, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            want = torch.stack([src[f"{p}experts.{e}.{hf_name}.weight"] for e in range(c["num_experts"])])
+            assert torch.equal(mf[f"{f}routed_experts.ffn.{w}.weight"], want)
+            assert torch.equal(mf[f"{f}shared_experts.{w}.weight"], src[f"{p}shared_expert.{hf_name}.weight"])
+        assert torch.equal(mf[f"{f}routed_experts.router.dense.weight"], src[f"{p}gate.weight"])
+        assert torch.equal(mf[f"{f}shared_experts_gate.weight"], src[f"{p}shared_expert_gate.weight"])
+    assert run(load_checkpoint=str(path), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "h")) == 0
+    assert_same(hf_tensors(tmp_path / "h" / "transformed_checkpoint"), src)
