@@ -300,6 +300,7 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
         num_attention_heads=heads, kv_channels=env.int("head_dim"),
         group_query_attention=kv_heads != heads, num_query_groups=kv_heads,
         max_position_embeddings=positions, seq_length=positions, rotary_base=env.get("rope_theta"),
+        rotary_percent=env.get("partial_rotary_factor", 1.0),
         make_vocab_size_divisible_by=divisible_by, padded_vocab_size=padded_vocab, vocab_size=model.vocab,
         true_vocab_size=model.vocab, vocab_file=None, tokenizer_type=None, norm_epsilon=env.get("norm_eps"),
         untie_embeddings_and_output_weights=not model.tied,
