@@ -25,7 +25,7 @@ from runner.convert import wants_conversion
 from runner.errors import AutotransError, ConfigError, FormatError
 from runner.execute import LocalPool
 from runner.log import warn
-from runner.outputs import OutputFolder, check_no_overlap
+from runner.outputs import OutputFolder
 from runner.run import LocalWorld, balance, file_entries, finish_folder, manifest, run, run_units
 from runner.source import Source, read_headers
 from runner.union import local_view, union_source
@@ -117,7 +117,7 @@ class MpiWorld(LocalWorld):
         token = out / f".autotrans-{nonce}-{self.link.rank}"
 
         def drop() -> None:
-            check_no_overlap(out, list(job.protected))
+            job.check_overlap()
             out.mkdir(parents=True, exist_ok=True)
             token.touch()
 

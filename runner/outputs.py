@@ -35,15 +35,6 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def check_no_overlap(output: Path, protected: list[Path]) -> None:
-    """Refuse an output folder that contains, or lies inside, a source path."""
-    out = output.resolve()
-    for p in protected:
-        src = p.resolve()
-        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
-            raise ConfigError(f"output_dir {output} overlaps the source {p}; choose a folder outside it")
-
-
 def lock_output(output_dir: Path, wait: bool = False) -> Callable[[], None]:
     """Hold output_dir's lock (flock on a file inside it) until the returned function is
     called; a process may take it more than once. Another process holding it is waited

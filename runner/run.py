@@ -18,7 +18,7 @@ from runner.compile import compile_job, own_strategy_folder, write_strategies
 from runner.config import JobConfig
 from runner.execute import LocalPool, SlicePool, WrittenFile
 from runner.log import count, debug, say
-from runner.outputs import OutputFolder, check_no_overlap, file_crc32
+from runner.outputs import OutputFolder, file_crc32
 from runner.progress import Progress
 from runner.units import Compiled, STRATEGY_DIR, Unit, digest, stamp
 from runner.verify import verify_compiled
@@ -169,7 +169,7 @@ class LocalWorld:
 
     def claim(self, job: Compiled) -> OutputFolder | None:
         """The output folder, claimed; None when it already holds this job's output."""
-        check_no_overlap(job.cfg.output_path, list(job.protected))
+        job.check_overlap()
         folder = OutputFolder(job.out_dir, self.digest(job))
         if folder.is_complete():
             return None

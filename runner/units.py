@@ -14,6 +14,8 @@ from typing import Callable, Mapping
 
 from runner.config import JobConfig
 from runner.execute import SlicePool, WrittenFile
+from runner.durable import check_no_overlap
+from runner.outputs import PROGRESS
 from runner.plan import FilePlan
 from runner.source import Source
 from runner.strategy import Strategy
@@ -58,12 +60,20 @@ class Compiled:
     extra_files: tuple[Path, ...] = ()  # read besides the source ranks' files (LoRA adapters)
     whole_source: bool = False  # every unit reads every source rank (conversions)
     source_bytes: int = 0
-    protected: tuple[Path, ...] = ()  # never written into (SPEC 3)
+    protected: tuple[Path, ...] = ()  # the job's input paths besides its source files (SPEC 3)
     job: object = field(default=None, compare=False)  # runner.job.Job of a reshard
 
     @property
     def out_dir(self) -> Path:
         return self.cfg.output_path / TRANSFORMED
+
+    def check_overlap(self) -> None:
+        """Refuse (exit 2) an output tree any folder of which is, holds or lies inside an
+        input: the source's files and folder, the strategies, adapters, reference folder."""
+        out, tc = self.cfg.output_path, self.out_dir
+        folders = {out, out / STRATEGY_DIR, tc, tc / PROGRESS, *((tc / u.path).parent for u in self.units)}
+        files = [p for ps in (self.source.files.values() if self.source else ()) for p in ps]
+        check_no_overlap(sorted(folders), [*self.protected, *files, *self.extra_files])
 
     def unit_sources(self, fp: FilePlan, local: Prefer) -> list[Path]:
         """Source files a unit's bytes depend on that this process sees (their stamps
@@ -107,5 +117,7 @@ def content_digest(job: Compiled) -> str:
 
 
 def protected_paths(cfg: JobConfig) -> list[Path]:
-    keys = (cfg.load_checkpoint, cfg.src_strategy_path_or_dir, cfg.reference_hf_dir)
+    """The input paths a job file names."""
+    keys = (cfg.load_checkpoint, cfg.src_strategy_path_or_dir, cfg.dst_strategy_path_or_dir, cfg.reference_hf_dir,
+            (cfg.lora or {}).get("adapter"))
     return [Path(p) for p in keys if p]  # Path("") would be the cwd

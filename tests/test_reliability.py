@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from runner import durable
@@ -360,8 +362,104 @@ def test_source_and_source_strategy_are_never_written(tmp_path: Path, capsys) ->
             cfg = job(tmp_path, tmp_path / "x", output_dir=str(inside), only_save_strategy=strategy_only)
             capsys.readouterr()
             assert main(["run", str(cfg), "--no-progress"]) == 2, inside
-            assert "overlaps the source" in one_error_line(capsys)
+            assert "overlaps the job's input" in one_error_line(capsys)
     assert snapshot(tmp_path / "ckpt", tmp_path / "strategy") == before
+
+
+def _strategy_symlink(tmp: Path) -> tuple[Path, list[Path]]:
+    """output_dir/strategy links to the source strategy folder."""
+    make_source(tmp)
+    (tmp / "out").mkdir()
+    (tmp / "out" / "strategy").symlink_to(tmp / "strategy")
+    return job(tmp, tmp / "out"), [tmp / "strategy", tmp / "ckpt"]
+
+
+def _parent_alias(tmp: Path, how: str) -> tuple[Path, list[Path]]:
+    """output_dir is another name for the folder that holds the source and its strategy."""
+    src = tmp / "src"
+    make_source(src)
+    alias = tmp / "alias"
+    if how == "symlink":
+        alias.symlink_to(src)
+    else:
+        alias.mkdir()
+        if subprocess.run(["mount", "--bind", str(src), str(alias)], capture_output=True).returncode != 0:
+            pytest.skip("mount --bind needs privileges this test does not have (the symlink case still runs)")
+    return job(src, alias), [src]
+
+
+def _transformed_checkpoint_symlink(tmp: Path) -> tuple[Path, list[Path]]:
+    """The job's source is an earlier job's output, and output_dir/transformed_checkpoint
+    links to it."""
+    make_source(tmp)
+    first = tmp / "first"
+    assert main(["run", str(job(tmp, first)), "--no-progress"]) == 0
+    out = tmp / "out"
+    out.mkdir()
+    (out / "transformed_checkpoint").symlink_to(first / "transformed_checkpoint")
+    cfg = job(tmp, out, load_checkpoint=str(first / "transformed_checkpoint"), src_strategy_path_or_dir=str(first / "strategy"),
+              dst_strategy_path_or_dir=str(tmp / "strategy"))
+    return cfg, [first]
+
+
+def _adapter_in_output(tmp: Path) -> tuple[Path, list[Path]]:
+    """lora.adapter lies in transformed_checkpoint/ of an earlier job's output (whose
+    claim would empty it before the adapter is read)."""
+    g = torch.Generator().manual_seed(3)
+    save_file({"w.weight": torch.randn(16, 8, generator=g)}, str(tmp / "base.safetensors"))
+    out = tmp / "out"
+    cfg = tmp / "lora.yaml"
+    cfg.write_text(f"load_checkpoint: {tmp / 'base.safetensors'}\nuse_parallel: false\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "dtype=bf16", "--no-progress"]) == 0
+    adapter = out / "transformed_checkpoint" / "adapter"
+    adapter.mkdir()
+    save_file({"w.lora_A.weight": torch.randn(2, 8, generator=g), "w.lora_B.weight": torch.randn(16, 2, generator=g)},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    cfg.write_text(cfg.read_text() + f"lora: {{adapter: {adapter}}}\n")
+    return cfg, [adapter, tmp / "base.safetensors"]
+
+
+def _reference_in_output(tmp: Path) -> tuple[Path, list[Path]]:
+    """reference_hf_dir is what output_dir/transformed_checkpoint links to."""
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp / "hf", "qwen2")
+    shutil.copytree(hf, tmp / "ref")
+    out = tmp / "out"
+    out.mkdir()
+    (out / "transformed_checkpoint").symlink_to(tmp / "ref")
+    cfg = tmp / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\nreference_hf_dir: {tmp / 'ref'}\noutput_dir: {out}\n")
+    return cfg, [tmp / "ref", hf]
+
+
+OVERLAPS = {"strategy_symlink": _strategy_symlink,
+            "parent_symlink_alias": lambda tmp: _parent_alias(tmp, "symlink"),
+            "parent_bind_mount": lambda tmp: _parent_alias(tmp, "bind"),
+            "transformed_checkpoint_symlink": _transformed_checkpoint_symlink,
+            "adapter_in_output": _adapter_in_output,
+            "reference_in_output": _reference_in_output}
+
+
+@pytest.mark.parametrize("case", OVERLAPS)
+@pytest.mark.parametrize("strategy_only", [False, True])
+def test_output_tree_that_overlaps_an_input_by_identity_is_refused(tmp_path: Path, capsys, case: str, strategy_only: bool) -> None:
+    """Folders of the output tree are compared with every input by device and inode,
+    symlinks resolved: a symlinked folder, an alias or a bind mount of the source's
+    folder, a LoRA adapter or a reference folder inside the output: exit 2 with one line,
+    and the inputs keep their bytes, mtimes and inodes. A dry run too."""
+    cfg, inputs = OVERLAPS[case](tmp_path)
+    try:
+        before = snapshot(*inputs)
+        capsys.readouterr()
+        args = ["run", str(cfg), "--no-progress"] + (["only_save_strategy=true"] if strategy_only else [])
+        assert main(args) == 2
+        assert "overlaps the job's input" in one_error_line(capsys)
+        assert snapshot(*inputs) == before
+    finally:
+        if case == "parent_bind_mount":
+            subprocess.run(["umount", str(tmp_path / "alias")], check=False)
 
 
 def test_foreign_folder_refused_other_job_replaced_same_job_skipped(tmp_path: Path, capsys) -> None:
@@ -420,7 +518,6 @@ def test_every_source_header_checked_before_any_output(tmp_path: Path, capsys) -
 def test_output_bytes_do_not_depend_on_paths(tmp_path: Path, monkeypatch) -> None:
     """The same job from another working directory, with the source copied elsewhere and
     another output_dir, writes the same bytes (no paths, times or host names inside)."""
-    import shutil
 
     make_source(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
