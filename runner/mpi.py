@@ -29,7 +29,7 @@ from runner.outputs import OutputFolder
 from runner.run import LocalWorld, balance, file_entries, finish_folder, manifest, run, run_units
 from runner.source import Source, read_headers
 from runner.union import local_view, union_source
-from runner.units import Compiled, content_digest, stamp
+from runner.units import Compiled, check_unchanged, content_digest, stamp
 from runner.verify import verify_compiled
 
 
@@ -62,6 +62,7 @@ class MpiWorld(LocalWorld):
         self.share: list[int] = []  # the unit keys this rank writes
         self.group: tuple[int, ...] = (link.rank,)  # the ranks that share this rank's output_dir
         self.groups = 1
+        self.mine: list[dict] = []  # the stamps of the source files this rank serves
 
     def converts(self, cfg: JobConfig) -> bool:
         """Whether any rank takes the job for a conversion (an HF or Megatron source it
@@ -96,6 +97,7 @@ class MpiWorld(LocalWorld):
             mine = self.step("stamp source files", lambda: [
                 stamp(label, p) for label, p in job.source_files(lambda s: u.server(s) == me, extras=self.is_root)])
             self.stamps = [s for part in self.link.exchange(mine) for s in part]
+            self.mine = mine
         self._find_output_folders(cfg, job)
         self.share = self.step("split the work", lambda: self._split(job))
         return job
@@ -161,7 +163,7 @@ class MpiWorld(LocalWorld):
         complete = self.link.exchange(self.step("check output", folder.is_complete))
         if all(complete):
             return None
-        self.step("claim output", lambda: folder.claim() if self.leader else None)
+        self.step("claim output", lambda: folder.claim(job.paths(), job.check_overlap) if self.leader else None)
         return folder
 
     def execute(self, job: Compiled, folder, progress) -> list[dict]:
@@ -187,8 +189,10 @@ class MpiWorld(LocalWorld):
 
     def finish(self, job: Compiled, folder, files: list[dict], elapsed: float) -> list[dict]:
         everyone = self.link.exchange(files)
+        ours = self.step("finishing steps", lambda: finish_folder(job, self.link.rank) if self.leader else [])
+        self.step("check source files", lambda: check_unchanged(self.mine))
         if self.leader:
-            ours = [f for r in self.group for f in everyone[r]] + finish_folder(job, self.link.rank)
+            ours = [f for r in self.group for f in everyone[r]] + ours
             folder.write_manifest({**manifest(job, ours, self.stamps, elapsed), "mpi_ranks": self.link.size})
         return [f for part in everyone for f in part]
 

@@ -20,7 +20,7 @@ from runner.execute import LocalPool, SlicePool, WrittenFile
 from runner.log import count, debug, say
 from runner.outputs import OutputFolder, file_crc32
 from runner.progress import Progress
-from runner.units import Compiled, STRATEGY_DIR, Unit, digest, stamp
+from runner.units import Compiled, STRATEGY_DIR, Unit, check_unchanged, digest, stamp
 from runner.verify import verify_compiled
 
 T = TypeVar("T")
@@ -173,7 +173,7 @@ class LocalWorld:
         folder = OutputFolder(job.out_dir, self.digest(job))
         if folder.is_complete():
             return None
-        folder.claim()
+        folder.claim(job.paths(), job.check_overlap)
         return folder
 
     def execute(self, job: Compiled, folder: OutputFolder, progress) -> list[dict]:
@@ -182,6 +182,7 @@ class LocalWorld:
     def finish(self, job: Compiled, folder: OutputFolder, files: list[dict], elapsed: float) -> list[dict]:
         """Finishing steps, then the manifest; every file written, for the summary."""
         files = files + finish_folder(job)
+        check_unchanged(self.stamps)
         folder.write_manifest(manifest(job, files, self.stamps, elapsed))
         return files
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Callable, Mapping
 from runner.config import JobConfig
 from runner.execute import SlicePool, WrittenFile
 from runner.durable import check_no_overlap
+from runner.errors import AutotransError, one_line
 from runner.outputs import PROGRESS
 from runner.plan import FilePlan
 from runner.source import Source
@@ -36,6 +38,7 @@ class Unit:
     path: str
     write_bytes: int  # tensor payload bytes, file headers excluded
     stage: int = 0
+    beside: tuple[str, ...] = ()  # other files its writer creates (a torch_dist folder's data files)
 
 
 def _plain_finish(out: Path) -> list[Path]:
@@ -57,6 +60,8 @@ class Compiled:
     wrap: Callable[[SlicePool], SlicePool]  # base pool (local or MPI) -> the pool plans read
     changes: tuple[str, ...]  # why the job writes anything; empty: the source already fits
     finish: Callable[[Path], list[Path]] = _plain_finish  # finishing steps in an output folder
+    finish_paths: tuple[str, ...] = ()  # the files they write, relative to it
+    finish_reads: tuple[Path, ...] = ()  # the files they copy (reference config and tokenizer files)
     extra_files: tuple[Path, ...] = ()  # read besides the source ranks' files (LoRA adapters)
     whole_source: bool = False  # every unit reads every source rank (conversions)
     source_bytes: int = 0
@@ -67,13 +72,22 @@ class Compiled:
     def out_dir(self) -> Path:
         return self.cfg.output_path / TRANSFORMED
 
-    def check_overlap(self) -> None:
-        """Refuse (exit 2) an output tree any folder of which is, holds or lies inside an
-        input: the source's files and folder, the strategies, adapters, reference folder."""
-        out, tc = self.cfg.output_path, self.out_dir
-        folders = {out, out / STRATEGY_DIR, tc, tc / PROGRESS, *((tc / u.path).parent for u in self.units)}
+    def inputs(self) -> list[Path]:
+        """Every input the job reads: source files and folder, strategies, adapters, reference."""
         files = [p for ps in (self.source.files.values() if self.source else ()) for p in ps]
-        check_no_overlap(sorted(folders), [*self.protected, *files, *self.extra_files])
+        return [*self.protected, *files, *self.extra_files]
+
+    def check_overlap(self, folders: list[Path] = ()) -> None:
+        """Refuse (exit 2) an output tree any folder of which (output_dir, strategy/,
+        transformed_checkpoint/ and the folders the units write in, and `folders`) is,
+        holds or lies inside an input."""
+        out, tc = self.cfg.output_path, self.out_dir
+        mine = {out, out / STRATEGY_DIR, tc, tc / PROGRESS, *((tc / p).parent for p in self.paths()), *folders}
+        check_no_overlap(sorted(mine), self.inputs())
+
+    def paths(self) -> list[str]:
+        """Every file the job creates in transformed_checkpoint/, relative to it."""
+        return sorted({p for u in self.units for p in (u.path, *u.beside)} | set(self.finish_paths))
 
     def unit_sources(self, fp: FilePlan, local: Prefer) -> list[Path]:
         """Source files a unit's bytes depend on that this process sees (their stamps
@@ -90,7 +104,8 @@ class Compiled:
         they are the same on every node."""
         root = Path(self.cfg.load_checkpoint)
         files = [p for r in (self.source.ranks if self.source else ()) if serves(r) for p in self.source.files[r]]
-        return [(_label(p, root), p) for p in files + (list(self.extra_files) if extras else [])]
+        files += [*self.extra_files, *self.finish_reads] if extras else []
+        return [(_label(p, root), p) for p in dict.fromkeys(files)]
 
 
 def _label(p: Path, root: Path) -> str:
@@ -103,6 +118,20 @@ def _label(p: Path, root: Path) -> str:
 def stamp(label: str, path: Path) -> dict:
     st = Path(path).stat()
     return {"label": label, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_unchanged(stamps: list[dict]) -> None:
+    """Fail (exit 1) naming the first source file whose size or mtime is no longer what
+    its stamp says: the output may mix its old and new bytes (SPEC 3)."""
+    for s in stamps:
+        try:
+            st = os.stat(s["path"])
+        except OSError as e:
+            raise AutotransError(f"source file {one_line(s['path'])} cannot be read any more ({e.strerror}); "
+                                 "it changed while the job ran: run the job again once the source is settled") from None
+        if (st.st_size, st.st_mtime_ns) != (s["size"], s["mtime_ns"]):
+            raise AutotransError(f"source file {one_line(s['path'])} changed while the job ran (size or mtime); "
+                                 "the output may mix old and new bytes: run the job again once the source is settled")
 
 
 def digest(job: Compiled, stamps: list[dict]) -> str:

@@ -494,6 +494,163 @@ def test_foreign_folder_refused_other_job_replaced_same_job_skipped(tmp_path: Pa
     assert {k: v for k, v in snapshot(tc).items() if k in others} == others
 
 
+@pytest.mark.parametrize("lure", ["foreign_manifest", "empty_progress_folder", "manifest_of_another_format"])
+def test_a_folder_no_runner_record_vouches_for_is_refused(tmp_path: Path, capsys, lure: str) -> None:
+    """A file named autotrans.json that is not the runner's manifest, or an empty
+    .autotrans-progress/ folder, does not make the user's folder the runner's: refused
+    with one line, every file kept."""
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    tc = out / "transformed_checkpoint"
+    (tc / "rank_0").mkdir(parents=True)
+    (tc / "rank_0" / "checkpoint_0.safetensors").write_bytes(b"the user's weights")
+    (tc / "notes.txt").write_text("mine")
+    if lure == "foreign_manifest":
+        (tc / MANIFEST).write_text('{"files": []}')
+    elif lure == "empty_progress_folder":
+        (tc / PROGRESS).mkdir()
+    else:
+        (tc / MANIFEST).write_text(json.dumps({"format": "someone-else", "job_digest": "x", "files": [{"path": "notes.txt"}]}))
+    before = snapshot(tc)
+    capsys.readouterr()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "not empty and was not written by autotrans" in line and "notes.txt" in line, line
+    assert snapshot(tc) == before
+
+
+def test_user_files_in_an_hf_output_survive_a_rerun_with_other_options(tmp_path: Path, capsys) -> None:
+    """The run says to copy tokenizer files into the HF output; the user does, and runs
+    again with another max_shard_size: the earlier shards are replaced, the user's files
+    kept byte for byte, and a file of theirs where the job would write is refused."""
+    from tests.convert_util import hf_tensors, make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).unlink(missing_ok=True)
+    out = tmp_path / "out"
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert "copy the model's tokenizer in" in capsys.readouterr().err
+    tc = out / "transformed_checkpoint"
+    mine = {"tokenizer.json": b'{"user": 1}', "tokenizer_config.json": b'{"user": 2}', "sub/readme.md": b"mine"}
+    for name, data in mine.items():
+        (tc / name).parent.mkdir(exist_ok=True)
+        (tc / name).write_bytes(data)
+    kept = snapshot(tc / "sub")
+    assert main(["run", str(cfg), "max_shard_size=100KB", "--no-progress"]) == 0
+    assert {n: (tc / n).read_bytes() for n in mine} == mine and snapshot(tc / "sub") == kept
+    shards = sorted(p.name for p in tc.glob("model*.safetensors"))
+    assert len(shards) > 1 and all(n.endswith(f"-of-{len(shards):05d}.safetensors") for n in shards), shards
+    want = hf_tensors(hf)
+    got = hf_tensors(tc)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    one_shard = tc / "model-00001-of-00001.safetensors"  # where a run with the default max_shard_size writes
+    one_shard.write_bytes(b"the user's own model")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert f"did not write where this job writes ({one_shard.name})" in line, line
+    assert one_shard.read_bytes() == b"the user's own model"
+    assert {n: (tc / n).read_bytes() for n in mine} == mine
+
+
+# -- a changed source is never called complete ------------------------------------------------
+def _stepped_source(root: Path, full: dict, step: int) -> None:
+    oracle.write_distributed(full, tp2(SPECS), root, prefix=f"llama-{step}_")
+    oracle.write_strategy(dp2_tp2(SPECS), root / "dst")
+
+
+def test_a_newer_step_file_in_every_rank_folder_redoes_the_job(tmp_path: Path, capsys) -> None:
+    old, new = oracle.random_full(SPECS, seed=5), oracle.random_full(SPECS, seed=6)
+    _stepped_source(tmp_path, old, 1)
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert oracle.check_output(out / "transformed_checkpoint", old, dp2_tp2(SPECS)) == 4
+    _stepped_source(tmp_path, new, 2)  # llama-2_r beside llama-1_r: the newest step is read
+    capsys.readouterr()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert oracle.check_output(out / "transformed_checkpoint", new, dp2_tp2(SPECS)) == 4
+    sources = json.loads((out / "transformed_checkpoint" / MANIFEST).read_text())["source_files"]
+    assert sorted(Path(f["path"]).name for f in sources) == ["llama-2_0.safetensors", "llama-2_1.safetensors"]
+
+
+def test_source_files_replaced_in_place_redo_the_job(tmp_path: Path, capsys) -> None:
+    """Same names, same sizes, new bytes and mtimes: not the source the output was made from."""
+    old, new = oracle.random_full(SPECS, seed=5), oracle.random_full(SPECS, seed=6)
+    _stepped_source(tmp_path, old, 1)
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    files = sorted((tmp_path / "ckpt").rglob("*.safetensors"))
+    sizes = [p.stat().st_size for p in files]
+    _stepped_source(tmp_path, new, 1)
+    assert [p.stat().st_size for p in files] == sizes
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert oracle.check_output(out / "transformed_checkpoint", new, dp2_tp2(SPECS)) == 4
+
+
+def test_a_changed_reference_tokenizer_file_redoes_the_conversion(tmp_path: Path, capsys) -> None:
+    """Files the job copies (the reference folder's config and tokenizer) are stamped
+    too: a tokenizer changed since the output was written is copied again."""
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    (hf / "tokenizer.json").write_text('{"version": 1}')
+    out = tmp_path / "out"
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\ndtype: fp32\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    (hf / "tokenizer.json").write_text('{"version": 2}')
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert (out / "transformed_checkpoint" / "tokenizer.json").read_text() == '{"version": 2}'
+
+
+def _touch_source_at_third_write(monkeypatch, victim: Path) -> None:
+    """Give `victim` a new mtime in the middle of the job (at its third pwrite)."""
+    real, calls = os.pwrite, [0]
+
+    def pwrite(*a):
+        calls[0] += 1
+        if calls[0] == 3:
+            st = victim.stat()
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return real(*a)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def test_a_source_file_changed_during_the_run_fails_the_job(tmp_path: Path, capsys, monkeypatch) -> None:
+    """One line naming the file, exit 1, no manifest; the rerun finishes with the bytes of
+    an uninterrupted run. runner.api.checkpoint_for_rank fails the same way."""
+    from runner.api import checkpoint_for_rank
+    from runner.errors import AutotransError
+
+    make_source(tmp_path)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    victim = tmp_path / "ckpt" / "rank_1" / "ckpt_1.safetensors"
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _touch_source_at_third_write(m, victim)
+        capsys.readouterr()
+        assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert str(victim) in line and "changed while the job ran" in line, line
+    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert outputs(out) == outputs(tmp_path / "ref")
+
+    api_out = tmp_path / "api"
+    with monkeypatch.context() as m:
+        _touch_source_at_third_write(m, victim)
+        with pytest.raises(AutotransError, match="changed while the job ran"):
+            checkpoint_for_rank(str(job(tmp_path, api_out)), 0)
+    assert not (api_out / "transformed_checkpoint" / MANIFEST).exists()
+
+
 def test_every_source_header_checked_before_any_output(tmp_path: Path, capsys) -> None:
     """A damaged last rank file fails the job before anything is written, whether the
     damage is in its size (truncated) or in what its header says (a wrong shape)."""

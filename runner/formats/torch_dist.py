@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from runner.durable import DurableFile
+from runner.durable import DurableFile, make_folder, write_bytes
 from runner.errors import FormatError
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA, DcpReader
@@ -34,6 +34,8 @@ from runner.layout import Box
 
 COMMON = "common.pt"
 META_JSON = "metadata.json"
+DATA = "__0_0.distcp"
+DATA_FILES = (DATA, COMMON, META_JSON)  # what write_folder writes besides .metadata
 LAYERS = "decoder.layers."
 # DCP entries that are training state, not model weights (Megatron-LM's save).
 _TRAINING_STATE = ("optimizer.", "rng_state", "rerun_state_machine_state", "opt_param_scheduler")
@@ -141,9 +143,8 @@ def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: i
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
                                                        TensorProperties, TensorStorageMetadata)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = "__0_0.distcp"
+    folder = make_folder(folder)
+    data = DATA
     entries: dict[str, Any] = {}
     storage: dict = {}
 
@@ -169,8 +170,8 @@ def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: i
 
     _durable(folder / data, write_data)
     _durable(folder / COMMON, lambda f: torch.save(head, f))
-    (folder / META_JSON).write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                                                "common_backend": "torch", "common_backend_version": 1}))
+    write_bytes(folder / META_JSON, json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                "common_backend": "torch", "common_backend_version": 1}).encode())
     path = folder / METADATA
     _durable(path, lambda f: pickle.dump(Metadata(state_dict_metadata=entries, storage_data=storage), f))
     return path
