@@ -9,6 +9,10 @@ at once, and splits the units over the ranks."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -66,9 +70,28 @@ def run_units(job: Compiled, units: list[Unit], folder: OutputFolder, base: Slic
 _COUNTER = None  # a worker process's shared byte counter, set by _init_worker
 
 
-def _init_worker(counter) -> None:
+def _init_worker(counter, parent: int) -> None:
     global _COUNTER
     _COUNTER = counter
+    _end_with_parent(parent)
+
+
+def _end_with_parent(parent: int) -> None:
+    """A worker ends when its parent does, even by SIGKILL (it would otherwise wait on its
+    work pipe forever): Linux kills it (PR_SET_PDEATHSIG); a thread that watches
+    getppid() covers other systems and a parent gone before the prctl call."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
 
 
 def _worker(cfg: JobConfig, keys: list[int], folder_digest: str) -> list[WrittenFile]:
@@ -94,7 +117,7 @@ def execute_local(job: Compiled, folder: OutputFolder, progress) -> list[Written
     counter = ctx.Value("q", 0)
     shares = balance({u.key: u.write_bytes for u in job.units}, nproc)
     written: list[WrittenFile] = []
-    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as ex:
+    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=_init_worker, initargs=(counter, os.getpid())) as ex:
         futures = [ex.submit(_worker, job.cfg, share, folder.digest) for share in shares if share]
         seen = 0
         while not all(f.done() for f in futures):

@@ -234,6 +234,55 @@ def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
         assert not [p for p in out.rglob("*" + durable.PARTIAL)]
 
 
+def test_workers_end_when_their_parent_is_killed_alone(tmp_path: Path) -> None:
+    """SIGKILL of the CLI process alone (not its group) while its transform_process_num
+    workers run: within 5 s no process it started is left (SPEC 3 "Signals"), and the
+    rerun gives the bytes of an uninterrupted run."""
+    import psutil
+
+    specs = {f"layer{i}.w": ((512, 256), "F32") for i in range(8)}
+    make_source(tmp_path, specs)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    cfg = job(tmp_path, out, transform_process_num=2)
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(cfg), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parent = psutil.Process(proc.pid)
+    workers: list = []
+    started: list = []
+    try:
+        while len(workers) < 2 and proc.poll() is None:
+            workers = [c for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.01)
+        started = parent.children(recursive=True)
+        assert len(workers) == 2 and proc.poll() is None, "the job ended before both workers started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(started):
+            time.sleep(0.1)
+        assert not _alive(started), [p.cmdline() for p in _alive(started)]
+    finally:  # a failure leaves no stray process
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in _alive(started):
+            p.kill()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert outputs(out) == outputs(tmp_path / "ref")
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in procs if running(p)]
+
+
 # -- disk full and permissions --------------------------------------------------------------
 def one_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
