@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 from runner.errors import AutotransError, ConfigError, FormatError, one_line
 
@@ -180,3 +183,28 @@ def check_no_overlap(folders: list[Path], inputs: list[Path]) -> None:
         if hit is not None:
             raise ConfigError(f"the output path {one_line(str(folder))} overlaps the job's input {one_line(str(hit))} "
                               "(it is, holds or lies inside it, symlinks and mounts resolved); write the output apart from every input")
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then act on the first one
+    that came (its handler runs: the interrupt is raised then). For native writers that
+    call back into Python (torch.save): an interrupt raised inside them would come out as
+    the writer's own error (a RuntimeError about the zip stream), not as an interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if came:
+            handler = before[came[0]]
+            if callable(handler):
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(came[0])

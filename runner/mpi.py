@@ -38,10 +38,11 @@ def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
     from runner.collective import Link, StepError
 
     link = Link()
+    link.watch(cfg.mpi_timeout)
     log.configure(quiet=link.rank != 0)
     try:
         return run(cfg, show_progress, MpiWorld(link))
-    except StepError:
+    except (StepError, KeyboardInterrupt):  # Ctrl-C reaches every rank (mpiexec passes it on): each ends itself
         raise
     except BaseException as e:  # outside a step the other ranks cannot hear of it
         link.abort(str(e) if isinstance(e, AutotransError) else f"internal error: {type(e).__name__}: {e}")
@@ -201,6 +202,7 @@ class MpiWorld(LocalWorld):
         if self.groups > 1 or (u and any(len(s) < self.link.size for s in u.seers.values())):
             warn("verify skipped: under MPI it needs one output folder and every source file on every node")
             return 0
+        self.link.watch(None)  # rank 0 verifies alone, for as long as the output takes to read
         code = self.step("verify", lambda: verify_compiled(job) if self.is_root else 0)
         return max(self.link.exchange(code))
 

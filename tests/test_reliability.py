@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -839,8 +840,37 @@ def test_second_run_on_a_held_output_dir_is_refused(tmp_path: Path, capsys) -> N
 
 
 # -- signals ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP"),
-                                           (signal.SIGINT, 130, "SIGINT")])
+def signalled_run(args: list[str], err: Path, plant: Callable[[], None]) -> int:
+    """The CLI's exit status in a forked child, after `plant()` set up the signal it
+    gets; its stderr goes to `err`."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            sys.stderr = open(err, "w", buffering=1)
+            plant()
+            os._exit(main(args))
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), status
+    return os.WEXITSTATUS(status)
+
+
+def check_interrupted(args: list[str], out: Path, ref: Path, err: Path, name: str) -> None:
+    """What an interrupted run leaves: one line, no temporary file, no manifest; the rerun
+    gives the bytes of an uninterrupted run."""
+    lines = err.read_text().strip().splitlines()
+    assert lines == [f"autotrans: interrupted ({name}); run the same job again to resume"], lines
+    assert not list(out.rglob("*" + durable.PARTIAL))
+    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
+    assert main(args) == 0
+    assert outputs(out) == outputs(ref)
+
+
+SIGNALS = [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP"), (signal.SIGINT, 130, "SIGINT")]
+
+
+@pytest.mark.parametrize("sig,code,name", SIGNALS)
 def test_sigterm_and_sighup_end_a_job_as_ctrl_c_does(tmp_path: Path, sig: int, code: int, name: str) -> None:
     """The signal arrives in the middle of a rank file (at its 3rd write): one line,
     exit 128 + signal, no temporary file left, and the rerun gives the bytes of an
@@ -849,28 +879,52 @@ def test_sigterm_and_sighup_end_a_job_as_ctrl_c_does(tmp_path: Path, sig: int, c
     assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
     out = tmp_path / "out"
     cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
-    err = tmp_path / "stderr.txt"
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            sys.stderr = open(err, "w", buffering=1)
-            calls = [0]
-            real = os.pwrite
 
-            def pwrite(*a):
-                calls[0] += 1
-                if calls[0] == 3:
+    def plant() -> None:
+        calls = [0]
+        real = os.pwrite
+
+        def pwrite(*a):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), sig)
+            return real(*a)
+        os.pwrite = pwrite
+    assert signalled_run(cfg, tmp_path / "stderr.txt", plant) == code
+    check_interrupted(cfg, out, tmp_path / "ref", tmp_path / "stderr.txt", name)
+
+
+@pytest.mark.parametrize("sig,code,name", SIGNALS[::2])
+def test_a_signal_during_torch_save_is_an_interrupt(tmp_path: Path, sig: int, code: int, name: str) -> None:
+    """SIGTERM or Ctrl-C while torch.save writes a Megatron rank file (at its 2nd write
+    into the file) ends the job as an interrupt, not as torch's RuntimeError about the zip
+    stream; the rerun gives the same bytes."""
+    from runner.durable import DurableFile
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    keys = f"load_checkpoint: {hf}\noutput_format: megatron\nparallel_config: {{model_parallel: 2}}\n"
+    (tmp_path / "ref.yaml").write_text(keys + f"output_dir: {tmp_path / 'ref'}\n")
+    assert main(["run", str(tmp_path / "ref.yaml"), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    (tmp_path / "out.yaml").write_text(keys + f"output_dir: {out}\n")
+    cfg = ["run", str(tmp_path / "out.yaml"), "--no-progress"]
+
+    def plant() -> None:
+        real, writes = DurableFile.stream, [0]
+
+        class Tripwire:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data):
+                writes[0] += 1
+                if writes[0] == 2:
                     os.kill(os.getpid(), sig)
-                return real(*a)
-            os.pwrite = pwrite
-            os._exit(main(cfg))
-        finally:
-            os._exit(99)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == code, status
-    lines = err.read_text().strip().splitlines()
-    assert lines == [f"autotrans: interrupted ({name}); run the same job again to resume"], lines
-    assert not list(out.rglob("*" + durable.PARTIAL))
-    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
-    assert main(cfg) == 0
-    assert outputs(out) == outputs(tmp_path / "ref")
+                return self.f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+        DurableFile.stream = lambda self: Tripwire(real(self))
+    assert signalled_run(cfg, tmp_path / "stderr.txt", plant) == code
+    check_interrupted(cfg, out, tmp_path / "ref", tmp_path / "stderr.txt", name)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from runner.durable import DurableFile, make_folder, write_bytes
+from runner.durable import DurableFile, make_folder, signals_held, write_bytes
 from runner.errors import FormatError
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA, DcpReader
@@ -156,7 +156,8 @@ def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: i
             entry = entries.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=t.dtype), size, []))
             entry.chunks.append(ChunkStorageMetadata(offsets, torch.Size((1,) * len(lead) + tuple(t.shape))))
             start = f.tell()
-            torch.save(t.reshape(entry.chunks[-1].sizes), f)
+            with signals_held():  # an interrupt inside torch.save would come out as its RuntimeError
+                torch.save(t.reshape(entry.chunks[-1].sizes), f)
             storage[MetadataIndex(key, offsets)] = _StorageInfo(data, start, f.tell() - start)
         for name in objects:
             key, lead = stacked(name)
@@ -169,7 +170,11 @@ def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: i
             storage[MetadataIndex(fqn)] = _StorageInfo(data, start, f.tell() - start)
 
     _durable(folder / data, write_data)
-    _durable(folder / COMMON, lambda f: torch.save(head, f))
+    def write_common(f) -> None:
+        with signals_held():
+            torch.save(head, f)
+
+    _durable(folder / COMMON, write_common)
     write_bytes(folder / META_JSON, json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                 "common_backend": "torch", "common_backend_version": 1}).encode())
     path = folder / METADATA
