@@ -38,7 +38,6 @@ class Unit:
     path: str
     write_bytes: int  # tensor payload bytes, file headers excluded
     stage: int = 0
-    beside: tuple[str, ...] = ()  # other files its writer creates (a torch_dist folder's data files)
 
 
 def _plain_finish(out: Path) -> list[Path]:
@@ -87,7 +86,7 @@ class Compiled:
 
     def paths(self) -> list[str]:
         """Every file the job creates in transformed_checkpoint/, relative to it."""
-        return sorted({p for u in self.units for p in (u.path, *u.beside)} | set(self.finish_paths))
+        return sorted({u.path for u in self.units} | set(self.finish_paths))
 
     def unit_sources(self, fp: FilePlan, local: Prefer) -> list[Path]:
         """Source files a unit's bytes depend on that this process sees (their stamps

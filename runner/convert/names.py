@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from runner.convert.model import Model
 from runner.convert.rows import Link, Pad, Recipe, backward, forward
 from runner.errors import ConfigError, FormatError, LayoutError
@@ -48,6 +50,8 @@ class NameMap:
     hf_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # source tensors
     tensors: dict[str, Tensor] = field(default_factory=dict)
     vocab: dict[str, str] = field(default_factory=dict)  # padded tensor -> the tensor whose rows it holds
+    # tensor stored with `permute` -> the stored row of each of its rows in other schemes
+    reordered: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def rows_of(shape: tuple[int, ...]) -> int:
@@ -96,7 +100,45 @@ def scheme_map(model: Model, src: str, dst: str, pp: int = 1, padded_vocab: int 
             for e in range(experts) if w.experts == "each" else [None]:
                 if format_name(w.names[src], env, layer, e) not in m.hf_shapes:
                     raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {dst!r} name and is part of no {dst!r} weight")
+    if m.reordered:
+        m.links = _reordered(m, m.links)
     return m
+
+
+def _reorder(m: NameMap, name: str, w: Weight, scheme: str, rows: int) -> None:
+    """Record where `name` (weight `w` in `scheme`) stores each of its rows, if `w`
+    declares a `permute` there."""
+    p = (w.permute or {}).get(scheme)
+    if p is None:
+        return
+    if w.pad is not None:
+        raise ConfigError(f"template {m.template.name}: weight {w.role} is padded and reordered; only one is supported")
+    view = m.env.shape(p.view)
+    if math.prod(view) != rows:
+        raise ConfigError(f"template {m.template.name}: weight {w.role}'s permute view {list(view)} holds "
+                          f"{math.prod(view)} rows, the tensor has {rows}")
+    held = np.arange(rows).reshape(view).transpose(p.order).reshape(-1)  # stored row j is row held[j]
+    at = np.empty(rows, np.int64)
+    at[held] = np.arange(rows)
+    m.reordered[name] = at
+
+
+def _reordered(m: NameMap, links: list[Link]) -> list[Link]:
+    """Links between rows as every scheme orders them, rewritten to the stored rows of
+    reordered tensors: cut into runs that stay consecutive on both sides."""
+    out = []
+    for lk in links:
+        a_at, b_at = m.reordered.get(lk.a), m.reordered.get(lk.b)
+        if a_at is None and b_at is None:
+            out.append(lk)
+            continue
+        if lk.transpose:
+            raise ConfigError(f"template {m.template.name}: {lk.a} is transposed and reordered; only one is supported")
+        a = a_at[lk.a_row: lk.a_row + lk.count] if a_at is not None else np.arange(lk.a_row, lk.a_row + lk.count)
+        b = b_at[lk.b_row: lk.b_row + lk.count] if b_at is not None else np.arange(lk.b_row, lk.b_row + lk.count)
+        cuts = [0, *(np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1).tolist(), lk.count]
+        out += [lk._replace(a_row=int(a[s]), b_row=int(b[s]), count=e - s) for s, e in zip(cuts, cuts[1:])]
+    return out
 
 
 def _add(m: NameMap, w: Weight, origin: Weight, layer: int | None, src: str, padded_vocab: int | None,
@@ -114,6 +156,7 @@ def _add(m: NameMap, w: Weight, origin: Weight, layer: int | None, src: str, pad
         m.row_dims[name] = row_dims(shape)
         stored = env.shape(w.stored) if w.stored is not None else None
         m.tensors[name] = Tensor(w, layer, shape, stacked, (stacked, *stored) if stacked and stored else stored)
+        _reorder(m, name, w, m.scheme, rows_of(shape))
         primary = origin is w
         if w.pad == "vocab" and padded_vocab is not None:
             m.vocab[name] = name if primary else format_name(origin.names[m.scheme], env, layer)
@@ -151,12 +194,12 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
         if part.experts == "each" and expert is None:
             raise ConfigError(f"template {t.name}: weight {w.role} is fused from per-expert {p.role} but is not per expert")
         spans.append((*_source(m, part, layer, expert, src, p.rows, p.transpose, groups)[:3], p.transpose))
-    cursor = at
-    for g in range(groups):  # one link per part and group: an interleaved fuse has one per row
-        for name, start, block, transpose in spans:
-            m.links.append(Link(name, start + g * block, dst, cursor, block, primary, transpose))
-            cursor += block
-    return cursor - at
+    period = sum(block for _, _, block, _ in spans)  # rows of one group: a block of each part
+    offset = at
+    for name, start, block, transpose in spans:  # one strided link per part, however many groups
+        m.links.append(Link(name, start, dst, offset, block, primary, transpose, groups, block, period))
+        offset += block
+    return groups * period
 
 
 def _source(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: str, rows: tuple[str, str] | None,
@@ -170,6 +213,7 @@ def _source(m: NameMap, part: Weight, layer: int | None, expert: int | None, src
         raise ConfigError(f"template {m.template.name}: weight {part.role} is transposed but is not 2-D")
     m.hf_shapes[name] = shape
     m.row_dims[name] = row_dims(shape)
+    _reorder(m, name, part, src, rows_of(shape))
     total = shape[-1] if transpose else rows_of(shape)
     start, count = (int(evaluate(rows[0], env)), int(evaluate(rows[1], env))) if rows else (0, total)
     if count % groups or start + count > total:
