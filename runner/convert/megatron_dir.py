@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 from runner import dtypes
 from runner.convert.megatron_layout import MegatronLayout, detect
 from runner.convert.model import Model, candidates, megatron_config
-from runner.durable import DurableFile, temp_path, write_bytes
+from runner.durable import DurableFile, signals_held, temp_path, write_bytes
 from runner.errors import ConfigError, FormatError, excerpt, one_line
 from runner.execute import SlicePool, WrittenFile, write_file
 from runner.formats import torch_dist
@@ -299,6 +300,7 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
         num_attention_heads=heads, kv_channels=env.int("head_dim"),
         group_query_attention=kv_heads != heads, num_query_groups=kv_heads,
         max_position_embeddings=positions, seq_length=positions, rotary_base=env.get("rope_theta"),
+        rotary_percent=env.get("partial_rotary_factor", 1.0),
         make_vocab_size_divisible_by=divisible_by, padded_vocab_size=padded_vocab, vocab_size=model.vocab,
         true_vocab_size=model.vocab, vocab_file=None, tokenizer_type=None, norm_epsilon=env.get("norm_eps"),
         untie_embeddings_and_output_weights=not model.tied,
@@ -315,6 +317,9 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
     )
 
 
+_WARNINGS = threading.Lock()  # warnings.catch_warnings swaps process-wide state: one thread at a time
+
+
 def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple[str, ...]], extra_state: list[str],
                head: dict, legacy: bool) -> WrittenFile:
     """Write one `model_optim_rng.pt` atomically: `head` (args, checkpoint_version,
@@ -326,7 +331,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
     reader = SafetensorsReader(staging)
     try:
         model: dict = {}
-        with warnings.catch_warnings():
+        with _WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only mapping: torch warns, never writes
             for t in fp.tensors:
                 bits = reader.array(t.name)
@@ -335,7 +340,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
                     model[fname] = torch.from_numpy(part).view(dtypes.torch_dtype(t.out_dtype))
         model.update({n: None for n in extra_state})
         doc = {**head, "model": nest_legacy(model) if legacy else model}
-        with DurableFile(path) as out:
+        with DurableFile(path) as out, signals_held():
             torch.save(doc, out.stream())
         del model, doc
     finally:

@@ -62,7 +62,22 @@ class MegatronLayout:
             raise ConfigError(f"parallel_config.pipeline_stage {self.pp} does not divide the {num_layers} layers")
 
 
-def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num_layers: int) -> ParamLayout:
+def stages_of(tensor: Tensor, lay: MegatronLayout, num_layers: int, mtp: bool) -> tuple[int, ...]:
+    """The pipeline stages that hold a tensor: its template placement, and the last stage
+    too for the embedding when the model has MTP layers (GPTModel builds an embedding on
+    the stage of its MTP block)."""
+    stage = stage_of(tensor.weight, tensor.layer, lay.pp, num_layers)
+    if mtp and tensor.weight.place == "embedding":
+        return tuple(sorted({stage, lay.pp - 1}))
+    return (stage,)
+
+
+def has_mtp(nmap: NameMap, num_layers: int) -> bool:
+    """Whether the model has layers after the last decoder layer (MTP)."""
+    return any(t.layer is not None and t.layer >= num_layers for t in nmap.tensors.values())
+
+
+def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num_layers: int, mtp: bool = False) -> ParamLayout:
     """Layout of one logical tensor, from its template weight: column / row / vocab
     splits over TP on the weight's dim, stacked experts over EP on dim 0, and the
     stored shape of each rank's box for fused weights ([gate_shard; up_shard])."""
@@ -78,7 +93,7 @@ def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num
         if tensor.experts % lay.ep:
             raise ConfigError(f"parallel_config.expert_parallel {lay.ep} does not divide the {tensor.experts} experts of {name}")
         tmap[0] = EP_AXIS
-    p = ParamLayout(tuple(shape), dtype, (stage_of(w, tensor.layer, lay.pp, num_layers),), (lay.ep, lay.tp), tuple(tmap))
+    p = ParamLayout(tuple(shape), dtype, stages_of(tensor, lay, num_layers, mtp), (lay.ep, lay.tp), tuple(tmap))
     if tensor.stored is not None:
         local = regroup(shape, tensor.stored, p.chunk)
         if local is None:
@@ -90,7 +105,8 @@ def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num
 def strategy(infos: dict[str, TensorInfo], nmap: NameMap, lay: MegatronLayout) -> Strategy:
     stages = tuple(tuple(range(s * lay.per_stage, (s + 1) * lay.per_stage)) for s in range(lay.pp))
     num_layers = nmap.env.int("num_layers")
-    params = {n: param_layout(n, nmap.tensors[n], t.dtype, lay, num_layers) for n, t in infos.items()}
+    mtp = has_mtp(nmap, num_layers)
+    params = {n: param_layout(n, nmap.tensors[n], t.dtype, lay, num_layers, mtp) for n, t in infos.items()}
     out = Strategy(stages, params, "native")
     out.validate()
     return out
@@ -124,7 +140,8 @@ class MegatronMap:
 
     def stage_tensors(self, stage: int) -> list[str]:
         num_layers = self.nmap.env.int("num_layers")
-        return [n for n, t in self.nmap.tensors.items() if stage_of(t.weight, t.layer, self.layout.pp, num_layers) == stage]
+        mtp = has_mtp(self.nmap, num_layers)
+        return [n for n, t in self.nmap.tensors.items() if stage in stages_of(t, self.layout, num_layers, mtp)]
 
     def file_names(self, rank: int, logical) -> dict[str, tuple[str, ...]]:
         """Logical name -> the names rank `rank`'s file stores it under."""

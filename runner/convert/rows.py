@@ -11,7 +11,7 @@ computed from source rows only, never materialising more than the region."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
@@ -168,6 +168,11 @@ def compose(outer: dict[str, Recipe], inner: dict[str, Recipe]) -> dict[str, Rec
                 blocks += _meet(b, m)
         out[name] = Recipe(r.shape, r.dtype, r.row_dims, tuple(sorted(blocks, key=lambda x: x.at)))
     return out
+
+
+def renamed(recipes: dict[str, Recipe], names: dict[str, str]) -> dict[str, Recipe]:
+    """`recipes` reading their sources under other names (`names`: old -> new)."""
+    return {n: replace(r, blocks=tuple(b._replace(src=names.get(b.src, b.src)) for b in r.blocks)) for n, r in recipes.items()}
 
 
 def _within(first: int, step: int, count: int, times: int, lo: int, hi: int) -> tuple[range, range]:
