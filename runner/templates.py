@@ -69,6 +69,12 @@ A weight:
            scheme and is fused from one whole role there is a copy of it (DeepSeek-V3's MTP
            embed_tokens): dropped going to a scheme that keeps only the original, written
            back from the original.
+  permute  {scheme: {view: [expression, ...], order: [dim, ...]}}: in that scheme the
+           tensor's rows are stored reordered: the rows it has in every other scheme,
+           viewed as `view` (whose product is the row count) and with the view's dims
+           taken in `order`. torchtitan keeps Meta's rotary layout, each head's q and k
+           rows interleaved in pairs where HF has them in two halves:
+           {torchtitan: {view: [num_heads, 2, head_dim // 2], order: [0, 2, 1]}}.
 
 A conversion from scheme A to scheme B takes each weight of B from the weight of the
 same role in A (a rename), or from its `fuse` parts in A; runner/convert/names.py
@@ -105,7 +111,7 @@ DEFAULT_DIM = {"column": 0, "row": 1, "vocab": 0}
 TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "unmodelled", "defaults", "divisible", "weights",
             "extra_state", "megatron_args", "hf_config")
 WEIGHT_KEYS = ("names", "shape", "split", "dim", "place", "layers", "when", "experts", "stored", "tie", "pad", "fuse",
-               "kind")
+               "kind", "permute")
 KINDS = ("weight", "norm", "embedding", "bias", "router")
 EXTRA_KEYS = ("names", "place", "layers", "when", "experts")
 
@@ -153,6 +159,12 @@ class Fuse:
 
 
 @dataclass(frozen=True)
+class Permute:
+    view: tuple[str, ...]  # expressions
+    order: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Weight:
     role: str
     names: Mapping[str, str]  # scheme -> name template ({layer}, {expert}, {expression})
@@ -168,6 +180,7 @@ class Weight:
     pad: str | None = None
     fuse: Fuse | None = None
     kind: str = "weight"
+    permute: Mapping[str, Permute] | None = None  # scheme -> how its rows are reordered
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,7 @@ class Template:
             exprs += [*w.shape, *(w.stored or ()), *(w.layers or ()), *(w.when or {}).values()]
             exprs += [e for p in (w.fuse.parts if w.fuse else ()) for e in p.rows or ()] + ([w.fuse.groups] if w.fuse else [])
             exprs += [f for name in w.names.values() for f in _FIELD.findall(name)]
+            exprs += [e for p in (w.permute or {}).values() for e in p.view]
         names = {n.id for e in exprs for n in ast.walk(ast.parse(e.strip(), mode="eval")) if isinstance(n, ast.Name)}
         return (names | set(self.defaults) | set(self.switch)) - self.unmodelled - {"layer", "expert"}
 
@@ -362,8 +376,27 @@ def _weight(c: _Checker, key: str, role: str, w: Any, allowed: tuple[str, ...]) 
         raise c.fail(f"{key}.tie", f"expected a role name, got {tie!r}")
     pad = c.choice(w.get("pad"), f"{key}.pad", (None, "vocab"))
     fuse = _fuse(c, f"{key}.fuse", w["fuse"]) if w.get("fuse") is not None else None
+    permute = _permute(c, f"{key}.permute", w.get("permute"), w.get("names"))
     return Weight(role, c.names(w["names"], f"{key}.names"), shape, split, dim, place, experts, stored,
-                  layers, when, tie, pad, fuse, kind)
+                  layers, when, tie, pad, fuse, kind, permute)
+
+
+def _permute(c: _Checker, key: str, p: Any, names: Any) -> dict[str, Permute] | None:
+    if p is None:
+        return None
+    if not isinstance(p, dict):
+        raise c.fail(key, "expected a mapping {scheme: {view, order}}")
+    out = {}
+    for s, entry in p.items():
+        if not isinstance(names, dict) or s not in names:
+            raise c.fail(f"{key}.{s}", "the weight has no name in that scheme")
+        c.keys(entry, f"{key}.{s}", ("view", "order"), ("view", "order"))
+        view = c.exprs(entry["view"], f"{key}.{s}.view")
+        order = entry["order"]
+        if not isinstance(order, list) or sorted(order) != list(range(len(view))) or any(isinstance(d, bool) for d in order):
+            raise c.fail(f"{key}.{s}.order", f"expected a reordering of the view's dims 0..{len(view) - 1}, got {order!r}")
+        out[str(s)] = Permute(view, tuple(order))
+    return out
 
 
 def _when(c: _Checker, key: str, when: Any, names: Any) -> dict[str, str] | None:

@@ -42,8 +42,10 @@ def cpu_patches(mrandom) -> list:
             (mrandom.CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext())]
 
 
-def gpt_from_args(a, rms_eps: float, config: dict | None = None, **kw):
-    """Megatron-Core's GPTModel (local layer spec) for a checkpoint's args; `config` adds
+def gpt_from_args(a, rms_eps: float, pipeline: int = 1, config: dict | None = None, **kw):
+    """Megatron-Core's GPTModel (local layer spec) for a checkpoint's args; one stage of
+    `pipeline` under a pipeline-parallel group; MoE layers (routed experts, top-k then
+    softmax as Mixtral) when the args have experts; `config` adds or overrides
     TransformerConfig fields, `kw` GPTModel arguments."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -53,6 +55,10 @@ def gpt_from_args(a, rms_eps: float, config: dict | None = None, **kw):
         activation = torch.nn.functional.silu
     else:  # GPT-2: the tanh approximation (openai_gelu) or the exact GELU
         activation = partial(torch.nn.functional.gelu, approximate="tanh" if a.openai_gelu else "none")
+    experts = getattr(a, "num_experts", None)
+    moe = dict(num_moe_experts=experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size, moe_router_topk=a.moe_router_topk,
+               moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather",
+               expert_model_parallel_size=a.expert_model_parallel_size) if experts else {}
     cfg = TransformerConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
         num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
@@ -60,9 +66,11 @@ def gpt_from_args(a, rms_eps: float, config: dict | None = None, **kw):
         activation_func=activation, add_bias_linear=a.add_bias_linear, add_qkv_bias=a.add_qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0, qk_layernorm=getattr(a, "qk_layernorm", False),
         params_dtype=torch.float32, use_cpu_initialization=True, tensor_model_parallel_size=a.tensor_model_parallel_size,
-        **(config or {}))
+        pipeline_model_parallel_size=pipeline, pipeline_dtype=torch.float32, **{**moe, **(config or {})},
+    )
     rope = {"rotary_base": int(a.rotary_base)} if a.position_embedding_type == "rope" else {}
-    return GPTModel(cfg, get_gpt_layer_local_spec(qk_layernorm=getattr(a, "qk_layernorm", False)),
+    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=getattr(a, "qk_layernorm", False))
+    return GPTModel(cfg, spec,
                     vocab_size=a.padded_vocab_size, max_sequence_length=a.max_position_embeddings,
                     position_embedding_type=a.position_embedding_type,
                     share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights, **rope, **kw)

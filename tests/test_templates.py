@@ -161,6 +161,8 @@ def test_gpt2_conv1d_weights_become_megatron_rows(tmp_path):
     (("fuse: {parts: [gate, up]}", "fuse: {parts: [gate, upp]}"), "weights.fc1.fuse"),
     (("divisible:", "divisable:"), "divisable"),
     (("    shape: [head_dim]\n  k_norm", "    shape: head_dim\n  k_norm"), "weights.q_norm.shape"),
+    (("    split: row\n  ffn_norm", "    split: row\n    permute: {hf: {view: [num_heads, 2], order: [0, 0]}}\n  ffn_norm"),
+     "weights.attention_out.permute.hf.order"),
 ])
 def test_bad_template_is_one_line_naming_file_and_key(tmp_path, edit, key):
     path = tmp_path / "bad.yaml"

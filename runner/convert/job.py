@@ -10,15 +10,16 @@ MindFormers outputs are whole tensors served by recipes from either side."""
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from runner import dtypes, lora as lora_merge, plan as planner
 from runner.config import JobConfig, from_mapping
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import CHECKPOINT_VERSION, CKPT, MegatronFolder, MegatronSource, is_weight, iteration_folder, megatron_args, open_rank_file, write_iteration_marker, write_rank
+from runner.convert.megatron_dir import (CHECKPOINT_VERSION, CKPT, MegatronFolder, MegatronSource, dropped, is_weight,
+                                         iteration_folder, megatron_args, rank_infos, source_files, write_iteration_marker,
+                                         write_rank)
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors, with_copies
@@ -26,14 +27,14 @@ from runner.errors import ConfigError, FormatError, name_list
 from runner.execute import LocalPool, SlicePool, WrittenFile, tensor_bits, write_file
 from runner.formats import torch_dist
 from runner.formats.base import TensorInfo
-from runner.formats.dcp import METADATA
+from runner.formats.dcp import METADATA, model_entries
 from runner.formats.safetensors_io import SafetensorsFormat
 from runner.job import destination_strategy
 from runner.layout import Box, ParamLayout
 from runner.log import warn
 from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
-from runner.source import Source, discover
+from runner.source import Source, SourceFiles, discover
 from runner.strategy import Strategy
 from runner.templates import config_json_names
 from runner.units import Compiled, Unit, protected_paths
@@ -58,20 +59,33 @@ class HFInput:
     built: dict[str, rows.Recipe]  # HF tensors from the files' (MindFormers names); {}: the files hold HF names
     reference: Path | None
     lora: lora_merge.LoraMerge | None = None  # adapters merged into the weights as they are read
+    shard_of: dict[str, int] = field(default_factory=dict)  # tensor name -> the source rank (file) holding it
 
     @staticmethod
-    def open(cfg: JobConfig, source: Source) -> "HFInput":
-        reader = source.open(0)
-        try:
-            held = dict(reader.tensors())
-        finally:
-            reader.close()
+    def open(cfg: JobConfig, files: SourceFiles) -> "HFInput":
+        """Each checkpoint file (an HF shard) is a source rank of its own, so that under
+        MPI each is read by a node that holds it; reads name rank 0 and go to the file
+        holding the tensor (ByName)."""
+        shards = files.paths()
+        held: dict[str, TensorInfo] = {}
+        shard_of: dict[str, int] = {}
+        for i, path in enumerate(shards):
+            for name, info in files.header(path).tensors.items():
+                if name in shard_of:
+                    raise FormatError(f"tensor {name} appears in both {shards[shard_of[name]]} and {path}: loose files "
+                                      "are parts of one checkpoint; put per-rank files in rank_0/ ... rank_N/ folders")
+                held[name], shard_of[name] = info, i
+        source = Source(files.root, files.kind, {i: (p,) for i, p in enumerate(shards)})
+        if shards and shards[0].name == METADATA:
+            inp = HFInput._open_dcp(cfg, source, held)
+            inp.shard_of = shard_of
+            return inp
         merge = None
         if cfg.lora is not None:
             merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}, source.root)
             held = base[0]
         inp = HFInput._open(cfg, source, held)
-        inp.lora = merge
+        inp.lora, inp.shard_of = merge, shard_of
         return inp
 
     @staticmethod
@@ -80,17 +94,28 @@ class HFInput:
         if source.kind != "hf":
             if not cfg.reference_hf_dir:
                 raise ConfigError(f"{source.root} is neither an HF folder (config.json + weights) nor a Megatron folder; "
-                                  "for a MindFormers checkpoint set reference_hf_dir to the model's HF folder (its config.json)")
+                                  "for a MindFormers or torchtitan (DCP) checkpoint set reference_hf_dir to the model's "
+                                  "HF folder (its config.json)")
             _, spec = read_hf_config(Path(cfg.reference_hf_dir), arch)
-            if "mindformers" not in spec.template.schemes:
-                raise ConfigError(f"template {spec.family} has no MindFormers names; {source.root} is not an HF folder")
             spec = spec.with_job(cfg.model)
-            infos, built = hf_tensors(spec, "mindformers", held, str(source.root))
+            infos, built = hf_tensors(spec, _scheme_of(spec, held, source.root), held, str(source.root))
             return HFInput(source, spec, infos, held, built, Path(cfg.reference_hf_dir))
         doc, spec = read_hf_config(source.root, arch)
         config_json_names(doc, (cfg.model or {}).get("model_config") or {}, source.root / "config.json")  # they must agree
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
         return HFInput(source, spec, held, held, {}, reference)
+
+    @staticmethod
+    def _open_dcp(cfg: JobConfig, source: Source, held: dict[str, TensorInfo]) -> "HFInput":
+        """A PyTorch DCP folder (torchtitan's): its model weights, under the names of the
+        template scheme they match; training state is left out with a warning."""
+        if cfg.lora is not None:
+            raise ConfigError("lora: a merge reads HF folders and safetensors / ckpt checkpoints; convert the DCP checkpoint to HF first, then merge")
+        model, dropped = model_entries(list(held))
+        if dropped:
+            warn(f"{', '.join(dropped)} in {source.root} {'is' if len(dropped) == 1 else 'are'} not converted: only the model's weights are")
+        inp = HFInput._open(cfg, source, {n: held[stored] for n, stored in model.items()})
+        return HFInput(source, inp.spec, inp.infos, held, rows.renamed(inp.built, model), inp.reference)
 
     def check(self, nmap: NameMap) -> None:
         """Every source tensor is mapped and has the shape the config implies."""
@@ -110,7 +135,7 @@ class HFInput:
         """Recipes over whole tensors as the files name them, read from `base` (LoRA merged
         as they are read)."""
         recipes = rows.compose(recipes, self.built)  # read the files' own tensors
-        whole = WholeTensors(lora_merge.wrap(base, self.lora), self.held)
+        whole = WholeTensors(lora_merge.wrap(ByName(base, self.shard_of), self.lora), self.held)
         return rows.RecipePool(recipes, whole, owned=whole)
 
     kind = "hf"
@@ -119,8 +144,41 @@ class HFInput:
         doc = {"hf": {n: [t.dtype, list(t.shape)] for n, t in sorted(self.infos.items())}}
         return {**doc, "lora": self.lora.describe()} if self.lora else doc
 
-    def files(self) -> list[Path]:
-        return list(self.source.files[0]) + (self.lora.files if self.lora else [])
+
+
+class ByName:
+    """Reads of an HF folder as one rank 0, each sent to the source rank (file) that holds
+    its tensor."""
+
+    def __init__(self, pool, shard_of: dict[str, int]):
+        self.pool, self.shard_of = pool, shard_of
+
+    def region(self, read: ReadItem):
+        return self.pool.region(replace(read, src_rank=self.shard_of[read.src_name]))
+
+    def release(self) -> None:
+        self.pool.release()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _scheme_of(spec: Model, held: dict[str, TensorInfo], root: Path) -> str:
+    """The template scheme, other than HF's and Megatron's, holding most of the names of a
+    checkpoint (MindFormers, torchtitan); the first such scheme when none holds any, so
+    that the error names what is missing."""
+    t = spec.template
+    schemes = [s for s in t.schemes if s != "hf" and not s.startswith("megatron")]
+    if not schemes:
+        raise ConfigError(f"template {spec.family} has no names but HF's and Megatron's; {root} is not an HF folder")
+    found = []
+    for s in schemes:
+        try:
+            found.append((len(set(held) & set(scheme_map(spec, "hf", s).shapes)), s))
+        except ConfigError:  # a scheme the template does not complete for this config
+            found.append((0, s))
+    best = max(found, key=lambda f: f[0])
+    return best[1] if best[0] else schemes[0]
 
 
 class WholeTensors:
@@ -158,10 +216,11 @@ class MegatronInput:
     reference: Path | None
 
     @staticmethod
-    def open(cfg: JobConfig, root: Path) -> "MegatronInput":
+    def open(cfg: JobConfig, files: SourceFiles) -> "MegatronInput":
         if cfg.lora is not None:
             raise ConfigError("lora: a merge reads HF folders and safetensors / ckpt checkpoints; convert the Megatron checkpoint to HF first, then merge")
-        mf = MegatronFolder.open(root)
+        root = files.root
+        mf = MegatronFolder.open(root, files)
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else None
         arch = (cfg.model or {}).get("arch")
         ref_spec = read_hf_config(reference, arch)[1] if reference else None
@@ -172,18 +231,17 @@ class MegatronInput:
         padded = mf.padded_vocab() or spec.padded_vocab(getattr(mf.args, "make_vocab_size_divisible_by", 128) or 128, lay.tp)
         mm = megatron_map(spec, scheme, lay, padded)
         nmap = mm.nmap
-        dtypes_of = _megatron_dtypes(mf, mm)
+        dtypes_of = _megatron_dtypes(mf, mm, files)
         infos = _infos(nmap.shapes, lambda n: dtypes_of[n])
         s = mm.strategy(infos)
         names = {r: {n: tuple("model." + f for f in fs) for n, fs in mm.file_names(r, s.params_of_rank(r)).items()} for r in s.ranks}
         source = MegatronSource(Path(root), "megatron", {r: (p,) for r, p in mf.files.items()}, names)
-        first = source.open(s.ranks[0])
-        try:
-            if first.dropped:
-                warn(f"{', '.join(first.dropped)} in {mf.files[s.ranks[0]].parent.name}/ and its sibling rank files "
-                     "are not converted: only the model's weights are")
-        finally:
-            first.close()
+        for r in s.ranks:  # every rank file's weights, checked before anything is written
+            rank_infos(mf.files[r], files.header(mf.files[r]).tensors, names[r])
+        extra = dropped(files.header(mf.files[s.ranks[0]]))
+        if extra:
+            warn(f"{', '.join(extra)} in {mf.files[s.ranks[0]].parent.name}/ and its sibling rank files "
+                 "are not converted: only the model's weights are")
         return MegatronInput(mf, spec, scheme, nmap, infos, s, source, reference)
 
     def pool(self, recipes: dict[str, rows.Recipe], base: SlicePool) -> rows.RecipePool:
@@ -196,34 +254,24 @@ class MegatronInput:
     def digest_doc(self) -> dict:
         return {"megatron": self.strategy.to_json(), "scheme": self.scheme}
 
-    def files(self) -> list[Path]:
-        return list(self.folder.files.values())
 
-
-def _megatron_dtypes(mf: MegatronFolder, mm) -> dict[str, str]:
+def _megatron_dtypes(mf: MegatronFolder, mm, files: SourceFiles) -> dict[str, str]:
     """Each logical tensor's dtype as its stage's first rank file stores it (DeepSeek-V3's
     router bias stays float32 beside bfloat16 weights); a tensor not found there (a
-    torch_dist folder) takes the dtype the weights of the first file share."""
+    torch_dist folder) takes the dtype the weights of the first file share. Read from
+    the files' headers (under MPI, what the nodes holding them read)."""
     found: dict[str, str] = {}
     for stage in range(mm.layout.pp):
         rank = mm.layout.rank(0, stage, 0)
         if rank not in mf.files:
             continue
-        r = open_rank_file(mf.files[rank])
-        try:
-            held = {n: t.dtype for n, t in r.tensors().items() if is_weight(n)}
-        finally:
-            r.close()
+        held = {n: t.dtype for n, t in files.header(mf.files[rank]).tensors.items() if is_weight(n)}
         for n, fs in mm.file_names(rank, mm.stage_tensors(stage)).items():
             if "model." + fs[0] in held:
                 found[n] = held["model." + fs[0]]
     if len(found) == len(mm.nmap.shapes):
         return found
-    r = open_rank_file(mf.files[0])
-    try:
-        kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
-    finally:
-        r.close()
+    kinds = {t.dtype for n, t in files.header(mf.files[0]).tensors.items() if is_weight(n)}
     if len(kinds) != 1:
         raise FormatError(f"{mf.files[0]}: weights of several dtypes ({', '.join(sorted(kinds))}); expected one")
     common = kinds.pop()
@@ -277,12 +325,12 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel, pc.expert_tensor_parallel if spec.experts else 0)
     padded = spec.padded_vocab(cfg.make_vocab_size_divisible_by, lay.tp)
     dist = cfg.megatron_format == "torch_dist"
-    if dist and (cfg.megatron_naming == "legacy" or spec.experts):
-        raise ConfigError("megatron_format: torch_dist is written for dense models with Megatron-Core names (megatron_naming: core)")
-    # torch_dist holds whole tensors under TransformerEngine's names whatever the layer
-    # spec, as Megatron-Core saves them; its loader cuts them for any TP / PP
-    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, "transformer_engine" if dist else cfg.transformer_impl),
-                      MegatronLayout(1, 1, 1) if dist else lay, padded)
+    if dist and cfg.megatron_naming == "legacy":
+        raise ConfigError("megatron_format: torch_dist needs Megatron-Core names (megatron_naming: core); Megatron-LM's "
+                          "legacy models do not use distributed checkpoints")
+    # torch_dist holds whole tensors (its loader cuts them for any TP / PP / EP), under the
+    # keys the layer spec saves them as
+    mm = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), MegatronLayout(1, 1, 1) if dist else lay, padded)
     nmap = mm.nmap
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if isinstance(src, HFInput):
@@ -294,7 +342,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     else:
         infos = _infos(nmap.shapes, lambda n: next(iter(src.infos.values())).dtype)
         plan_src, wrap = _reshard_source(src, infos, nmap)
-    dst = mm.strategy(infos)
+    dst = mm.strategy(infos).cast(cast_to)  # as the files hold them, written beside them
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
     step = 0 if cfg.iteration == "release" else cfg.iteration  # Megatron loads a release checkpoint as iteration 0
@@ -302,9 +350,8 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
                          cfg.megatron_naming, out_dtype, step)
     head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}
     if dist:
-        local = megatron_map(spec, scheme_of(cfg.megatron_naming, cfg.transformer_impl), MegatronLayout(1, 1, 1), padded)
-        objects = [n for n in local.extra_state(0) if n.startswith(torch_dist.LAYERS)]
-        return _torch_dist_target(cfg, mm, plan_src, dst, wrap, objects, head, cast_to)
+        objects = [n for n in mm.extra_state(0) if n.startswith(torch_dist.LAYERS)]
+        return _torch_dist_target(cfg, mm, plan_src, dst, wrap, objects, head, cast_to, spec.experts)
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
         names = mm.file_names(unit.key, [t.name for t in fp.tensors])
@@ -320,40 +367,75 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 
 
 def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wrap, objects: list[str], head: dict,
-                       cast_to: str | None) -> Target:
-    """One unit: the whole model streamed, one tensor at a time, into a torch_dist folder
-    whose `.metadata`, written last, is the unit's file."""
-    import torch
+                       cast_to: str | None, experts: int) -> Target:
+    """One unit per .distcp file, consecutive whole tensors cut at `max_shard_size`, so
+    MPI ranks share the writing; the finishing step writes `.metadata` (every chunk's
+    byte range follows from the plan), common.pt and metadata.json."""
+    order = list(dst.params)
+    out_infos = {n: TensorInfo(dtypes.cast_dtype(dst.params[n].dtype, cast_to), dst.params[n].shape) for n in order}
+    files = hf_dir.shard(order, out_infos, hf_dir.parse_size(cfg.max_shard_size))
+    folder = iteration_folder(cfg.iteration)
+
+    def plan(unit: Unit) -> FilePlan:
+        names = files[unit.key]
+        return planner.plan_rank(plan_src.with_params({n: plan_src.params[n] for n in names}),
+                                 dst.with_params({n: dst.params[n] for n in names}), 0, cast_to=cast_to)
+
+    def keys(fp: FilePlan) -> dict[str, list[str]]:
+        names = mm.file_names(0, [t.name for t in fp.tensors])
+        if cfg.transformer_impl == "local":
+            names = {n: [torch_dist.local_spec_key(f) for f in fs] for n, fs in names.items()}
+        return names
+
+    def stored(fp: FilePlan) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Each tensor's chunks in file order: one per tensor, one per expert of a tensor
+        that stacks experts."""
+        names = keys(fp)
+        return [(name, t.out_dtype, tuple(t.stored_shape[1:] if stacks(t) else t.stored_shape))
+                for t in fp.tensors for name in names[t.name]]
+
+    def stacks(t) -> bool:
+        return mm.nmap.tensors[t.name].experts > 0
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
-        names = mm.file_names(0, [t.name for t in fp.tensors])
+        names = keys(fp)
 
         def tensors():
             for t in fp.tensors:
                 bits = tensor_bits(t, pool).reshape(t.stored_shape)
-                yield names[t.name][0], torch.from_numpy(bits).view(dtypes.torch_dtype(t.out_dtype))
+                for j, name in enumerate(names[t.name]):
+                    yield name, bits[j] if stacks(t) else bits, t.out_dtype
                 pool.release()
                 on_bytes(t.write_bytes)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tensors over read-only mappings: torch warns, never writes
-            meta = torch_dist.write_folder(path.parent, tensors(), mm.nmap.env.int("num_layers"), objects, head)
-        return WrittenFile(meta, meta.stat().st_size, file_crc32(meta))
+        torch_dist.write_data(path, tensors(), objects if unit.key == 0 else [])
+        return WrittenFile(path, path.stat().st_size, file_crc32(path))
 
-    units = (Unit(0, f"{iteration_folder(cfg.iteration)}/{METADATA}", dst.rank_bytes(0)),)
-    return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, 0, cast_to=cast_to), write, wrap,
-                  {"to": "megatron torch_dist", "dst": dst.to_json()},
-                  finish=lambda out: [write_iteration_marker(out, cfg.iteration)])
+    def finish(out: Path) -> list[Path]:
+        contents = [stored(plan(u)) for u in units]
+        axes = (mm.nmap.env.int("num_layers"), max(1, experts))
+        return [*torch_dist.write_metadata(out / folder, contents, objects, axes, head),
+                write_iteration_marker(out, cfg.iteration)]
+
+    units = tuple(Unit(k, f"{folder}/{torch_dist.data_file(k)}", sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in names))
+                  for k, names in enumerate(files))
+    return Target(dst, units, plan, write, wrap, {"to": "megatron torch_dist", "dst": dst.to_json(), "files": files}, finish)
 
 
 def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: NameMap):
     """Megatron to Megatron: tensors whose shape is unchanged are read straight from the
     source layout; vocab tensors whose padding changes (or a tied output layer copy the
-    source lacks) are rebuilt by a recipe from the source's logical tensors."""
+    source lacks), and tensors another layer spec names differently (the norms), are
+    rebuilt by a recipe from the source's logical tensors."""
     direct = {n: p for n, p in src.strategy.params.items() if n in infos and p.shape == infos[n].shape}
     links, pads = [], []
     vocab = src.spec.vocab
+    by_role = {(t.weight.role, t.layer): n for n, t in src.nmap.tensors.items()}
     for n in sorted(set(infos) - set(direct)):
+        renamed = by_role.get((nmap.tensors[n].weight.role, nmap.tensors[n].layer))
+        if n not in nmap.vocab and renamed is not None and src.infos[renamed].shape == infos[n].shape:
+            links.append(rows.Link(renamed, 0, n, 0, infos[n].shape[0]))
+            continue
         if n not in nmap.vocab:
             raise FormatError(f"{n}: the source has shape {list(src.infos[n].shape) if n in src.infos else 'none'}, the destination needs {list(infos[n].shape)}")
         origin = n if n in src.infos else nmap.vocab[n]
@@ -376,7 +458,7 @@ def megatron_hf_recipes(src: MegatronInput) -> tuple[dict[str, TensorInfo], dict
 def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows.RecipePool]]:
     """A Megatron folder seen as whole tensors under HF names (`autotrans verify`):
     the tensors, and a pool factory serving them."""
-    src = MegatronInput.open(from_mapping({"load_checkpoint": str(path), "output_format": "hf"}), Path(path))
+    src = MegatronInput.open(from_mapping({"load_checkpoint": str(path), "output_format": "hf"}), source_files(Path(path)))
     infos, recipes = megatron_hf_recipes(src)
     return infos, lambda: src.pool(recipes, LocalPool(src.source))
 
@@ -415,7 +497,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     units = tuple(Unit(i, hf_dir.shard_name(i, len(shards)), sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shard))
                   for i, shard in enumerate(shards))
     doc = {"to": "hf", "shards": shards, "reference": bool(src.reference)}  # no path: ranks on other nodes compare it
-    return Target(Strategy.full(infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
+    return Target(Strategy.full(out_infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
                   write, lambda base: src.pool(recipes, base), doc, finish)
 
 
@@ -436,19 +518,23 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
 
 
 # -- compiling ------------------------------------------------------------------------------
-def open_input(cfg: JobConfig) -> HFInput | MegatronInput:
+def open_input(cfg: JobConfig, files: SourceFiles | None = None) -> HFInput | MegatronInput:
+    """`files`: the source files the job may read (default: those on this machine)."""
     root = Path(cfg.load_checkpoint)
-    source = discover(root)
-    if source.kind == "megatron":
-        return MegatronInput.open(cfg, root)
-    return HFInput.open(cfg, source)
+    files = files or source_files(root)
+    if not files.kind:
+        discover(root)  # says it does not exist
+    if files.kind == "megatron":
+        return MegatronInput.open(cfg, files)
+    return HFInput.open(cfg, files)
 
 
-def compile_conversion(cfg: JobConfig) -> Compiled:
-    """A conversion as runner.run runs every job: its units, plans, writers, pool."""
+def compile_conversion(cfg: JobConfig, files: SourceFiles | None = None) -> Compiled:
+    """A conversion as runner.run runs every job: its units, plans, writers, pool.
+    `files`: the source files it may read (runner.open_input)."""
     if not cfg.load_checkpoint:
         raise ConfigError("config key load_checkpoint is required")
-    src = open_input(cfg)
+    src = open_input(cfg, files)
     if cfg.output_format == "megatron":
         target = megatron_target(cfg, src)
     elif cfg.output_format in ("hf", "mindformers"):

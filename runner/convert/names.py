@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from runner.convert.model import Model
 from runner.convert.rows import Link, Pad, Recipe, backward, forward
 from runner.errors import ConfigError, FormatError, LayoutError
@@ -48,6 +50,8 @@ class NameMap:
     hf_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # source tensors
     tensors: dict[str, Tensor] = field(default_factory=dict)
     vocab: dict[str, str] = field(default_factory=dict)  # padded tensor -> the tensor whose rows it holds
+    # tensor stored with `permute` -> the stored row of each of its rows in other schemes
+    reordered: dict[str, np.ndarray] = field(default_factory=dict)
     copies: dict[str, str] = field(default_factory=dict)  # source tensor -> the source tensor it is a copy of
 
 
@@ -104,7 +108,67 @@ def scheme_map(model: Model, src: str, dst: str, pp: int = 1, padded_vocab: int 
                 m.copies[name] = original
                 m.hf_shapes[name] = env.shape(w.shape)
                 m.row_dims[name] = row_dims(m.hf_shapes[name])
+    if m.reordered:
+        m.links = _reordered(m, m.links)
     return m
+
+
+def _reorder(m: NameMap, name: str, w: Weight, scheme: str, rows: int) -> None:
+    """Record where `name` (weight `w` in `scheme`) stores each of its rows, if `w`
+    declares a `permute` there."""
+    p = (w.permute or {}).get(scheme)
+    if p is None:
+        return
+    if w.pad is not None:
+        raise ConfigError(f"template {m.template.name}: weight {w.role} is padded and reordered; only one is supported")
+    view = m.env.shape(p.view)
+    if math.prod(view) != rows:
+        raise ConfigError(f"template {m.template.name}: weight {w.role}'s permute view {list(view)} holds "
+                          f"{math.prod(view)} rows, the tensor has {rows}")
+    held = np.arange(rows).reshape(view).transpose(p.order).reshape(-1)  # stored row j is row held[j]
+    at = np.empty(rows, np.int64)
+    at[held] = np.arange(rows)
+    m.reordered[name] = at
+
+
+def _reordered(m: NameMap, links: list[Link]) -> list[Link]:
+    """Links between rows as every scheme orders them, rewritten to the stored rows of
+    reordered tensors: each repetition cut into runs that stay consecutive on both
+    sides, and runs that repeat at fixed steps joined again into strided links."""
+    out = []
+    for lk in links:
+        a_at, b_at = m.reordered.get(lk.a), m.reordered.get(lk.b)
+        if a_at is None and b_at is None:
+            out.append(lk)
+            continue
+        if lk.transpose:
+            raise ConfigError(f"template {m.template.name}: {lk.a} is transposed and reordered; only one is supported")
+        runs: list[tuple[int, int, int]] = []
+        for g in range(lk.times):
+            a0, b0 = lk.a_row + g * lk.a_step, lk.b_row + g * lk.b_step
+            a = a_at[a0: a0 + lk.count] if a_at is not None else np.arange(a0, a0 + lk.count)
+            b = b_at[b0: b0 + lk.count] if b_at is not None else np.arange(b0, b0 + lk.count)
+            cuts = [0, *(np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1).tolist(), lk.count]
+            runs += [(int(a[s]), int(b[s]), e - s) for s, e in zip(cuts, cuts[1:])]
+        out += _strided(lk, runs)
+    return out
+
+
+def _strided(lk: Link, runs: list[tuple[int, int, int]]) -> list[Link]:
+    """`runs` (A row, B row, count) as links like `lk`: consecutive runs of one length
+    whose starts move forward by fixed steps, without overlapping, make one strided link
+    (a rotary permutation is two per head, not one per row)."""
+    out, i = [], 0
+    while i < len(runs):
+        a, b, n = runs[i]
+        j, da, db = i + 1, 0, 0
+        if j < len(runs) and runs[j][2] == n and runs[j][0] - a >= n and runs[j][1] - b >= n:
+            da, db = runs[j][0] - a, runs[j][1] - b
+            while j < len(runs) and runs[j][2] == n and runs[j][0] - runs[j - 1][0] == da and runs[j][1] - runs[j - 1][1] == db:
+                j += 1
+        out.append(lk._replace(a_row=a, b_row=b, count=n, times=j - i, a_step=da, b_step=db))
+        i = j
+    return out
 
 
 def _copy_of(m: NameMap, w: Weight, layer: int | None, expert: int | None, src: str) -> str | None:
@@ -139,6 +203,7 @@ def _add(m: NameMap, w: Weight, origin: Weight, layer: int | None, src: str, pad
         m.row_dims[name] = row_dims(shape)
         stored = env.shape(w.stored) if w.stored is not None else None
         m.tensors[name] = Tensor(w, layer, shape, stacked, (stacked, *stored) if stacked and stored else stored)
+        _reorder(m, name, w, m.scheme, rows_of(shape))
         primary = origin is w
         if w.pad == "vocab" and padded_vocab is not None:
             m.vocab[name] = name if primary else format_name(origin.names[m.scheme], env, layer)
@@ -176,12 +241,12 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
         if part.experts == "each" and expert is None:
             raise ConfigError(f"template {t.name}: weight {w.role} is fused from per-expert {p.role} but is not per expert")
         spans.append((*_source(m, part, layer, expert, src, p.rows, p.transpose, groups)[:3], p.transpose))
-    cursor = at
-    for g in range(groups):  # one link per part and group: an interleaved fuse has one per row
-        for name, start, block, transpose in spans:
-            m.links.append(Link(name, start + g * block, dst, cursor, block, primary, transpose))
-            cursor += block
-    return cursor - at
+    period = sum(block for _, _, block, _ in spans)  # rows of one group: a block of each part
+    offset = at
+    for name, start, block, transpose in spans:  # one strided link per part, however many groups
+        m.links.append(Link(name, start, dst, offset, block, primary, transpose, groups, block, period))
+        offset += block
+    return groups * period
 
 
 def _source(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: str, rows: tuple[str, str] | None,
@@ -195,6 +260,7 @@ def _source(m: NameMap, part: Weight, layer: int | None, expert: int | None, src
         raise ConfigError(f"template {m.template.name}: weight {part.role} is transposed but is not 2-D")
     m.hf_shapes[name] = shape
     m.row_dims[name] = row_dims(shape)
+    _reorder(m, name, part, src, rows_of(shape))
     total = shape[-1] if transpose else rows_of(shape)
     start, count = (int(evaluate(rows[0], env)), int(evaluate(rows[1], env))) if rows else (0, total)
     if count % groups or start + count > total:

@@ -135,6 +135,22 @@ def read_index(folder: Path) -> DcpIndex:
     return DcpIndex(tensors, objects)
 
 
+# Top-level entries of a training checkpoint that are not model weights (torchtitan's).
+TRAINING_STATE = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+
+
+def model_entries(names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A DCP checkpoint's model weights, {name in the model: stored name}: those under
+    `model.` (the prefix dropped) when there are any, as torchtitan saved them before it
+    flattened the model's state, else every entry but training state; and the top-level
+    keys of the entries left out."""
+    prefixed = any(n.startswith("model.") for n in names)
+    model = {n[len("model."):] if prefixed else n: n for n in names
+             if (n.startswith("model.") if prefixed else n.split(".")[0] not in TRAINING_STATE)}
+    kept = set(model.values())
+    return model, sorted({n.split(".")[0] for n in names if n not in kept})
+
+
 def _check_cover(path: Path, fqn: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
     whole = Box((0,) * len(shape), shape)
     total = 0

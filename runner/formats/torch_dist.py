@@ -11,22 +11,27 @@ file holding the whole model: `model.decoder.layers.{i}.…` per layer, each a b
 the stacked DCP tensor, so the torch-format naming reads them unchanged.
 
 Writing is the reverse: whole per-layer tensors become chunks (layer index on the leading
-axis) of the stacked tensors, each chunk one torch.save archive appended to a .distcp
-file, then `.metadata` (DCP's own dataclasses), `common.pt` and `metadata.json`.
+axis) of the stacked tensors, each chunk one torch.save archive (runner.formats.
+torch_archive: deterministic bytes, sizes known in advance) appended to a .distcp file;
+several files can be written apart (by MPI ranks), and `.metadata` (DCP's own
+dataclasses), `common.pt` and `metadata.json` follow from what each file holds.
 Megatron-Core's dist_checkpointing.load then cuts whatever boxes its TP / PP needs."""
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
+import re
 import pickle  # .metadata must be the pickle torch's DCP loader reads; our own records stay JSON
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from runner.durable import DurableFile
+from runner import dtypes
+from runner.durable import DurableFile, write_bytes
 from runner.errors import FormatError
+from runner.formats import torch_archive
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA, DcpReader
 from runner.formats.torch_pt import load
@@ -39,12 +44,50 @@ LAYERS = "decoder.layers."
 _TRAINING_STATE = ("optimizer.", "rng_state", "rerun_state_machine_state", "opt_param_scheduler")
 
 
+# An MoE layer's experts (SequentialMLP): `experts.local_experts.{j}.` in a rank file,
+# `experts.experts.` with the global expert number on a second stacked axis in torch_dist.
+_LOCAL_EXPERT = re.compile(r"(.*\.experts\.)local_experts\.(\d+)\.(.*)")
+_EXPERTS = ".experts.experts."
+
+
+# Megatron-Core's local layer spec saves its norms under TransformerEngine's fused names
+# (its sharded_state_dict_keys_map), an MoE layer's pre-MLP norm too, though that layer
+# has no linear_fc1: read back there as pre_mlp_layernorm, as the TransformerEngine spec
+# names it.
+_LOCAL_SPEC_KEYS = {".input_layernorm.": ".self_attention.linear_qkv.layer_norm_",
+                    ".pre_mlp_layernorm.": ".mlp.linear_fc1.layer_norm_"}
+
+
+def local_spec_key(name: str) -> str:
+    """The key Megatron-Core's local layer spec saves a torch-format name under."""
+    for local, fused in _LOCAL_SPEC_KEYS.items():
+        name = name.replace(local, fused)
+    return name
+
+
 def stacked(name: str) -> tuple[str, tuple[int, ...]]:
-    """torch-format name (global layer number) -> (torch_dist key, leading indices)."""
-    if name.startswith(LAYERS):
-        layer, rest = name[len(LAYERS):].split(".", 1)
-        return LAYERS + rest, (int(layer),)
-    return name, ()
+    """torch-format name (global layer and expert numbers) -> (torch_dist key, leading
+    indices: the layer, and the expert for an expert's weight)."""
+    if not name.startswith(LAYERS):
+        return name, ()
+    layer, rest = name[len(LAYERS):].split(".", 1)
+    m = _LOCAL_EXPERT.fullmatch(rest)
+    if m:
+        return f"{LAYERS}{m[1]}experts.{m[3]}", (int(layer), int(m[2]))
+    return LAYERS + rest, (int(layer),)
+
+
+def unstacked(key: str, lead: tuple[int, ...]) -> str:
+    """The inverse of stacked()."""
+    rest = key[len(LAYERS):]
+    if len(lead) == 2:
+        rest = rest.replace(_EXPERTS[1:], f"experts.local_experts.{lead[1]}.", 1)
+    return f"{LAYERS}{lead[0]}.{rest}"
+
+
+def stacked_axes(key: str) -> int:
+    """Leading stacked axes of a torch_dist key: layers, and experts."""
+    return 0 if not key.startswith(LAYERS) else 2 if _EXPERTS in "." + key[len(LAYERS):] else 1
 
 
 def is_torch_dist(folder: Path) -> bool:
@@ -91,13 +134,17 @@ class TorchDistReader:
         for key, t in self._dcp.index.tensors.items():
             if key.startswith(_TRAINING_STATE):
                 self._add(key, key, ())
-            elif key.startswith(LAYERS):
-                if not t.shape:
-                    raise FormatError(f"{self.path}: {key} has no layer axis")
-                for i in range(t.shape[0]):  # the inverse of stacked()
-                    self._add(f"model.{LAYERS}{i}.{key[len(LAYERS):]}", key, (i,))
             else:
-                self._add("model." + key, key, ())
+                axes = stacked_axes(key)
+                if len(t.shape) < axes:
+                    raise FormatError(f"{self.path}: {key} has no {('layer', 'expert')[len(t.shape)]} axis")
+                for lead in itertools.product(*(range(n) for n in t.shape[:axes])):
+                    self._add("model." + (unstacked(key, lead) if lead else key), key, lead)
+        fused = _LOCAL_SPEC_KEYS[".pre_mlp_layernorm."]
+        for name in [n for n in self._where if fused in n]:
+            if name[: name.index(fused)] + ".mlp.linear_fc1.weight" not in self._where:
+                self._where[name.replace(fused, ".pre_mlp_layernorm.")] = self._where.pop(name)
+                self._infos[name.replace(fused, ".pre_mlp_layernorm.")] = self._infos.pop(name)
         for key in self._dcp.index.objects:
             if not key.split("/")[0].endswith("._extra_state"):  # TransformerEngine's FP8 state: not weights
                 self.objects[key.split(".")[0].split("/")[0]] = None
@@ -126,51 +173,62 @@ class TorchDistReader:
         self._dcp.close()
 
 
-def _durable(path: Path, write: Callable[[Any], None]) -> None:
+def data_file(k: int) -> str:
+    """The k-th .distcp file of a folder autotrans writes."""
+    return f"__{k}_0.distcp"
+
+
+def write_data(path: Path, tensors: Iterable[tuple[str, np.ndarray, str]], objects: list[str]) -> None:
+    """Write one .distcp file: `tensors` yields (torch-format name, raw bits shaped as
+    stored, dtype) one at a time, each appended as its own archive (a chunk of its stacked
+    tensor); then `objects` (module `_extra_state` names), each saved as None, as
+    Megatron-Core's local linears hold it."""
     with DurableFile(path) as out:
-        write(out.stream())
+        f = out.stream()
+        for name, bits, dtype in tensors:
+            lead = stacked(name)[1]
+            torch_archive.write_tensor(f, bits.reshape((1,) * len(lead) + bits.shape), dtype)
+        for _ in objects:
+            f.write(_NONE)
 
 
-def write_folder(folder: Path, tensors: Iterable[tuple[str, Any]], num_layers: int, objects: list[str], head: dict) -> Path:
-    """Write a torch_dist iteration folder: `tensors` yields (torch-format name, torch
-    tensor) one at a time, whole; `objects` are module `_extra_state` names (saved as
-    None, as Megatron-Core's local linears hold it); `head` goes to common.pt. Returns the
-    path of `.metadata`, written last."""
+_NONE = torch_archive.object_archive([None])  # Megatron-Core saves each object as a one-item list
+
+
+def write_metadata(folder: Path, files: list[list[tuple[str, str, tuple[int, ...]]]], objects: list[str],
+                   axes: tuple[int, int], head: dict) -> list[Path]:
+    """`.metadata`, `common.pt` (`head`) and `metadata.json` of a folder whose k-th .distcp
+    file holds `files[k]`, (torch-format name, dtype, stored shape) in order, whole
+    per-layer (per-expert) tensors as chunks of the stacked tensors, whose leading axes
+    count `axes` (layers, experts), and file 0 then `objects`: every chunk's byte range
+    follows from the archive sizes."""
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
                                                        TensorProperties, TensorStorageMetadata)
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = "__0_0.distcp"
     entries: dict[str, Any] = {}
     storage: dict = {}
-
-    def write_data(f) -> None:
-        for name, t in tensors:
+    for k, items in enumerate(files):
+        at = 0
+        for name, dtype, shape in items:
             key, lead = stacked(name)
-            size = torch.Size((num_layers,) * len(lead) + tuple(t.shape))
-            offsets = torch.Size(lead + (0,) * t.dim())
-            entry = entries.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=t.dtype), size, []))
-            entry.chunks.append(ChunkStorageMetadata(offsets, torch.Size((1,) * len(lead) + tuple(t.shape))))
-            start = f.tell()
-            torch.save(t.reshape(entry.chunks[-1].sizes), f)
-            storage[MetadataIndex(key, offsets)] = _StorageInfo(data, start, f.tell() - start)
-        for name in objects:
+            entry = entries.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtypes.torch_dtype(dtype)),
+                                                                  torch.Size(axes[:len(lead)] + shape), []))
+            offsets = torch.Size(lead + (0,) * len(shape))
+            entry.chunks.append(ChunkStorageMetadata(offsets, torch.Size((1,) * len(lead) + shape)))
+            size = torch_archive.tensor_size(dtype, (1,) * len(lead) + shape)
+            storage[MetadataIndex(key, offsets)] = _StorageInfo(data_file(k), at, size)
+            at += size
+        for name in objects if k == 0 else ():
             key, lead = stacked(name)
-            fqn = f"{key}/shard_{'_'.join(str(i) for i in lead)}{'_' if lead else ''}{'_'.join(str(num_layers) for _ in lead)}"
-            blob = io.BytesIO()
-            torch.save([None], blob)  # Megatron-Core saves each object as a one-item list
-            start = f.tell()
-            f.write(blob.getvalue())
+            fqn = f"{key}/shard_{'.'.join(map(str, lead))}_{'.'.join(map(str, axes[:len(lead)]))}"  # ShardedObject.unique_key
             entries[fqn] = BytesStorageMetadata()
-            storage[MetadataIndex(fqn)] = _StorageInfo(data, start, f.tell() - start)
-
-    _durable(folder / data, write_data)
-    _durable(folder / COMMON, lambda f: torch.save(head, f))
-    (folder / META_JSON).write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                                                "common_backend": "torch", "common_backend_version": 1}))
-    path = folder / METADATA
-    _durable(path, lambda f: pickle.dump(Metadata(state_dict_metadata=entries, storage_data=storage), f))
-    return path
+            storage[MetadataIndex(fqn)] = _StorageInfo(data_file(k), at, len(_NONE))
+            at += len(_NONE)
+    write_bytes(folder / COMMON, torch_archive.object_archive(head))
+    write_bytes(folder / META_JSON, json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                "common_backend": "torch", "common_backend_version": 1}).encode())
+    write_bytes(folder / METADATA, pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage), protocol=2))
+    return [folder / COMMON, folder / META_JSON, folder / METADATA]
