@@ -215,3 +215,44 @@ def test_deepseek_v3_megatron_output_loads_strict_into_gpt_model_and_matches_tra
     want = logits(hf, "deepseek_v3", torch.tensor(IDS))
     got = forward(model)[..., : c["vocab_size"]]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_tensor_parallel_files_and_round_trip(tmp_path, ep):
+    """TP 2 with expert_tensor_parallel 1: Megatron-LM saves the ranks whose expert-data-
+    parallel rank is 0; rank q of a stage is tensor-parallel rank q % 2 and expert-parallel
+    rank q (etp 1), so the files are mp_rank_{q % 2}_{q} for q < ep, each with its half
+    of the dense weights and its experts whole. Megatron -> HF is bit for bit."""
+    from tests.convert_util import megatron_files
+
+    c = FAMILIES["qwen3_moe"]
+    hf = make_hf(tmp_path / "hf", "qwen3_moe")
+    src = hf_tensors(hf)
+    par = {"model_parallel": 2, "expert_parallel": ep, "expert_tensor_parallel": 1}
+    assert run(load_checkpoint=str(hf), output_format="megatron", parallel_config=par, output_dir=str(tmp_path / "m")) == 0
+    files = megatron_files(tmp_path / "m" / "transformed_checkpoint")
+    assert sorted(files) == sorted(f"mp_rank_{q % 2:02d}_{q:03d}" for q in range(ep))
+    local = c["num_experts"] // ep
+    for q in range(ep):
+        m, half = files[f"mp_rank_{q % 2:02d}_{q:03d}"]["model"], q % 2
+        o = src["model.layers.1.self_attn.o_proj.weight"]
+        assert torch.equal(m["decoder.layers.1.self_attention.linear_proj.weight"], o.chunk(2, dim=1)[half])
+        for j in range(local):
+            p = f"model.layers.1.mlp.experts.{q * local + j}."
+            fc1 = torch.cat([src[p + "gate_proj.weight"], src[p + "up_proj.weight"]])
+            assert torch.equal(m[f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc1.weight"], fc1)
+            assert torch.equal(m[f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc2.weight"], src[p + "down_proj.weight"])
+        assert files[f"mp_rank_{q % 2:02d}_{q:03d}"]["args"].expert_tensor_parallel_size == 1
+    assert run(load_checkpoint=str(tmp_path / "m" / "transformed_checkpoint"), output_format="hf", reference_hf_dir=str(hf),
+               output_dir=str(tmp_path / "h")) == 0
+    back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
+    assert sorted(back) == sorted(src) and all(torch.equal(back[k].view(torch.int16), src[k].view(torch.int16)) for k in src)
+
+
+def test_expert_tensor_parallel_megatron_files_cannot_hold_is_refused(tmp_path):
+    from runner.errors import ConfigError
+
+    hf = make_hf(tmp_path / "hf", "qwen3_moe")
+    with pytest.raises(ConfigError, match="parallel_config.expert_tensor_parallel"):
+        run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"),
+            parallel_config={"model_parallel": 2, "expert_parallel": 1, "expert_tensor_parallel": 1})

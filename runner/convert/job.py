@@ -325,8 +325,8 @@ class Target:
 
 def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     pc = cfg.parallel_config
-    lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel)
     spec = src.spec
+    lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel, pc.expert_tensor_parallel if spec.experts else 0)
     padded = spec.padded_vocab(cfg.make_vocab_size_divisible_by, lay.tp)
     dist = cfg.megatron_format == "torch_dist"
     if dist and cfg.megatron_naming == "legacy":
