@@ -309,6 +309,27 @@ def test_a_conversion_with_a_cast_writes_strategies_of_the_cast_dtype(models, fm
         assert {p["dtype"] for p in json.loads(path.read_text())["params"].values()} == {"F32"}, path.name
 
 
+@pytest.mark.mpi
+def test_lora_merge_into_a_conversion_over_mpi_with_the_shards_split(models, adapter):
+    """A LoRA merge travels with the reads: HF shards split over two nodes (each with the
+    adapter), merged and converted to Megatron TP2 PP2 under mpiexec -n 2, equals one
+    process reading the whole folder."""
+    root = models["root"] / "split_lora"
+    whole = models["to_hf"] / "transformed_checkpoint"
+    parts = sorted(whole.glob("*.safetensors"))
+    for r, keep in enumerate(SPLITS[2]):
+        split_copy(whole, root / f"node{r}", parts, keep)
+    keys = models["jobs"]["to_megatron"] | {"lora": {"adapter": str(adapter)}, "shared_disk": False}
+    one, out = root / "one", root / "out"
+    assert cli_main(["run", str(job_file(root, "one", keys | {"load_checkpoint": str(whole), "output_dir": str(one)})),
+                     "--no-progress"]) == 0
+    job = job_file(root, "job", keys | {"load_checkpoint": str(root / "node${oc.env:PMI_RANK}"), "output_dir": str(out)})
+    proc = mpirun(["-n", 2, *autotrans(job)], timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert unit_files(out) == unit_files(one) and unit_files(one) != unit_files(models["to_megatron"])  # merged
+    assert {f["mpi_rank"] for f in manifest(out)["files"] if f["path"].endswith(".pt")} == {0, 1}
+
+
 # -- (d) the manifest of every kind of job ------------------------------------------------------
 def check_manifest(out: Path, sources: list[Path]) -> None:
     doc = manifest(out)
