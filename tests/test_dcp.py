@@ -340,6 +340,21 @@ def titan(tmp_path_factory):
     return folders, hf
 
 
+def test_torchtitan_dcp_with_tied_output_copy_to_hf(tmp_path):
+    """Tied embeddings: torchtitan's state holds output.weight beside tok_embeddings (one
+    tensor under both names); the HF model written has the tied weights only."""
+    import torch.distributed.checkpoint as dcp
+
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32, tie_word_embeddings=True)
+    weights = _torchtitan_weights(hf)
+    assert "output.weight" not in weights  # transformers saves the tied table once
+    weights["output.weight"] = weights["tok_embeddings.weight"]
+    dcp.save({"model": weights}, checkpoint_id=str(tmp_path / "ck"))
+    assert run(load_checkpoint=str(tmp_path / "ck"), output_format="hf", reference_hf_dir=str(hf),
+               output_dir=str(tmp_path / "o")) == 0
+    assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf)
+
+
 @pytest.mark.parametrize("layout", ["nested", "flat"])
 def test_torchtitan_dcp_to_hf_is_the_original_model(tmp_path, titan, layout, capsys):
     """DCP (torchtitan names, Meta's rotary rows) -> HF gives back the HF weights bit for
