@@ -14,7 +14,7 @@ from runner.formats import mindspore_strategy
 from runner.formats.registry import output_format
 from runner.job import Job, needs_change, prepare
 from runner.outputs import check_no_overlap
-from runner.source import Source
+from runner.source import Source, SourceFiles
 from runner.units import Compiled, STRATEGY_DIR, Unit, protected_paths
 
 
@@ -70,8 +70,10 @@ def from_job(job: Job) -> Compiled:
     )
 
 
-def compile_job(cfg: JobConfig, source: Source | None = None, headers=None) -> Compiled:
-    """Any job: a conversion between ecosystems (SPEC 6) or a layout transform."""
+def compile_job(cfg: JobConfig, source: Source | None = None, headers=None, files: SourceFiles | None = None) -> Compiled:
+    """Any job: a conversion between ecosystems (SPEC 6) or a layout transform. Under
+    MPI, `source` and `headers` (a reshard) or `files` (a conversion) are the union of
+    what the ranks see."""
     if wants_conversion(cfg):
-        return compile_conversion(cfg)
+        return compile_conversion(cfg, files)
     return compile_reshard(cfg, source, headers)

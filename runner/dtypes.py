@@ -12,7 +12,9 @@ ITEMSIZE: dict[str, int] = {
     "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4,
     "U64": 8, "I64": 8, "F64": 8,
+    "STR": 4,  # a MindSpore .ckpt string entry (append_dict): numpy's UTF-32 code units, moved as bits
 }
+STRING = "STR"  # only a .ckpt file holds it; safetensors has no such dtype
 
 _BITS = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 

@@ -52,16 +52,25 @@ class DurableFile:
         self.fd = -1
         self._stream: IO[bytes] | None = None
         self._id = (0, 0)  # (st_dev, st_ino) of the temporary this object created
+        # inside open(): a signal there (its handler raises) may land after the file is
+        # created and before its descriptor or identity is kept; the temporary is then ours
+        self._opening = False
 
     def open(self) -> "DurableFile":
         make_folder(self.path.parent)
+        self._opening = True
         try:
             os.unlink(self.tmp)  # stale, from a killed run; a symlink is removed, not followed
         except FileNotFoundError:
             pass
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError:  # not created by us (EEXIST: someone else's)
+            self._opening = False
+            raise
         st = os.fstat(self.fd)
         self._id = (st.st_dev, st.st_ino)
+        self._opening = False
         return self
 
     def stream(self) -> IO[bytes]:
@@ -89,8 +98,9 @@ class DurableFile:
     def discard(self) -> None:
         """Close and remove the temporary (if it is still the one this object made)."""
         self._close()
-        if self._ours():
+        if self._ours() or (self._opening and os.path.lexists(self.tmp)):
             self.tmp.unlink()
+        self._opening = False
 
     def __enter__(self) -> "DurableFile":
         return self.open()

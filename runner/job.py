@@ -98,10 +98,13 @@ def destination_strategy(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy
     destination may re-express weights a full source stores flat)."""
     if cfg.dst_strategy_path_or_dir:
         dst = strategy_files.load(Path(cfg.dst_strategy_path_or_dir))
+        cast = dtypes.CAST_NAMES.get(cfg.dtype)
         if dst.origin == "mindspore":  # its files hold no shapes: take the source's
             if src is None:
                 raise ConfigError("a MindSpore destination strategy holds no shapes: set load_checkpoint")
-            dst = fill_from(dst, src, dtypes.CAST_NAMES.get(cfg.dtype))
+            dst = fill_from(dst, src, cast)
+        else:  # the strategy written beside the files says what they hold
+            dst = dst.cast(cast)
     elif not cfg.use_parallel:
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")

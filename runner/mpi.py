@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from runner import log
 from runner.compile import compile_job, compile_reshard, own_strategy_folder, write_strategies
@@ -27,8 +28,9 @@ from runner.execute import LocalPool
 from runner.log import warn
 from runner.outputs import OutputFolder, check_no_overlap
 from runner.run import LocalWorld, balance, file_entries, finish_folder, manifest, run, run_units
-from runner.source import Source, read_headers
-from runner.union import local_view, union_source
+from runner.convert.megatron_dir import source_files
+from runner.source import Source, SourceFiles, file_header, read_headers
+from runner.union import local_view, union_files, union_source
 from runner.units import Compiled, content_digest, stamp
 from runner.verify import verify_compiled
 
@@ -76,18 +78,14 @@ class MpiWorld(LocalWorld):
 
     # -- compile ------------------------------------------------------------------------
     def compile(self, cfg: JobConfig) -> Compiled:
-        """Every rank compiles the same job. A reshard's source is the union of what the
-        ranks see, each reading the headers of the source ranks it serves; a conversion
-        is compiled by every rank from its own view of the source (a copy per node will
-        do), and the views are joined the same way. Source files are stamped by the
-        ranks that serve them, so every rank computes the same digest."""
+        """Every rank compiles the same job from the union of what the ranks see, each
+        reading the headers of the source files it serves. Source files are stamped by
+        the ranks that serve them, so every rank computes the same digest."""
         root = Path(cfg.load_checkpoint) if cfg.load_checkpoint else None
         if root is None:
             job = self.step("prepare", lambda: compile_job(cfg))
         elif self.converts(cfg):
-            job = self.step("prepare", lambda: compile_job(cfg))
-            views = self.link.exchange(self.step("find source files", lambda: _view(job.source)))
-            self.union = self.step("join what the ranks see", lambda: union_source(root, views, cfg.shared_disk))
+            job = self._compile_conversion(cfg, root)
         else:
             job = self._compile_reshard(cfg, root)
         self.step("compare jobs", lambda: _same_job(self.link.exchange(content_digest(job))))
@@ -100,14 +98,30 @@ class MpiWorld(LocalWorld):
         self.share = self.step("split the work", lambda: self._split(job))
         return job
 
+    def _headers(self, read: Callable[[], dict]) -> dict:
+        """Every rank's headers joined: `read` reads those this rank serves."""
+        out: dict = {}
+        for part in self.link.exchange(self.step("read source headers", read)):
+            out.update(part)
+        return dict(sorted(out.items()))
+
+    def _compile_conversion(self, cfg: JobConfig, root: Path) -> Compiled:
+        """A conversion's source files are the union of what the ranks see: an HF folder's
+        shards, a Megatron folder's rank files, spread over the nodes."""
+        views = self.link.exchange(self.step("find source files", lambda: _file_view(root)))
+        fu = self.step("join what the ranks see", lambda: union_files(root, views, cfg.shared_disk))
+        mine = [rel for rel in fu.sizes if fu.server(rel) == self.link.rank]
+        headers = self._headers(lambda: {rel: file_header(root / rel) for rel in mine})
+        job = self.step("prepare", lambda: compile_job(cfg, files=SourceFiles(root, fu.kind, fu.sizes, headers)))
+        self.union = self.step("join what the ranks see", lambda: fu.by_rank(job.source))
+        return job
+
     def _compile_reshard(self, cfg: JobConfig, root: Path) -> Compiled:
         views = self.link.exchange(self.step("find source files", lambda: local_view(root)))
         self.union = u = self.step("join what the ranks see", lambda: union_source(root, views, cfg.shared_disk))
         mine = Source(root, u.source.kind, {s: f for s, f in u.source.files.items() if u.server(s) == self.link.rank})
-        headers = {}
-        for part in self.link.exchange(self.step("read source headers", lambda: read_headers(mine))):
-            headers.update(part)
-        return self.step("prepare", lambda: compile_reshard(cfg, u.source, dict(sorted(headers.items()))))
+        headers = self._headers(lambda: read_headers(mine))
+        return self.step("prepare", lambda: compile_reshard(cfg, u.source, headers))
 
     def _find_output_folders(self, cfg: JobConfig, job: Compiled) -> None:
         """Which ranks share this rank's output_dir (one disk, or one per node): each
@@ -217,10 +231,10 @@ class Borrowed:
         pass
 
 
-def _view(source):
-    """What this rank sees of a conversion's source, as runner.union.local_view says it."""
-    root = source.root
-    return source.kind, {r: [(str(p.relative_to(root)), p.stat().st_size) for p in ps] for r, ps in source.files.items()}
+def _file_view(root: Path):
+    """What this rank sees of a conversion's source (runner.union.FileView)."""
+    files = source_files(root)
+    return files.kind, files.sizes
 
 
 def _same_job(digests: list[str]) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from runner.errors import FormatError, shown
+from runner.formats import torch_dist
 from runner.formats.base import CheckpointReader, TensorInfo
+from runner.formats.dcp import METADATA
 from runner.formats.registry import CHECKPOINT_SUFFIXES, open_reader
 from runner.ranks import gaps
 
@@ -146,3 +149,60 @@ def read_headers(source: Source) -> dict[int, dict[str, TensorInfo]]:
         finally:
             reader.close()
     return out
+
+
+# -- headers, and the files a conversion may read ---------------------------------------------
+_PLAIN = (int, float, str, bool, type(None))
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What compiling a conversion needs of one source file, without its bytes: its
+    tensors and, for torch files, the names of its other entries and Megatron's `args`
+    as plain values (headers travel between MPI ranks, so plain data only)."""
+
+    tensors: dict[str, TensorInfo]
+    objects: tuple[str, ...] = ()
+    args: dict | None = None
+
+
+def _plain(v) -> bool:
+    return isinstance(v, _PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(x, _PLAIN) for x in v))
+
+
+def file_header(path: Path) -> FileHeader:
+    """One source file's header: a safetensors / ckpt / torch file, or a torch_dist
+    folder's `.metadata` (the whole model, with common.pt's args). A torch file is
+    unpickled with its tensors memory-mapped, so only its pickle is read."""
+    path = Path(path)
+    dist = path.name == METADATA and torch_dist.is_torch_dist(path.parent)  # else a plain DCP folder
+    reader = torch_dist.TorchDistReader(path.parent) if dist else open_reader(path)
+    try:
+        objects = getattr(reader, "objects", {})
+        args = torch_dist.common(path.parent).get("args") if dist else objects.get("args")
+        plain = {k: v for k, v in vars(args).items() if _plain(v)} if isinstance(args, argparse.Namespace) else None
+        return FileHeader(dict(reader.tensors()), tuple(objects), plain)
+    finally:
+        reader.close()
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files a conversion may read, relative to `root` with their sizes: those this
+    machine sees, or under MPI without a shared disk the union of what every rank sees,
+    with the headers the ranks that see them read (`headers`). A header not given is
+    read from this machine's file, once."""
+
+    root: Path
+    kind: str
+    sizes: dict[str, int]
+    headers: dict[str, FileHeader] = field(default_factory=dict)
+
+    def paths(self) -> list[Path]:
+        return [self.root / rel for rel in sorted(self.sizes, key=natural_key)]
+
+    def header(self, path: Path) -> FileHeader:
+        rel = str(Path(path).relative_to(self.root))
+        if rel not in self.headers:
+            self.headers[rel] = file_header(path)
+        return self.headers[rel]

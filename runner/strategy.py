@@ -5,7 +5,7 @@ runner.formats.mindspore_strategy. Per-rank and per-stage files merge into one S
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -53,6 +53,12 @@ class Strategy:
     def with_params(self, params: Mapping[str, ParamLayout]) -> "Strategy":
         """The same stages, origin and notes over other parameters."""
         return Strategy(self.stages, params, self.origin, self.notes)
+
+    def cast(self, cast_to: str | None) -> "Strategy":
+        """The layout of the files a job writes with a `dtype` cast (floats cast, others kept)."""
+        if not cast_to:
+            return self
+        return self.with_params({n: replace(p, dtype=dtypes.cast_dtype(p.dtype, cast_to)) for n, p in self.params.items()})
 
     @staticmethod
     def full(tensors: Mapping[str, TensorInfo]) -> "Strategy":

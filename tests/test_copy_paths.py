@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import zlib
 from pathlib import Path
 
 import pytest
 
 from runner import durable, execute
+from runner import run as run_module
 from runner.cli import main
 from runner.outputs import MANIFEST, PROGRESS
 from tests import oracle
@@ -43,11 +45,15 @@ def source(tmp_path: Path) -> tuple[Path, dict]:
     return tmp_path, full
 
 
-def run(root: Path, out: str) -> Path:
+def job_file(root: Path, out: str) -> Path:
     job = root / f"{out}.yaml"
     job.write_text(json.dumps({"load_checkpoint": str(root / "ckpt"), "src_strategy_path_or_dir": str(root / "strategy"),
                                "dst_strategy_path_or_dir": str(root / "dst"), "output_dir": str(root / out)}))
-    assert main(["run", str(job), "--no-progress"]) == 0
+    return job
+
+
+def run(root: Path, out: str) -> Path:
+    assert main(["run", str(job_file(root, out)), "--no-progress"]) == 0
     return root / out / "transformed_checkpoint"
 
 
@@ -111,9 +117,7 @@ def test_short_kernel_copies_give_the_same_bytes(source, monkeypatch) -> None:
 def test_a_disk_error_in_a_kernel_copy_is_one_line_and_no_partial_file(source, monkeypatch, capsys) -> None:
     root, _ = source
     counting(monkeypatch, "copy_file_range", fail=errno.ENOSPC)
-    job = root / "full.yaml"
-    job.write_text(json.dumps({"load_checkpoint": str(root / "ckpt"), "src_strategy_path_or_dir": str(root / "strategy"),
-                               "dst_strategy_path_or_dir": str(root / "dst"), "output_dir": str(root / "full")}))
+    job = job_file(root, "full")
     assert main(["run", str(job), "--no-progress"]) == 1
     assert "disk full" in capsys.readouterr().err
     assert not list((root / "full").rglob("*" + durable.PARTIAL))
@@ -159,3 +163,56 @@ def test_writeback_advice_taken_or_refused_gives_the_same_bytes(source, monkeypa
     refused = counting(monkeypatch, "posix_fadvise", fail=errno.EINVAL)
     assert rank_files(run(root, "refused")) == ref
     assert len(refused) == 4  # once per file, then the file is written without advice
+
+
+def test_writer_threads_give_the_bytes_and_manifest_of_one_thread(source, monkeypatch) -> None:
+    """Files written two at a time (one per core) are the files one thread writes."""
+    root, full = source
+    monkeypatch.setattr(run_module, "writer_threads", lambda: 1)
+    one = run(root, "one")
+    monkeypatch.setattr(run_module, "writer_threads", lambda: 2)
+    two = run(root, "two")
+    assert rank_files(one) == rank_files(two)
+    listed = [{k: f[k] for k in ("path", "bytes", "crc32")} for f in json.loads((one / MANIFEST).read_text())["files"]]
+    assert listed == [{k: f[k] for k in ("path", "bytes", "crc32")} for f in json.loads((two / MANIFEST).read_text())["files"]]
+    assert oracle.check_output(two, full, tp(4)) == 4
+
+
+def test_a_failing_writer_thread_stops_the_others_and_leaves_no_partial_file(source, monkeypatch, capsys) -> None:
+    """A disk error in the second thread: one line, every thread's temporary removed, no
+    manifest; the rerun writes what one thread writes."""
+    root, _ = source
+    monkeypatch.setattr(run_module, "writer_threads", lambda: 2)
+    for name in ("pwrite", "copy_file_range"):
+        real = getattr(os, name)
+
+        def failing(*a, _real=real):
+            if threading.current_thread() is not threading.main_thread():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return _real(*a)
+        monkeypatch.setattr(os, name, failing)
+    job = job_file(root, "full")
+    assert main(["run", str(job), "--no-progress"]) == 1
+    assert "disk full" in capsys.readouterr().err
+    assert not list((root / "full").rglob("*" + durable.PARTIAL))
+    assert not (root / "full" / "transformed_checkpoint" / MANIFEST).exists()
+    monkeypatch.undo()
+    assert main(["run", str(job), "--no-progress"]) == 0
+    assert rank_files(root / "full" / "transformed_checkpoint") == rank_files(run(root, "ref"))
+
+
+def test_an_interrupt_inside_creating_a_temporary_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    """A signal whose handler raises may land after the temporary file is created and
+    before its descriptor is kept: the file is still removed."""
+    real = os.fstat
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "fstat", interrupted)
+    file = durable.DurableFile(tmp_path / "x.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        file.open()
+    assert file.tmp.exists()  # created: the interrupt came after the file
+    monkeypatch.setattr(os, "fstat", real)
+    file.discard()
+    assert not list(tmp_path.iterdir())

@@ -102,3 +102,72 @@ def test_mixtral_refuses_qkv_concat_it_does_not_model(models, tmp_path):
     with pytest.raises(ConfigError, match="model.model_config.qkv_concat: template mixtral"):
         run(load_checkpoint=str(models["mixtral"]), output_format="mindformers", use_parallel=False,
             model=QKV_CONCAT, output_dir=str(tmp_path / "mf"))
+
+
+QWEN25_72B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 29568,
+              "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064,
+              "tie_word_embeddings": False, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+              "rope_theta": 1000000.0, "torch_dtype": "bfloat16"}
+
+
+def test_a_72b_interleaved_fuse_is_a_few_strided_links(tmp_path):
+    """Qwen2.5-72B with qkv_concat: w_gate_hidden interleaves 29568 gate and up rows per
+    layer, w_qkv 8 query groups of [q; k; v]. The map holds one strided link per fused
+    part (not one per row or group), so its size does not grow with the rows; the
+    recipes' blocks are the interleavings convert_utils' ffn_concat_hf2mg and
+    qkv_concat_hf2mg describe (gate row i is row 2i, up row i is row 2i + 1)."""
+    import json
+
+    from runner.convert.model import read_hf_config
+    from runner.convert.names import scheme_map, scheme_tensors
+    from runner.convert.rows import Block
+    from runner.formats.base import TensorInfo
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_72B))
+    spec = read_hf_config(tmp_path)[1].with_job(QKV_CONCAT)
+    m = scheme_map(spec, "hf", "mindformers")
+    per_layer = 3 + 3 + 2 + 1 + 1 + 2  # w_qkv weight and bias, w_gate_hidden, wo, w2, two norms
+    assert len(m.links) == 80 * per_layer + 3  # + embedding, final norm, lm_head
+    hf = {n: TensorInfo("BF16", s) for n, s in m.hf_shapes.items()}
+    infos, recipes = scheme_tensors(spec, "mindformers", hf)
+    p = "model.layers.7."
+    gh = recipes[p + "feed_forward.w_gate_hidden.weight"]
+    assert infos[p + "feed_forward.w_gate_hidden.weight"].shape == (2 * 29568, 8192)
+    assert gh.blocks == (Block(p + "mlp.gate_proj.weight", 0, 1, at=0, times=29568, step=1, at_step=2),
+                         Block(p + "mlp.up_proj.weight", 0, 1, at=1, times=29568, step=1, at_step=2))
+    q_rows, kv_rows = 64 * 128 // 8, 128  # rows of one query group: 8 q heads, 1 k head, 1 v head
+    group = q_rows + 2 * kv_rows
+    assert recipes[p + "attention.w_qkv.weight"].blocks == (
+        Block(p + "self_attn.q_proj.weight", 0, q_rows, at=0, times=8, step=q_rows, at_step=group),
+        Block(p + "self_attn.k_proj.weight", 0, kv_rows, at=q_rows, times=8, step=kv_rows, at_step=group),
+        Block(p + "self_attn.v_proj.weight", 0, kv_rows, at=q_rows + kv_rows, times=8, step=kv_rows, at_step=group))
+    assert sum(len(r.blocks) for r in recipes.values()) == len(m.links)
+    megatron = scheme_map(spec, "hf", "megatron")
+    assert len(megatron.links) < 20 * 80
+
+
+def test_strided_links_build_the_interleaving_and_refuse_gaps_and_doubles():
+    """Gate and up rows interleaved by two strided links: any box of the result equals
+    numpy's interleaving; a link one repetition short, or two links on the same rows,
+    is refused naming the first bad row."""
+    import numpy as np
+
+    from runner.convert.rows import Link, forward
+    from runner.errors import PlanError
+    from runner.formats.base import TensorInfo
+    from runner.layout import Box
+
+    rng = np.random.default_rng(5)
+    gate, up = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
+    a = {"g": TensorInfo("F32", (5, 3)), "u": TensorInfo("F32", (5, 3))}
+    b = {"gu": TensorInfo("F32", (10, 3))}
+    links = [Link("g", 0, "gu", 0, 1, times=5, a_step=1, b_step=2), Link("u", 0, "gu", 1, 1, times=5, a_step=1, b_step=2)]
+    recipe = forward(links, [], a, b, {})["gu"]
+    want = np.stack([gate, up], 1).reshape(10, 3)
+    fetch = {"g": gate.view(np.uint32), "u": up.view(np.uint32)}.__getitem__
+    for box in (Box((0, 0), (10, 3)), Box((3, 1), (4, 2)), Box((9, 0), (1, 3))):
+        assert np.array_equal(recipe.region(box, fetch).view(np.float32), want[box.slices()])
+    with pytest.raises(PlanError, match=r"leaves row 9 of gu \(10 rows\)"):
+        forward([links[0], links[1]._replace(times=4)], [], a, b, {})
+    with pytest.raises(PlanError, match="leaves row 0 of gu"):
+        forward([links[0], links[0]._replace(a="u")], [], a, b, {})

@@ -285,6 +285,53 @@ def test_distributed_ckpt_pipeline_to_full_safetensors(tmp_path: Path, capfd) ->
     assert "adam_m.wq" in err and "global_step" in err
 
 
+def str_record(tag: str, text: str) -> bytes:
+    """A string as mindspore.save_checkpoint stores an append_dict str: dims [0], tensor_type
+    "str", tensor_content numpy's bytes of np.array(text) (serialization._exec_save)."""
+    c = message("Checkpoint")()
+    v = c.value.add(tag=tag)
+    v.tensor.dims.append(0)
+    v.tensor.tensor_type = "str"
+    v.tensor.tensor_content = np.array(text).tobytes()
+    return c.SerializeToString()
+
+
+def test_string_entries_are_carried_through_ckpt_jobs(tmp_path: Path, capsys) -> None:
+    """A distributed .ckpt whose rank files hold an append_dict string: merged into one
+    .ckpt, then split again by a MindSpore strategy, every output file holds the record
+    exactly as MindSpore wrote it; a safetensors output refuses it in one line."""
+    text = "llama2_7b, épreuve ✓"
+    write_distributed_ckpt(tmp_path / "src", PP_LAYOUTS, {"global_step": np.array([5], np.int32)})
+    for f in (tmp_path / "src").glob("rank_*/net-*_3.ckpt"):
+        f.write_bytes(f.read_bytes() + str_record("model_name", text))
+    for s, lays in PP_LAYOUTS.items():
+        write_strategy(tmp_path / "strategy" / f"ckpt_strategy_rank_{s * 4}.ckpt", s, lays)
+    want = ([0], "str", np.array(text).tobytes(), 1)
+    (tmp_path / "merge").mkdir()
+    (tmp_path / "split").mkdir()
+    merged = run_job(tmp_path / "merge", load_checkpoint=tmp_path / "src", src_strategy_path_or_dir=tmp_path / "strategy",
+                     use_parallel="false")
+    parsed = parse_ckpt(merged / "transformed_checkpoint" / "rank_0" / "checkpoint_0.ckpt")
+    assert parsed["model_name"] == want
+    assert np.frombuffer(parsed["model_name"][2], f"<U{len(text)}")[0] == text
+    for name, a in FULL.items():
+        assert np.array_equal(np.frombuffer(parsed[name][2], a.dtype).reshape(a.shape), a), name
+    dst = tmp_path / "dst" / "merged.ckpt"
+    write_strategy(dst, None, {f"{s}-{n}": l for s, lays in PP_LAYOUTS.items() for n, l in lays.items()}, merged=True)
+    split = run_job(tmp_path / "split", load_checkpoint=merged / "transformed_checkpoint" / "rank_0" / "checkpoint_0.ckpt",
+                    dst_strategy_path_or_dir=dst)
+    for rank in range(8):
+        assert parse_ckpt(split / "transformed_checkpoint" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt")["model_name"] == want
+    (tmp_path / "st").mkdir()
+    job = tmp_path / "st" / "job.yaml"
+    job.write_text(f"load_checkpoint: {tmp_path / 'src'}\nsrc_strategy_path_or_dir: {tmp_path / 'strategy'}\n"
+                   f"use_parallel: false\noutput_format: safetensors\noutput_dir: {tmp_path / 'st' / 'out'}\n")
+    capsys.readouterr()
+    assert main(["run", str(job), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "model_name is a MindSpore string entry, which safetensors cannot hold; use output_format: ckpt" in err
+
+
 def test_full_safetensors_to_distributed_ckpt_with_mindspore_strategy(tmp_path: Path) -> None:
     """safetensors in -> .ckpt per rank with a MindSpore destination strategy; the strategy
     files written (strategy_format: mindspore) read back as the same layouts."""

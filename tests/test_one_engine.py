@@ -115,6 +115,55 @@ def test_conversion_over_mpi_without_shared_disk(models, name):
     assert union == weight_files(ref)
 
 
+def split_copy(src: Path, dst: Path, parts: list[Path], keep: list[int]) -> Path:
+    """A copy of folder `src` holding of its weight files `parts` only those numbered in
+    `keep` (every other file, config and markers, is copied whole)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(MANIFEST, PROGRESS))
+    for i, part in enumerate(parts):
+        if i not in keep:
+            target = dst / part.relative_to(src)
+            shutil.rmtree(target.parent) if target.name == "model_optim_rng.pt" else target.unlink()
+    return dst
+
+
+# which of the 4 weight files each rank's node holds: n=2 disjoint, n=3 with an overlap
+SPLITS = {2: [[0, 2], [1, 3]], 3: [[0, 3], [1], [2, 3]]}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("name", ["to_megatron", "to_hf"])
+def test_conversion_over_mpi_with_the_source_split_over_nodes(models, name, n):
+    """No shared disk, each node holding only part of the source (SPEC 9: the source is
+    the union of what the ranks see): HF shards, or Megatron mp_rank_* folders, spread
+    over the ranks' own load_checkpoint folders (${oc.env:PMI_RANK}); slices another
+    node holds travel over MPI. One output folder: the bytes equal one process reading
+    the whole source, and every rank wrote weights."""
+    root = models["root"] / f"split_{name}_{n}"
+    if name == "to_megatron":  # the 4-shard HF folder the one-process Megatron -> HF run wrote
+        whole = models["to_hf"] / "transformed_checkpoint"
+        parts = sorted(whole.glob("*.safetensors"))
+    else:
+        whole = models["to_megatron"] / "transformed_checkpoint"
+        parts = sorted(whole.rglob("model_optim_rng.pt"))
+    assert len(parts) == 4
+    for r, keep in enumerate(SPLITS[n]):
+        split_copy(whole, root / f"node{r}", parts, keep)
+    keys = models["jobs"][name] | {"load_checkpoint": str(root / "node${oc.env:PMI_RANK}"), "shared_disk": False}
+    one, out = root / "one", root / "out"
+    assert cli_main(["run", str(job_file(root, "one", keys | {"load_checkpoint": str(whole), "output_dir": str(one)})),
+                     "--no-progress"]) == 0
+    proc = mpirun(["-n", n, *autotrans(job_file(root, "job", keys | {"output_dir": str(out)}))], timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    ref = unit_files(one)
+    assert len(weight_files(ref)) == 4
+    assert unit_files(out) == ref
+    if name == "to_hf":
+        assert ref == unit_files(models["to_hf"])  # what the whole Megatron folder gave
+    writers = {f["path"]: f["mpi_rank"] for f in manifest(out)["files"]}
+    assert {writers[p] for p in weight_files(ref)} == set(range(n))
+
+
 def test_conversion_split_over_local_workers(models):
     """transform_process_num: local workers take shares of a conversion's units too."""
     root = models["root"]
@@ -220,6 +269,30 @@ def test_conversion_writes_mindspore_strategy_files(models):
         dev, tmap = list(lay.dev_matrix[0].dim), list(lay.tensor_map[0].dim)
         assert tmap[1] == -1 and dev[len(dev) - 1 - tmap[0]] == 2, (dev, tmap)
     assert unit_files(out) == unit_files(models["to_megatron"])  # the strategy format changes no weight byte
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "hf", "mindformers"])
+def test_a_conversion_with_a_cast_writes_strategies_of_the_cast_dtype(models, fmt):
+    """dtype means the same in every kind of job (issue 13, 2c): the bf16 model cast to
+    fp32 gives fp32 weight files (read by torch.load and safetensors) and strategy files
+    that say F32, as a reshard's do."""
+    from safetensors import safe_open
+
+    root = models["root"]
+    out = root / f"cast_{fmt}"
+    keys = {"load_checkpoint": str(models["hf"]), "output_format": fmt, "dtype": "fp32", "output_dir": str(out)}
+    assert cli_main(["run", str(job_file(root, out.name, keys | ({"use_parallel": False} if fmt == "mindformers" else {}))),
+                     "--no-progress"]) == 0
+    kinds = set()
+    for path in (out / "transformed_checkpoint").rglob("*"):
+        if path.suffix == ".pt":
+            kinds |= {t.dtype for t in torch.load(path, weights_only=False)["model"].values() if isinstance(t, torch.Tensor)}
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                kinds |= {f.get_tensor(k).dtype for k in f.keys()}
+    assert kinds == {torch.float32}
+    for path in (out / "strategy").iterdir():
+        assert {p["dtype"] for p in json.loads(path.read_text())["params"].values()} == {"F32"}, path.name
 
 
 # -- (d) the manifest of every kind of job ------------------------------------------------------

@@ -506,11 +506,41 @@ def test_verify_after_a_cast_says_what_it_compared(tmp_path: Path, capsys) -> No
     assert "autotrans: verify: source and output are bit-identical" in out
 
 
+def test_a_cast_writes_a_strategy_of_the_cast_dtype(tmp_path: Path, capsys) -> None:
+    """A hand-written F32 destination strategy with dtype: fp16: the files are F16, and
+    the strategy written beside them says F16 too, so verify (and any loader) agrees."""
+    src = full_w_b(tmp_path)
+    cfg = job(tmp_path, load_checkpoint=str(src), dst_strategy_path_or_dir=str(tp2_strategy(tmp_path / "s32")),
+              dtype="fp16", verify=True, output_dir=str(tmp_path / "out"))
+    code, out, err = cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    assert "equal after casting the source to fp16" in out
+    for r in (0, 1):
+        written = json.loads((tmp_path / f"out/strategy/ckpt_strategy_rank_{r}.json").read_text())
+        got = load_file(str(tmp_path / f"out/transformed_checkpoint/rank_{r}/checkpoint_{r}.safetensors"))
+        assert {n: p["dtype"] for n, p in written["params"].items()} == {"w": "F16", "b": "F16"}
+        assert {n: a.dtype for n, a in got.items()} == {"w": np.float16, "b": np.float16}
+    save_file({"w": W.astype(np.float16), "b": B.astype(np.float16)}, str(tmp_path / "f16.safetensors"))
+    code, out, err = cli(capsys, "verify", str(tmp_path / "f16.safetensors"), str(tmp_path / "out/transformed_checkpoint"))
+    assert code == 0, out + err  # reassembled with out/strategy, as it says
+
+
 def test_a_conversion_summary_gives_gb_per_second(hf_llama: Path, tmp_path: Path, capsys) -> None:
     cfg = job(tmp_path, load_checkpoint=str(hf_llama), output_format="megatron", output_dir=str(tmp_path / "m"))
     code, _, err = cli(capsys, "run", str(cfg))
     assert code == 0, err
     assert re.search(r"autotrans: done: \d+ files?, \d+\.\d{3} GB in \d+\.\d\d s \(\d+\.\d\d GB/s\) -> ", err), err
+
+
+def test_the_progress_bar_counts_in_the_summarys_decimal_units(capsys) -> None:
+    """The bar and the summary use one unit system: 2,500,000 bytes are 2.50 MB in both
+    (the summary prints bytes / 1e9 GB), not 2.38 binary megabytes."""
+    from runner.progress import Progress
+
+    with Progress(2_500_000, tty_only=False) as bar:
+        bar.update(2_500_000)
+    err = capsys.readouterr().err
+    assert "2.50M/2.50M" in err and "2.38M" not in err, err
 
 
 def test_a_one_file_job_says_1_file(tmp_path: Path, capsys) -> None:

@@ -10,14 +10,16 @@ MindFormers outputs are whole tensors served by recipes from either side."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from runner import dtypes, lora as lora_merge, plan as planner
 from runner.config import JobConfig, from_mapping
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import CHECKPOINT_VERSION, CKPT, MegatronFolder, MegatronSource, is_weight, iteration_folder, megatron_args, open_rank_file, write_iteration_marker, write_rank
+from runner.convert.megatron_dir import (CHECKPOINT_VERSION, CKPT, MegatronFolder, MegatronSource, dropped, is_weight,
+                                         iteration_folder, megatron_args, rank_infos, source_files, write_iteration_marker,
+                                         write_rank)
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
 from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
@@ -32,7 +34,7 @@ from runner.layout import Box, ParamLayout
 from runner.log import warn
 from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
-from runner.source import Source, discover
+from runner.source import FileHeader, Source, SourceFiles, discover
 from runner.strategy import Strategy
 from runner.templates import config_json_names, format_name
 from runner.units import Compiled, Unit, protected_paths
@@ -57,22 +59,33 @@ class HFInput:
     built: dict[str, rows.Recipe]  # HF tensors from the files' (MindFormers names); {}: the files hold HF names
     reference: Path | None
     lora: lora_merge.LoraMerge | None = None  # adapters merged into the weights as they are read
+    shard_of: dict[str, int] = field(default_factory=dict)  # tensor name -> the source rank (file) holding it
 
     @staticmethod
-    def open(cfg: JobConfig, source: Source) -> "HFInput":
-        reader = source.open(0)
-        try:
-            held = dict(reader.tensors())
-        finally:
-            reader.close()
-        if source.files[0][0].name == METADATA:
-            return HFInput._open_dcp(cfg, source, held)
+    def open(cfg: JobConfig, files: SourceFiles) -> "HFInput":
+        """Each checkpoint file (an HF shard) is a source rank of its own, so that under
+        MPI each is read by a node that holds it; reads name rank 0 and go to the file
+        holding the tensor (ByName)."""
+        shards = files.paths()
+        held: dict[str, TensorInfo] = {}
+        shard_of: dict[str, int] = {}
+        for i, path in enumerate(shards):
+            for name, info in files.header(path).tensors.items():
+                if name in shard_of:
+                    raise FormatError(f"tensor {name} appears in both {shards[shard_of[name]]} and {path}: loose files "
+                                      "are parts of one checkpoint; put per-rank files in rank_0/ ... rank_N/ folders")
+                held[name], shard_of[name] = info, i
+        source = Source(files.root, files.kind, {i: (p,) for i, p in enumerate(shards)})
+        if shards and shards[0].name == METADATA:
+            inp = HFInput._open_dcp(cfg, source, held)
+            inp.shard_of = shard_of
+            return inp
         merge = None
         if cfg.lora is not None:
             merge, _, base = lora_merge.prepare(cfg.lora, cfg.model, Strategy.full(held), {0: held}, source.root)
             held = base[0]
         inp = HFInput._open(cfg, source, held)
-        inp.lora = merge
+        inp.lora, inp.shard_of = merge, shard_of
         return inp
 
     @staticmethod
@@ -126,7 +139,7 @@ class HFInput:
         """Recipes over whole tensors as the files name them, read from `base` (LoRA merged
         as they are read)."""
         recipes = rows.compose(recipes, self.built)  # read the files' own tensors
-        whole = WholeTensors(lora_merge.wrap(base, self.lora), self.held)
+        whole = WholeTensors(lora_merge.wrap(ByName(base, self.shard_of), self.lora), self.held)
         return rows.RecipePool(recipes, whole, owned=whole)
 
     kind = "hf"
@@ -135,8 +148,23 @@ class HFInput:
         doc = {"hf": {n: [t.dtype, list(t.shape)] for n, t in sorted(self.infos.items())}}
         return {**doc, "lora": self.lora.describe()} if self.lora else doc
 
-    def files(self) -> list[Path]:
-        return list(self.source.files[0]) + (self.lora.files if self.lora else [])
+
+
+class ByName:
+    """Reads of an HF folder as one rank 0, each sent to the source rank (file) that holds
+    its tensor."""
+
+    def __init__(self, pool, shard_of: dict[str, int]):
+        self.pool, self.shard_of = pool, shard_of
+
+    def region(self, read: ReadItem):
+        return self.pool.region(replace(read, src_rank=self.shard_of[read.src_name]))
+
+    def release(self) -> None:
+        self.pool.release()
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def _scheme_of(spec: Model, held: dict[str, TensorInfo], root: Path) -> str:
@@ -192,10 +220,11 @@ class MegatronInput:
     reference: Path | None
 
     @staticmethod
-    def open(cfg: JobConfig, root: Path) -> "MegatronInput":
+    def open(cfg: JobConfig, files: SourceFiles) -> "MegatronInput":
         if cfg.lora is not None:
             raise ConfigError("lora: a merge reads HF folders and safetensors / ckpt checkpoints; convert the Megatron checkpoint to HF first, then merge")
-        mf = MegatronFolder.open(root)
+        root = files.root
+        mf = MegatronFolder.open(root, files)
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else None
         arch = (cfg.model or {}).get("arch")
         ref_spec = read_hf_config(reference, arch)[1] if reference else None
@@ -205,18 +234,17 @@ class MegatronInput:
         padded = mf.padded_vocab() or spec.padded_vocab(getattr(mf.args, "make_vocab_size_divisible_by", 128) or 128, lay.tp)
         mm = megatron_map(spec, scheme, lay, padded)
         nmap = mm.nmap
-        dtype = _megatron_dtype(mf)
+        dtype = _megatron_dtype(mf, files.header(mf.files[0]))
         infos = _infos(nmap.shapes, lambda n: dtype)
         s = mm.strategy(infos)
         names = {r: {n: tuple("model." + f for f in fs) for n, fs in mm.file_names(r, s.params_of_rank(r)).items()} for r in s.ranks}
         source = MegatronSource(Path(root), "megatron", {r: (p,) for r, p in mf.files.items()}, names)
-        first = source.open(s.ranks[0])
-        try:
-            if first.dropped:
-                warn(f"{', '.join(first.dropped)} in {mf.files[s.ranks[0]].parent.name}/ and its sibling rank files "
-                     "are not converted: only the model's weights are")
-        finally:
-            first.close()
+        for r in s.ranks:  # every rank file's weights, checked before anything is written
+            rank_infos(mf.files[r], files.header(mf.files[r]).tensors, names[r])
+        extra = dropped(files.header(mf.files[s.ranks[0]]))
+        if extra:
+            warn(f"{', '.join(extra)} in {mf.files[s.ranks[0]].parent.name}/ and its sibling rank files "
+                 "are not converted: only the model's weights are")
         return MegatronInput(mf, spec, scheme, nmap, infos, s, source, reference)
 
     def pool(self, recipes: dict[str, rows.Recipe], base: SlicePool) -> rows.RecipePool:
@@ -229,16 +257,9 @@ class MegatronInput:
     def digest_doc(self) -> dict:
         return {"megatron": self.strategy.to_json(), "scheme": self.scheme}
 
-    def files(self) -> list[Path]:
-        return list(self.folder.files.values())
 
-
-def _megatron_dtype(mf: MegatronFolder) -> str:
-    r = open_rank_file(mf.files[0])
-    try:
-        kinds = {t.dtype for n, t in r.tensors().items() if is_weight(n)}
-    finally:
-        r.close()
+def _megatron_dtype(mf: MegatronFolder, header: FileHeader) -> str:
+    kinds = {t.dtype for n, t in header.tensors.items() if is_weight(n)}
     if len(kinds) != 1:
         raise FormatError(f"{mf.files[0]}: weights of several dtypes ({', '.join(sorted(kinds))}); expected one")
     return kinds.pop()
@@ -308,7 +329,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     else:
         infos = _infos(nmap.shapes, lambda n: next(iter(src.infos.values())).dtype)
         plan_src, wrap = _reshard_source(src, infos, nmap)
-    dst = mm.strategy(infos)
+    dst = mm.strategy(infos).cast(cast_to)  # as the files hold them, written beside them
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
     step = 0 if cfg.iteration == "release" else cfg.iteration  # Megatron loads a release checkpoint as iteration 0
@@ -424,7 +445,7 @@ def megatron_hf_recipes(src: MegatronInput) -> tuple[dict[str, TensorInfo], dict
 def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows.RecipePool]]:
     """A Megatron folder seen as whole tensors under HF names (`autotrans verify`):
     the tensors, and a pool factory serving them."""
-    src = MegatronInput.open(from_mapping({"load_checkpoint": str(path), "output_format": "hf"}), Path(path))
+    src = MegatronInput.open(from_mapping({"load_checkpoint": str(path), "output_format": "hf"}), source_files(Path(path)))
     infos, recipes = megatron_hf_recipes(src)
     return infos, lambda: src.pool(recipes, LocalPool(src.source))
 
@@ -463,7 +484,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     units = tuple(Unit(i, hf_dir.shard_name(i, len(shards)), sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shard))
                   for i, shard in enumerate(shards))
     doc = {"to": "hf", "shards": shards, "reference": bool(src.reference)}  # no path: ranks on other nodes compare it
-    return Target(Strategy.full(infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
+    return Target(Strategy.full(out_infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
                   write, lambda base: src.pool(recipes, base), doc, finish)
 
 
@@ -484,19 +505,23 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
 
 
 # -- compiling ------------------------------------------------------------------------------
-def open_input(cfg: JobConfig) -> HFInput | MegatronInput:
+def open_input(cfg: JobConfig, files: SourceFiles | None = None) -> HFInput | MegatronInput:
+    """`files`: the source files the job may read (default: those on this machine)."""
     root = Path(cfg.load_checkpoint)
-    source = discover(root)
-    if source.kind == "megatron":
-        return MegatronInput.open(cfg, root)
-    return HFInput.open(cfg, source)
+    files = files or source_files(root)
+    if not files.kind:
+        discover(root)  # says it does not exist
+    if files.kind == "megatron":
+        return MegatronInput.open(cfg, files)
+    return HFInput.open(cfg, files)
 
 
-def compile_conversion(cfg: JobConfig) -> Compiled:
-    """A conversion as runner.run runs every job: its units, plans, writers, pool."""
+def compile_conversion(cfg: JobConfig, files: SourceFiles | None = None) -> Compiled:
+    """A conversion as runner.run runs every job: its units, plans, writers, pool.
+    `files`: the source files it may read (runner.open_input)."""
     if not cfg.load_checkpoint:
         raise ConfigError("config key load_checkpoint is required")
-    src = open_input(cfg)
+    src = open_input(cfg, files)
     if cfg.output_format == "megatron":
         target = megatron_target(cfg, src)
     elif cfg.output_format in ("hf", "mindformers"):

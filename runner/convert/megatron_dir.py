@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from runner.formats.safetensors_io import SafetensorsFormat, SafetensorsReader
 from runner.formats.torch_pt import TorchReader
 from runner.outputs import file_crc32
 from runner.plan import FilePlan
-from runner.source import Source, natural_key
+from runner.source import FileHeader, Source, SourceFiles, discover, natural_key
 
 ITER_FILE = "latest_checkpointed_iteration.txt"
 CKPT = "model_optim_rng.pt"
@@ -89,6 +90,26 @@ def read_marker(marker: Path) -> str:
     return text.decode()
 
 
+def rank_files(root: Path) -> list[Path]:
+    """The rank files of a Megatron folder on this machine: every mp_rank_*/model_optim_rng.pt
+    of its checkpoint folder, or a torch_dist folder's `.metadata`."""
+    ckdir = checkpoint_dir(root)
+    if torch_dist.is_torch_dist(ckdir):
+        return [ckdir / METADATA]
+    return [p / CKPT for p in ckdir.iterdir() if _RANK.fullmatch(p.name) and p.is_dir() and (p / CKPT).is_file()]
+
+
+def source_files(root: Path) -> SourceFiles:
+    """A conversion's source files on this machine (runner.source.SourceFiles): a Megatron
+    folder's rank files, else the checkpoint files of rank 0 (an HF folder's shards)."""
+    root = Path(root)
+    if not root.exists():
+        return SourceFiles(root, "", {})
+    src = discover(root)
+    paths = rank_files(root) if src.kind == "megatron" else src.files.get(0, ())
+    return SourceFiles(root, src.kind, {str(p.relative_to(root)): p.stat().st_size for p in paths})
+
+
 def open_rank_file(path: Path):
     """A rank file's reader: `model_optim_rng.pt`, or a torch_dist folder's `.metadata`
     (the whole model as one rank file)."""
@@ -97,15 +118,10 @@ def open_rank_file(path: Path):
     return TorchReader(path)
 
 
-def _args_of(path: Path) -> tuple[argparse.Namespace, dict[str, TensorInfo]]:
-    r = open_rank_file(path)
-    try:
-        args = torch_dist.common(path.parent).get("args") if path.name == METADATA else r.objects.get("args")
-        if not isinstance(args, argparse.Namespace):
-            raise FormatError(f"{path}: no argparse.Namespace `args` entry; not a Megatron checkpoint")
-        return args, dict(r.tensors())
-    finally:
-        r.close()
+def _args_of(path: Path, header: FileHeader) -> argparse.Namespace:
+    if header.args is None:
+        raise FormatError(f"{path}: no argparse.Namespace `args` entry; not a Megatron checkpoint")
+    return argparse.Namespace(**header.args)
 
 
 _PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
@@ -168,37 +184,33 @@ class MegatronFolder:
     fmt: str = "torch"  # or "torch_dist"
 
     @staticmethod
-    def open(root: Path) -> "MegatronFolder":
-        ckdir = checkpoint_dir(Path(root))
-        if torch_dist.is_torch_dist(ckdir):
-            return MegatronFolder._open_torch_dist(Path(root), ckdir)
-        found = {}
-        for p in ckdir.iterdir():
-            m = _RANK.fullmatch(p.name)
-            if m and p.is_dir():
-                found[p.name] = p / CKPT
+    def open(root: Path, files: SourceFiles | None = None) -> "MegatronFolder":
+        """`files`: the rank files the job may read (default: those on this machine;
+        under MPI, what every rank sees), whose headers say the layout."""
+        root = Path(root)
+        files = files or source_files(root)
+        ckdir = checkpoint_dir(root)
+        if torch_dist.is_torch_dist(ckdir):  # global shapes, whatever the parallel settings it was saved with:
+            path = ckdir / METADATA             # one logical rank (TP 1, PP 1, EP 1), served from the chunks
+            header = files.header(path)
+            args = _args_of(path, header)
+            check_args(args, path, header.tensors, None)
+            weights = frozenset(n[len("model."):] for n in header.tensors if is_weight(n))
+            return MegatronFolder(root, ckdir, MegatronLayout(1, 1, 1), {0: path}, args, weights, "torch_dist")
+        found = {p.parent.name: p for p in files.paths() if p.parent.parent == ckdir}
         if not found:
             raise FormatError(f"{ckdir}: no mp_rank_* folders")
         first = found[min(found, key=natural_key)]
-        args, tensors = _args_of(first)
-        lay = check_args(args, first, tensors, len(found))
-        files = {r: ckdir / lay.folder(r) / CKPT for r in range(lay.world_size)}
-        missing = [str(p.relative_to(ckdir)) for p in files.values() if not p.is_file()]
+        header = files.header(first)
+        args = _args_of(first, header)
+        lay = check_args(args, first, header.tensors, len(found))
+        ranks = {r: ckdir / lay.folder(r) / CKPT for r in range(lay.world_size)}
+        missing = [str(p.relative_to(ckdir)) for p in ranks.values() if p not in found.values()]
         if missing:
             raise FormatError(f"{ckdir}: args say TP {lay.tp} PP {lay.pp} EP {lay.ep}, but {', '.join(missing[:4])} "
                               f"{'is' if len(missing) == 1 else 'are'} missing ({len(missing)} of {lay.world_size})")
-        weights = frozenset(n[len("model."):] for n in tensors if is_weight(n))
-        return MegatronFolder(Path(root), ckdir, lay, files, args, weights)
-
-    @staticmethod
-    def _open_torch_dist(root: Path, ckdir: Path) -> "MegatronFolder":
-        """Global shapes, whatever the parallel settings it was saved with: one logical
-        rank (TP 1, PP 1, EP 1) holding the whole model, served from the chunks."""
-        path = ckdir / METADATA
-        args, tensors = _args_of(path)
-        check_args(args, path, tensors, None)
-        weights = frozenset(n[len("model."):] for n in tensors if is_weight(n))
-        return MegatronFolder(root, ckdir, MegatronLayout(1, 1, 1), {0: path}, args, weights, "torch_dist")
+        weights = frozenset(n[len("model."):] for n in header.tensors if is_weight(n))
+        return MegatronFolder(root, ckdir, lay, ranks, args, weights)
 
     @property
     def iteration(self) -> str:
@@ -211,6 +223,31 @@ class MegatronFolder:
         return (getattr(self.args, "num_experts", None) or 0) // self.layout.ep
 
 
+def rank_infos(path: Path, held: dict[str, TensorInfo], names: dict[str, tuple[str, ...]]) -> dict[str, TensorInfo]:
+    """A rank file's weights under logical names (stacked experts: one tensor per local
+    expert in the file); every weight the file holds must have a name, and every name
+    its weights."""
+    stored = {f for fs in names.values() for f in fs}
+    unknown = sorted(n for n in held if is_weight(n) and n not in stored)
+    if unknown:
+        raise FormatError(f"{path}: weights with no conversion map: {', '.join(unknown[:5])}"
+                          f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
+    infos: dict[str, TensorInfo] = {}
+    for logical, fs in names.items():
+        missing = [f for f in fs if f not in held]
+        if missing:
+            raise FormatError(f"{path}: lacks {missing[0]} (the model's sizes and layer spec say it should hold it)")
+        first = held[fs[0]]
+        infos[logical] = first if len(fs) == 1 else TensorInfo(first.dtype, (len(fs), *first.shape))
+    return infos
+
+
+def dropped(header: FileHeader) -> list[str]:
+    """What a rank file holds besides the model (optimizer, rng_state, opt_param_scheduler,
+    num_floating_point_operations_so_far, ...): not converted."""
+    return sorted({n.split(".")[0] for n in [*header.tensors, *header.objects]} - set(_HEAD))
+
+
 class MegatronRankReader:
     """One rank file's weights under logical names (CheckpointReader). Stacked experts
     are the one copy it makes: the file holds one tensor per local expert."""
@@ -219,21 +256,7 @@ class MegatronRankReader:
         self.path = Path(path)
         self._reader = open_rank_file(path)
         self._names = names
-        held = self._reader.tensors()
-        stored = {f for fs in names.values() for f in fs}
-        unknown = sorted(n for n in held if is_weight(n) and n not in stored)
-        if unknown:
-            raise FormatError(f"{path}: weights with no conversion map: {', '.join(unknown[:5])}"
-                              f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
-        self._infos: dict[str, TensorInfo] = {}
-        for logical, fs in names.items():
-            missing = [f for f in fs if f not in held]
-            if missing:
-                raise FormatError(f"{path}: lacks {missing[0]} (the model's sizes and layer spec say it should hold it)")
-            first = held[fs[0]]
-            self._infos[logical] = first if len(fs) == 1 else TensorInfo(first.dtype, (len(fs), *first.shape))
-        # optimizer, rng_state, opt_param_scheduler, num_floating_point_operations_so_far, ...
-        self.dropped = sorted({n.split(".")[0] for n in [*held, *self._reader.objects]} - set(_HEAD))
+        self._infos = rank_infos(self.path, self._reader.tensors(), names)
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -293,6 +316,9 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
     )
 
 
+_WARNINGS = threading.Lock()  # warnings.catch_warnings swaps process-wide state: one thread at a time
+
+
 def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple[str, ...]], extra_state: list[str],
                head: dict, legacy: bool) -> WrittenFile:
     """Write one `model_optim_rng.pt` atomically: `head` (args, checkpoint_version,
@@ -304,7 +330,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
     reader = SafetensorsReader(staging)
     try:
         model: dict = {}
-        with warnings.catch_warnings():
+        with _WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only mapping: torch warns, never writes
             for t in fp.tensors:
                 bits = reader.array(t.name)

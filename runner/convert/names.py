@@ -194,12 +194,12 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
         if part.experts == "each" and expert is None:
             raise ConfigError(f"template {t.name}: weight {w.role} is fused from per-expert {p.role} but is not per expert")
         spans.append((*_source(m, part, layer, expert, src, p.rows, p.transpose, groups)[:3], p.transpose))
-    cursor = at
-    for g in range(groups):  # one link per part and group: an interleaved fuse has one per row
-        for name, start, block, transpose in spans:
-            m.links.append(Link(name, start + g * block, dst, cursor, block, primary, transpose))
-            cursor += block
-    return cursor - at
+    period = sum(block for _, _, block, _ in spans)  # rows of one group: a block of each part
+    offset = at
+    for name, start, block, transpose in spans:  # one strided link per part, however many groups
+        m.links.append(Link(name, start, dst, offset, block, primary, transpose, groups, block, period))
+        offset += block
+    return groups * period
 
 
 def _source(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: str, rows: tuple[str, str] | None,

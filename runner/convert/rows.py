@@ -24,10 +24,11 @@ from runner.layout import Box
 Fetch = Callable[[str], np.ndarray]  # source tensor name -> its raw bits (any shape)
 
 
-class Link(NamedTuple):  # a tuple: an interleaved fuse makes one per row
-    """`count` rows: A's rows from `a_row` are B's rows from `b_row`. `primary` links
-    are used from B back to A; a non-primary link makes a copy (a tied output layer)
-    that is dropped on the way back."""
+class Link(NamedTuple):
+    """`count` rows: A's rows from `a_row` are B's rows from `b_row`, `times` times, the
+    g-th time `g * a_step` and `g * b_step` rows further on (an interleaved fuse is one
+    strided link per part, not one per row). `primary` links are used from B back to A;
+    a non-primary link makes a copy (a tied output layer) that is dropped on the way back."""
 
     a: str
     a_row: int
@@ -36,6 +37,9 @@ class Link(NamedTuple):  # a tuple: an interleaved fuse makes one per row
     count: int
     primary: bool = True
     transpose: bool = False  # A's rows are those of A transposed (a 2-D [in, out] weight)
+    times: int = 1
+    a_step: int = 0
+    b_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,29 @@ class Pad:
 
 
 class Block(NamedTuple):
+    """Target rows `at + g * at_step + i` (g < times, i < count) are rows `start + g * step + i`
+    of `src` (with `repeat`, every one is row `start`)."""
+
     src: str
     start: int
     count: int
-    repeat: bool = False  # every row is source row `start`
+    at: int = 0
+    times: int = 1
+    step: int = 0
+    at_step: int = 0
+    repeat: bool = False
     transpose: bool = False  # rows of the source transposed
+
+    @property
+    def rows(self) -> int:
+        return self.count * self.times
+
+    def shifted(self, g0: int, times: int, skip: int = 0, count: int | None = None) -> "Block":
+        """Repetitions g0 .. g0 + times - 1, each from its `skip`-th row, `count` rows of it."""
+        n = self.count - skip if count is None else count
+        start = self.start if self.repeat else self.start + g0 * self.step + skip
+        return self._replace(start=start, count=n, at=self.at + g0 * self.at_step + skip, times=times,
+                             step=self.step if times > 1 else 0, at_step=self.at_step if times > 1 else 0)
 
 
 def _rows_of(fetch: Fetch, b: Block, cols: tuple[int, ...]) -> np.ndarray:
@@ -66,7 +88,7 @@ def _rows_of(fetch: Fetch, b: Block, cols: tuple[int, ...]) -> np.ndarray:
 @dataclass(frozen=True)
 class Recipe:
     """How to build one target tensor: `shape`, whose first `row_dims` dims are rows,
-    from source row blocks listed in target row order; with `transpose`, the blocks
+    from source row blocks that cover its rows once; with `transpose`, the blocks
     build the 2-D target's transpose."""
 
     shape: tuple[int, ...]
@@ -85,23 +107,26 @@ class Recipe:
             inner = Recipe(self.shape[::-1], self.dtype, 1, self.blocks)
             return np.ascontiguousarray(inner.region(Box(box.offsets[::-1], box.sizes[::-1]), fetch).T)
         cols = self.shape[self.row_dims:]
-        if len(self.blocks) == 1 and not self.blocks[0].repeat:  # rows in order: a view
-            b = self.blocks[0]
+        b = self.blocks[0]
+        if len(self.blocks) == 1 and b.times == 1 and b.at == 0 and not b.repeat:  # rows in order: a view
             src = _rows_of(fetch, b, cols)[b.start: b.start + b.count]
             return src.reshape(self.shape)[box.slices()]
         lead = [np.arange(o, o + s) for o, s in zip(box.offsets[: self.row_dims], box.sizes[: self.row_dims])]
         rows = np.ravel_multi_index(np.meshgrid(*lead, indexing="ij"), self.shape[: self.row_dims]).reshape(-1)
         col_slices = box.slices()[self.row_dims:]
         out = np.empty((rows.size, *box.sizes[self.row_dims:]), dtypes.bits_dtype(self.dtype))
-        # Each row's source: one pass per source tensor, however many blocks read it
-        # (an interleaved fuse has one block per row).
-        starts = np.cumsum([0] + [b.count for b in self.blocks])
-        which = np.searchsorted(starts, rows, side="right") - 1
-        first = np.array([b.start for b in self.blocks])
-        repeat = np.array([b.repeat for b in self.blocks])
-        src_rows = first[which] + np.where(repeat[which], 0, rows - starts[which])
+        # Each row's source row, block by block (a few per tensor: strided blocks), then
+        # one pass per source tensor.
         keys = {k: i for i, k in enumerate(dict.fromkeys((b.src, b.transpose) for b in self.blocks))}
-        key_of = np.array([keys[(b.src, b.transpose)] for b in self.blocks])[which]
+        src_rows = np.zeros(rows.size, np.int64)
+        key_of = np.full(rows.size, -1, np.int64)
+        for b in self.blocks:
+            rel = rows - b.at
+            g = rel // b.at_step if b.times > 1 else np.zeros_like(rel)
+            i = rel - g * b.at_step
+            mask = (rel >= 0) & (g < b.times) & (i < b.count)
+            src_rows[mask] = b.start if b.repeat else b.start + g[mask] * b.step + i[mask]
+            key_of[mask] = keys[(b.src, b.transpose)]
         for (name, transpose), k in keys.items():
             mask = key_of == k
             if not mask.any():
@@ -124,9 +149,10 @@ def compose(outer: dict[str, Recipe], inner: dict[str, Recipe]) -> dict[str, Rec
         if not any(b.src in inner for b in r.blocks):
             out[name] = r
             continue
-        mid = inner[r.blocks[0].src] if len(r.blocks) == 1 else None
-        if mid is not None and mid.shape == r.shape and not r.transpose and not r.blocks[0].repeat \
-                and r.blocks[0].start == 0 and r.blocks[0].count == r.rows and not r.blocks[0].transpose:
+        b0 = r.blocks[0]
+        mid = inner[b0.src] if len(r.blocks) == 1 else None
+        if mid is not None and mid.shape == r.shape and not r.transpose and not b0.repeat and not b0.transpose \
+                and b0.start == 0 and b0.at == 0 and b0.times == 1 and b0.count == r.rows:
             out[name] = Recipe(r.shape, r.dtype, mid.row_dims, mid.blocks, mid.transpose)  # a rename
             continue
         blocks: list[Block] = []
@@ -138,8 +164,9 @@ def compose(outer: dict[str, Recipe], inner: dict[str, Recipe]) -> dict[str, Rec
             if r.transpose or b.transpose or mid.transpose or \
                     math.prod(mid.shape[mid.row_dims:]) != math.prod(r.shape[r.row_dims:]):
                 raise PlanError(f"conversion map: {name} reads rows of {b.src} that are not rows of its sources")
-            blocks += _sub_blocks(mid.blocks, b.start, 1 if b.repeat else b.count, b.count if b.repeat else 0)
-        out[name] = Recipe(r.shape, r.dtype, r.row_dims, tuple(blocks))
+            for m in mid.blocks:
+                blocks += _meet(b, m)
+        out[name] = Recipe(r.shape, r.dtype, r.row_dims, tuple(sorted(blocks, key=lambda x: x.at)))
     return out
 
 
@@ -148,18 +175,58 @@ def renamed(recipes: dict[str, Recipe], names: dict[str, str]) -> dict[str, Reci
     return {n: replace(r, blocks=tuple(b._replace(src=names.get(b.src, b.src)) for b in r.blocks)) for n, r in recipes.items()}
 
 
-def _sub_blocks(blocks: tuple[Block, ...], start: int, count: int, repeat: int) -> list[Block]:
-    """Rows [start, start + count) of the tensor `blocks` build, as blocks of its
-    sources; with `repeat`, that one row `repeat` times."""
-    out, pos = [], 0
-    for b in blocks:
-        lo, hi = max(start, pos), min(start + count, pos + b.count)
-        if lo < hi:
-            row = b.start if b.repeat else b.start + lo - pos
-            n = repeat or hi - lo
-            out.append(Block(b.src, row, n, repeat=b.repeat or bool(repeat), transpose=b.transpose))
-        pos += b.count
-    return out
+def _within(first: int, step: int, count: int, times: int, lo: int, hi: int) -> tuple[range, range]:
+    """Of the intervals [first + g * step, + count), g < times: the g whose interval lies
+    inside [lo, hi), and the g whose interval meets it (step > 0 when times > 1)."""
+    if times == 1 or step == 0:
+        inside = range(times) if first >= lo and first + count <= hi else range(0)
+        meets = range(times) if first < hi and first + count > lo else range(0)
+        return inside, meets
+    def ceil(a: int) -> int:
+        return -(-a // step)
+    inside = range(max(0, ceil(lo - first)), min(times, (hi - count - first) // step + 1))
+    meets = range(max(0, (lo - count - first) // step + 1), min(times, ceil(hi - first)))
+    return inside, meets
+
+
+def _meet(b: Block, m: Block) -> list[Block]:
+    """The target rows of `b` (reading rows of a middle tensor) that the middle tensor's
+    block `m` builds, as blocks of `m`'s source: strided when either is one interval
+    per repetition of the other; else repetition by repetition."""
+    if b.repeat:  # every row is middle row b.start
+        for h in _within(m.at, m.at_step, m.count, m.times, b.start, b.start + 1)[1]:
+            row = m.start if m.repeat else m.start + h * m.step + (b.start - m.at - h * m.at_step)
+            return [b._replace(src=m.src, start=row, transpose=m.transpose)]
+        return []
+    if m.times == 1:  # m is one interval of middle rows: b's repetitions inside it map linearly
+        lo, hi = m.at, m.at + m.count
+        inside, meets = _within(b.start, b.step, b.count, b.times, lo, hi)
+        out = []
+        if inside:
+            g0 = inside.start
+            row = b.start + g0 * b.step - m.at
+            n = len(inside)
+            out.append(Block(m.src, m.start if m.repeat else m.start + row, b.count, b.at + g0 * b.at_step, n,
+                             b.step if n > 1 and not m.repeat else 0, b.at_step if n > 1 else 0, m.repeat, m.transpose))
+        for g in (g for g in meets if g not in inside):
+            a = max(lo, b.start + g * b.step)
+            z = min(hi, b.start + g * b.step + b.count)
+            out.append(Block(m.src, m.start if m.repeat else m.start + a - m.at, z - a,
+                             b.at + g * b.at_step + a - b.start - g * b.step, repeat=m.repeat, transpose=m.transpose))
+        return out
+    if b.times == 1:  # b is one interval of middle rows: m's repetitions inside it keep m's stride
+        lo, hi = b.start, b.start + b.count
+        inside, meets = _within(m.at, m.at_step, m.count, m.times, lo, hi)
+        out = []
+        if inside:
+            out.append(m.shifted(inside.start, len(inside))._replace(at=b.at + m.at + inside.start * m.at_step - lo))
+        for h in (h for h in meets if h not in inside):
+            a = max(lo, m.at + h * m.at_step)
+            z = min(hi, m.at + h * m.at_step + m.count)
+            skip = a - m.at - h * m.at_step
+            out.append(m.shifted(h, 1, skip, z - a)._replace(at=b.at + a - lo))
+        return out
+    return [blk for g in range(b.times) for blk in _meet(b.shifted(g, 1), m)]
 
 
 def _recipes(items: dict[str, list[Block]], infos: dict[str, TensorInfo], row_dims: dict[str, int],
@@ -167,31 +234,60 @@ def _recipes(items: dict[str, list[Block]], infos: dict[str, TensorInfo], row_di
     out = {}
     for name, blocks in items.items():
         info = infos[name]
-        if name in transposed:
-            r = Recipe(info.shape, dtype_of(blocks[0]), 1, tuple(blocks), transpose=True)
-            covered, want = sum(b.count for b in blocks), info.shape[-1]
-            if covered != want:
-                raise PlanError(f"conversion map covers {covered} of the {want} rows of {name} transposed")
-            out[name] = r
-            continue
-        r = Recipe(info.shape, dtype_of(blocks[0]), row_dims.get(name, 1), tuple(blocks))
-        covered = sum(b.count for b in blocks)
-        if covered != r.rows:
-            raise PlanError(f"conversion map covers {covered} of the {r.rows} rows of {name}")
+        blocks = sorted(blocks, key=lambda b: b.at)
+        t = name in transposed
+        r = Recipe(info.shape, dtype_of(blocks[0]), 1 if t else row_dims.get(name, 1), tuple(blocks), transpose=t)
+        _check_cover(name + (" transposed" if t else ""), blocks, info.shape[-1] if t else r.rows)
         out[name] = r
     return out
+
+
+def _check_cover(name: str, blocks: list[Block], rows: int) -> None:
+    """Every row of the target built exactly once. Strided blocks of one period that
+    tile it, and plain blocks, are checked as spans (whatever the row count); anything
+    else row by row, which also names the first row left unmapped or mapped twice."""
+    spans: list[tuple[int, int]] = []
+    periodic: dict[tuple[int, int], list[Block]] = {}
+    for b in blocks:
+        if b.times == 1:
+            spans.append((b.at, b.count))
+        else:
+            periodic.setdefault((b.at_step, b.times), []).append(b)
+    tiled = True
+    for (period, times), family in periodic.items():
+        first = min(b.at for b in family)
+        tiled = tiled and _tiles([(b.at - first, b.count) for b in family], period)
+        spans.append((first, period * times))
+    if tiled and _tiles(spans, rows):
+        return
+    idx = np.concatenate([(b.at + np.arange(b.times)[:, None] * b.at_step + np.arange(b.count)[None, :]).reshape(-1)
+                          for b in blocks])
+    hits = np.bincount(np.minimum(idx, rows), minlength=rows + 1)  # the last slot counts rows past the end
+    bad = np.flatnonzero(hits[:rows] != 1)
+    if bad.size or hits[rows]:
+        row = int(bad[0]) if bad.size else rows
+        raise PlanError(f"conversion map leaves row {row} of {name} ({rows} rows) unmapped or mapped twice")
+
+
+def _tiles(spans: list[tuple[int, int]], total: int) -> bool:
+    """Whether the (start, length) spans cover [0, total) once, end to end."""
+    pos = 0
+    for start, n in sorted(spans):
+        if start != pos:
+            return False
+        pos += n
+    return pos == total
 
 
 def forward(links: Iterable[Link], pads: Iterable[Pad], a: dict[str, TensorInfo], b: dict[str, TensorInfo],
             b_row_dims: dict[str, int]) -> dict[str, Recipe]:
     """Recipes for every B tensor from A tensors."""
-    parts: dict[str, list[tuple[int, Block]]] = {}
+    items: dict[str, list[Block]] = {}
     for lk in links:
-        parts.setdefault(lk.b, []).append((lk.b_row, Block(lk.a, lk.a_row, lk.count, transpose=lk.transpose)))
+        items.setdefault(lk.b, []).append(Block(lk.a, lk.a_row, lk.count, lk.b_row, lk.times, lk.a_step, lk.b_step,
+                                                transpose=lk.transpose))
     for p in pads:
-        parts.setdefault(p.b, []).append((p.b_row, Block(p.a, p.a_row, p.count, repeat=True)))
-    items = {n: [blk for _, blk in sorted(v, key=lambda x: x[0])] for n, v in parts.items()}
-    _check_contiguous(parts)
+        items.setdefault(p.b, []).append(Block(p.a, p.a_row, p.count, p.b_row, repeat=True))
     return _recipes(items, b, b_row_dims, lambda blk: a[blk.src].dtype)
 
 
@@ -199,25 +295,14 @@ def backward(links: Iterable[Link], a: dict[str, TensorInfo], b: dict[str, Tenso
              a_row_dims: dict[str, int]) -> dict[str, Recipe]:
     """Recipes for every A tensor from B tensors (primary links only). An A tensor whose
     links are transposed is built as its transpose, then transposed."""
-    parts: dict[str, list[tuple[int, Block]]] = {}
+    items: dict[str, list[Block]] = {}
     transposed = set()
     for lk in links:
         if lk.primary:
-            parts.setdefault(lk.a, []).append((lk.a_row, Block(lk.b, lk.b_row, lk.count)))
+            items.setdefault(lk.a, []).append(Block(lk.b, lk.b_row, lk.count, lk.a_row, lk.times, lk.b_step, lk.a_step))
             if lk.transpose:
                 transposed.add(lk.a)
-    items = {n: [blk for _, blk in sorted(v, key=lambda x: x[0])] for n, v in parts.items()}
-    _check_contiguous(parts)
     return _recipes(items, a, a_row_dims, lambda blk: b[blk.src].dtype, transposed)
-
-
-def _check_contiguous(parts: dict[str, list[tuple[int, Block]]]) -> None:
-    for name, v in parts.items():
-        pos = 0
-        for row, blk in sorted(v, key=lambda x: x[0]):
-            if row != pos:
-                raise PlanError(f"conversion map leaves rows {pos}..{row - 1} of {name} unmapped or mapped twice")
-            pos += blk.count
 
 
 class RecipePool:

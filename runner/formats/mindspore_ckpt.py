@@ -1,5 +1,7 @@
 """MindSpore `.ckpt` checkpoints without MindSpore: a protobuf `Checkpoint` message, a
 sequence of `value` records {tag, TensorProto{dims, tensor_type, tensor_content}}.
+A string that save_checkpoint's append_dict stored (tensor_type "str") is carried as a
+1-D tensor of its UTF-32 code units (dtype STR), so a .ckpt -> .ckpt job keeps it.
 
 Reading walks the protobuf wire format over an mmap and records where each tensor's
 bytes lie, so opening reads only the small record headers and `array()` is a view.
@@ -35,6 +37,7 @@ MS_TYPES: dict[str, str] = {
     "Float32": "F32", "Float16": "F16", "BFloat16": "BF16", "Float64": "F64",
     "Int8": "I8", "Int16": "I16", "Int32": "I32", "Int64": "I64",
     "UInt8": "U8", "UInt16": "U16", "UInt32": "U32", "UInt64": "U64", "Bool": "BOOL",
+    "str": dtypes.STRING,  # save_checkpoint's append_dict strings: dims [0], content numpy's UTF-32 of the text
 }
 _TO_MS = {v: k for k, v in MS_TYPES.items()}
 
@@ -174,7 +177,11 @@ def _stored(path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple
     runs = tuple((a, b - a) for a, b in spans)
     nbytes = sum(n for _, n in runs)
     size = dtypes.itemsize(dtype)
-    if dims == [0] and nbytes == size:  # MindSpore's loader reads dims [0] as a scalar
+    if dtype == dtypes.STRING:  # carried as its code units; written back with dims [0]
+        if nbytes % size:
+            raise FormatError(f"{path}: string entry {tag!r} holds {nbytes} bytes, not 4 per character; the file is corrupt")
+        dims = [nbytes // size]
+    elif dims == [0] and nbytes == size:  # MindSpore's loader reads dims [0] as a scalar
         dims = []
     if nbytes != math.prod(dims) * size:
         raise FormatError(f"{path}: tensor {tag!r} holds {nbytes} bytes but dims {dims} {ttype} need {math.prod(dims) * size}; the file is corrupt or truncated")
@@ -275,7 +282,8 @@ def layout(entries: list[Entry]) -> FileLayout:
             raise FormatError(f"tensor {e.name}: dtype {e.dtype} has no MindSpore checkpoint type; choose another output_format or a dtype cast")
         nbytes = math.prod(e.shape) * dtypes.itemsize(e.dtype)
         tag = _field(1, e.name.encode())
-        head = b"".join(_varint(1 << 3 | _VARINT) + _varint(d) for d in e.shape) + _field(2, ttype.encode())
+        dims = [0] if e.dtype == dtypes.STRING else e.shape
+        head = b"".join(_varint(1 << 3 | _VARINT) + _varint(d) for d in dims) + _field(2, ttype.encode())
         tensor_runs = []
         for start in range(0, max(nbytes, 1), CHUNK_BYTES):
             n = min(CHUNK_BYTES, nbytes - start)

@@ -128,7 +128,7 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple
             raise FormatError(f"{path}: tensor name {ascii(name)[:80]} holds a lone surrogate; header corrupt")
         if not isinstance(spec, _Spec) or not _uints(spec.shape) or not _uints(spec.offsets) or len(spec.offsets) != 2:
             raise FormatError(f"{path}: corrupt header entry for tensor {name!r}")
-        if spec.dtype not in dtypes.ITEMSIZE:
+        if spec.dtype not in dtypes.ITEMSIZE or spec.dtype == dtypes.STRING:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {spec.dtype!r}")
         key = (spec.dtype, *spec.shape)
         info = infos.get(key) or infos.setdefault(key, TensorInfo(spec.dtype, tuple(spec.shape)))
@@ -188,6 +188,8 @@ def layout(entries: list[Entry], metadata: dict[str, str] | None = None) -> File
     offsets: dict[str, int] = {}
     pos = 0
     for e in entries:
+        if e.dtype == dtypes.STRING:
+            raise FormatError(f"{e.name} is a MindSpore string entry, which safetensors cannot hold; use output_format: ckpt")
         n = dtypes.itemsize(e.dtype)
         for d in e.shape:
             n *= d

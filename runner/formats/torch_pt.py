@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,6 +77,11 @@ def _megatron_globals() -> list[tuple[Any, str]]:
             + [(int(v), f"signal.{k}") for k, v in signal.Signals.__members__.items()])
 
 
+# torch's safe_globals list is process-wide, not per thread: one load at a time, so that
+# writer threads reading rank files never see each other's allow-list
+_LOAD_LOCK = threading.Lock()
+
+
 def load(path: Path) -> Any:
     """Unpickle a torch file without running code from it; tensors stay memory-mapped."""
     import torch
@@ -96,7 +102,7 @@ def load(path: Path) -> Any:
                           "only tensors, argparse.Namespace, numpy arrays and Megatron/TransformerEngine classes are accepted")
     allowed = real + [(_placeholder(g), g) for g in unknown]
     try:
-        with torch.serialization.safe_globals(allowed):
+        with _LOAD_LOCK, torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch.load of damaged bytes raises anything (TypeError, KeyError, ...)
         raise FormatError(f"{path}: cannot load torch checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
