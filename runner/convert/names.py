@@ -125,7 +125,8 @@ def _reorder(m: NameMap, name: str, w: Weight, scheme: str, rows: int) -> None:
 
 def _reordered(m: NameMap, links: list[Link]) -> list[Link]:
     """Links between rows as every scheme orders them, rewritten to the stored rows of
-    reordered tensors: cut into runs that stay consecutive on both sides."""
+    reordered tensors: runs that stay consecutive on both sides, equal runs at equal
+    distances joined into one strided link (a head's interleaved rotary rows: two)."""
     out = []
     for lk in links:
         a_at, b_at = m.reordered.get(lk.a), m.reordered.get(lk.b)
@@ -134,10 +135,23 @@ def _reordered(m: NameMap, links: list[Link]) -> list[Link]:
             continue
         if lk.transpose:
             raise ConfigError(f"template {m.template.name}: {lk.a} is transposed and reordered; only one is supported")
-        a = a_at[lk.a_row: lk.a_row + lk.count] if a_at is not None else np.arange(lk.a_row, lk.a_row + lk.count)
-        b = b_at[lk.b_row: lk.b_row + lk.count] if b_at is not None else np.arange(lk.b_row, lk.b_row + lk.count)
-        cuts = [0, *(np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1).tolist(), lk.count]
-        out += [lk._replace(a_row=int(a[s]), b_row=int(b[s]), count=e - s) for s, e in zip(cuts, cuts[1:])]
+        g = np.arange(lk.times)[:, None]
+        a = (lk.a_row + g * lk.a_step + np.arange(lk.count)).reshape(-1)
+        b = (lk.b_row + g * lk.b_step + np.arange(lk.count)).reshape(-1)
+        a, b = (a_at[a] if a_at is not None else a), (b_at[b] if b_at is not None else b)
+        cuts = [0, *(np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1).tolist(), a.size]
+        runs = [(int(a[s]), int(b[s]), e - s) for s, e in zip(cuts, cuts[1:])]
+        i = 0
+        while i < len(runs):
+            a0, b0, n = runs[i]
+            j = i + 1
+            da, db = (runs[j][0] - a0, runs[j][1] - b0) if j < len(runs) else (0, 0)
+            while j < len(runs) and da > 0 and db > 0 and runs[j][2] == n and \
+                    (runs[j][0] - runs[j - 1][0], runs[j][1] - runs[j - 1][1]) == (da, db):
+                j += 1
+            out.append(Link(lk.a, a0, lk.b, b0, n, lk.primary, times=j - i, a_step=da if j - i > 1 else 0,
+                            b_step=db if j - i > 1 else 0))
+            i = j
     return out
 
 
