@@ -36,6 +36,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "use_legacy": ((bool,), True, None),  # MindSpore Transformers 1.7: false = its mcore models' names
     "transform_process_num": ((int,), 1, None),
     "transform_by_rank": ((bool,), False, None),
+    "mpi_timeout": ((int, float), 600, None),  # seconds a rank may make no progress under MPI
     "shared_disk": ((str, bool), "auto", ("auto", True, False)),
     "output_dir": ((str,), "./output", None),
     "output_format": ((str,), "", ("",) + OUTPUT_FORMATS),  # "": as the source (output_format_for)
@@ -60,6 +61,7 @@ PARALLEL_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "model_parallel": ((int,), 1),
     "pipeline_stage": ((int,), 1),
     "expert_parallel": ((int,), 1),
+    "expert_tensor_parallel": ((int,), 0),
     "context_parallel": ((int,), 1),
     "vocab_emb_dp": ((bool,), True),
     "optimizer_shard": ((bool,), False),
@@ -92,6 +94,7 @@ class ParallelConfig:
     model_parallel: int = 1
     pipeline_stage: int = 1
     expert_parallel: int = 1
+    expert_tensor_parallel: int = 0  # Megatron's expert_tensor_parallel_size; 0: model_parallel
     context_parallel: int = 1
     vocab_emb_dp: bool = True
     optimizer_shard: bool = False
@@ -129,6 +132,7 @@ class JobConfig:
     use_legacy: bool = True
     transform_process_num: int = 1
     transform_by_rank: bool = False
+    mpi_timeout: float = 600
     shared_disk: str | bool = "auto"
     output_dir: str = "./output"
     output_format: str = ""
@@ -323,9 +327,13 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
     for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel"):
         if getattr(parallel, k) < 1:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
+    if parallel.expert_tensor_parallel < 0:
+        raise ConfigError(f"config key parallel_config.expert_tensor_parallel: must be >= 1 (or 0: model_parallel), got {parallel.expert_tensor_parallel}")
     it = values["iteration"]
     if it != "release" and (isinstance(it, str) or it < 0):
         raise ConfigError(f"config key iteration: expected a number >= 0 or 'release', got {values['iteration']!r}")
+    if not 0 < values["mpi_timeout"] < float("inf"):
+        raise ConfigError(f"config key mpi_timeout: expected a positive number of seconds, got {values['mpi_timeout']!r}")
     if values["transform_process_num"] < 1:
         raise ConfigError("config key transform_process_num: must be >= 1 or auto")
     if any(c in values["prefix"] for c in "/\\\0"):  # it becomes part of each rank file's name
