@@ -340,6 +340,16 @@ def titan(tmp_path_factory):
     return folders, hf
 
 
+def test_torchtitan_dcp_to_mindformers_names_and_back(tmp_path, titan):
+    """DCP (torchtitan) -> MindFormers names -> HF: the HF weights bit for bit."""
+    folders, hf = titan
+    assert run(load_checkpoint=str(folders["flat"]), output_format="mindformers", use_parallel=False,
+               reference_hf_dir=str(hf), output_dir=str(tmp_path / "mf")) == 0
+    mf = tmp_path / "mf" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
+    assert run(load_checkpoint=str(mf), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "o")) == 0
+    assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf)
+
+
 def test_torchtitan_dcp_with_tied_output_copy_to_hf(tmp_path):
     """Tied embeddings: torchtitan's state holds output.weight beside tok_embeddings (one
     tensor under both names); the HF model written has the tied weights only."""
