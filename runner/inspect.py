@@ -79,7 +79,7 @@ def inspect(path: str) -> int:
         h = headers[r]
         nbytes = sum(t.numel * _size(t.dtype) for t in h.values())
         print(one_line(f"rank {r}: {', '.join(str(f) for f in src.files[r])}: {len(h)} tensors, {nbytes} bytes"))
-    names = sorted(set().union(*(h.keys() for h in headers.values())))
+    names = sorted(headers[src.ranks[0]] if len(src.ranks) == 1 else set().union(*(h.keys() for h in headers.values())))
     print(f"{len(names)} tensors (shapes as stored on the first rank holding each)")
     for n in names:
         r = next(r for r in src.ranks if n in headers[r])
