@@ -582,3 +582,24 @@ def test_mpi_timeout_must_be_a_positive_number_of_seconds(value) -> None:
     with pytest.raises(ConfigError, match="config key mpi_timeout") as e:
         from_mapping({"mpi_timeout": value})
     assert e.value.exit_code == 2
+
+
+def test_names_and_paths_are_escaped_in_warnings_and_the_done_line(tmp_path: Path, capsys) -> None:
+    """A source folder and an output_dir whose names hold a terminal escape, a newline
+    and a fake closing line: the warning naming the source and the closing `done` line
+    stay one line each, with no escape sequence."""
+    from tests.convert_util import make_hf
+
+    evil = "m\x1b[2J\nautotrans: done: 0 files\r"
+    hf = make_hf(tmp_path / evil, "qwen2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).unlink(missing_ok=True)  # so the run warns, naming the source folder
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps({"load_checkpoint": str(hf), "output_format": "hf", "output_dir": str(tmp_path / f"out{evil}")}))
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err, err
+    lines = err.splitlines()
+    assert [line.split(":")[1] for line in lines] == [" warning", " done"], lines
+    assert "m\\x1b[2J\\nautotrans: done: 0 files\\r" in lines[0] and lines[1].endswith("m\\x1b[2J\\nautotrans: done: 0 files\\r/transformed_checkpoint"), lines
