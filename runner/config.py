@@ -61,6 +61,7 @@ PARALLEL_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "model_parallel": ((int,), 1),
     "pipeline_stage": ((int,), 1),
     "expert_parallel": ((int,), 1),
+    "expert_tensor_parallel": ((int,), 0),
     "context_parallel": ((int,), 1),
     "vocab_emb_dp": ((bool,), True),
     "optimizer_shard": ((bool,), False),
@@ -93,6 +94,7 @@ class ParallelConfig:
     model_parallel: int = 1
     pipeline_stage: int = 1
     expert_parallel: int = 1
+    expert_tensor_parallel: int = 0  # Megatron's expert_tensor_parallel_size; 0: model_parallel
     context_parallel: int = 1
     vocab_emb_dp: bool = True
     optimizer_shard: bool = False
@@ -325,6 +327,8 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
     for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel"):
         if getattr(parallel, k) < 1:
             raise ConfigError(f"config key parallel_config.{k}: must be >= 1, got {getattr(parallel, k)}")
+    if parallel.expert_tensor_parallel < 0:
+        raise ConfigError(f"config key parallel_config.expert_tensor_parallel: must be >= 1 (or 0: model_parallel), got {parallel.expert_tensor_parallel}")
     it = values["iteration"]
     if it != "release" and (isinstance(it, str) or it < 0):
         raise ConfigError(f"config key iteration: expected a number >= 0 or 'release', got {values['iteration']!r}")

@@ -31,7 +31,7 @@ from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
 from runner.layout import ParamLayout
 from runner.strategy import Strategy
-from runner.templates import ALIASES, Env, Template, Weight, canonical_config, config_json_names, format_name, hf_config, instances, regroup, resolve
+from runner.templates import Env, Template, Weight, canonical_config, check_modelled, config_json_names, format_name, hf_config, instances, regroup, resolve
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -54,16 +54,6 @@ NO_OPT_SHARD = ("norm", "bias", "embedding")
 # (float32, with the weight's layout), by optimizer.type.
 OPTIMIZER_STATES = {"AdamW": ("adam_m", "adam_v"), "FusedAdamWeightDecay": ("adam_m", "adam_v"),
                     "FP32StateAdamWeightDecay": ("adam_m", "adam_v"), "FusedAdamW": ("exp_avg", "exp_avg_sq")}
-# MindSpore Transformers' model_config / moe_config keys (and HF's) that change which
-# weights exist or how they are laid out, with the value that changes nothing. Another
-# value needs a template that models the key (SPEC 5: never a silently different layout).
-LAYOUT_KEYS = {"qkv_concat": False, "qkv_has_bias": False, "attn_proj_has_bias": False, "attention_bias": False,
-               "mlp_bias": False, "add_bias_linear": False, "qk_layernorm": False, "use_3d_tensor_parallel": False,
-               "mtp_depth": 0, "multi_latent_attention": False, "q_lora_rank": None, "kv_lora_rank": None,
-               "expert_num": 1, "shared_expert_num": 0, "use_shared_expert_gating": False,
-               "first_k_dense_replace": True, "moe_intermediate_size": 1407, "balance_via_topk_bias": False,
-               "use_allgather_dispatcher": False, "expert_model_parallel": None, "use_gmm": False,
-               "enable_cold_hot_expert": False, "enable_deredundency": False}
 
 
 def generate(cfg: JobConfig, src: Strategy | None) -> Strategy:
@@ -160,19 +150,6 @@ def arch_of(cfg: JobConfig) -> Any:
         if isinstance(doc.get("model_type"), str):
             return doc["model_type"]
     return None
-
-
-def check_modelled(template: Template, sections: list[tuple[str, dict]]) -> None:
-    """A layout key set to a value that changes the layout must be one the template
-    models; else the layout would silently differ from the model's."""
-    known = template.mentions()
-    reverse = {alias: key for key, aliases in ALIASES.items() for alias in aliases}
-    for label, doc in sections:
-        for key, value in doc.items():
-            if key in LAYOUT_KEYS and value is not None and value != LAYOUT_KEYS[key] \
-                    and key not in known and reverse.get(key, key) not in known:
-                raise ConfigError(f"{label}.{key}: {value!r} changes the weights or their layout in a way "
-                                  f"template {template.name} does not model; no layout is generated for it")
 
 
 def check_sizes(template: Template, env: Env) -> None:

@@ -37,7 +37,8 @@ A weight:
   dim      the tensor dim that column / row / vocab split (defaults 0, 1, 0; one more
            for experts: stacked)
   place    layer (default) | embedding (first stage, and the last when embeddings are
-           tied) | output (last stage) | first | last
+           tied or the model has MTP layers) | output (last stage) | first | last (with
+           `layers`, layers after the decoder's: MTP, on the last stage)
   layers   [start, stop] expressions: the layers that have this weight (default all
            layers, [0, num_layers]); e.g. dense layers [0, first_k_dense_replace]
   when     expression: the weight exists only where it is true (q_lora_rank > 0); or
@@ -64,7 +65,10 @@ A weight:
            A part is a role, or {role, rows: [start, count], transpose: true} for a row
            range of a role's tensor, transposed first when asked (GPT-2's Conv1D c_attn
            [h, 3h] holds q, k, v as row ranges of its transpose). With `experts`, parts
-           are taken per expert, experts outermost.
+           are taken per expert, experts outermost. A weight that has a name in a
+           scheme and is fused from one whole role there is a copy of it (DeepSeek-V3's MTP
+           embed_tokens): dropped going to a scheme that keeps only the original, written
+           back from the original.
   permute  {scheme: {view: [expression, ...], order: [dim, ...]}}: in that scheme the
            tensor's rows are stored reordered: the rows it has in every other scheme,
            viewed as `view` (whose product is the row count) and with the view's dims
@@ -120,7 +124,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "n_kv_heads": ("num_key_value_heads", "num_query_groups"),
     "head_dim": ("kv_channels",),
     "intermediate_size": ("ffn_hidden_size", "n_inner"),
-    "num_experts": ("expert_num", "num_local_experts", "num_moe_experts"),
+    "num_experts": ("expert_num", "num_local_experts", "num_moe_experts", "n_routed_experts"),
+    "mtp_depth": ("num_nextn_predict_layers", "mtp_num_layers"),
     "num_experts_per_tok": ("moe_router_topk",),
     "max_position_embeddings": ("n_positions", "max_position_embedding"),
     "norm_eps": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"),
@@ -128,6 +133,17 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "param_init_type": ("torch_dtype", "dtype", "params_dtype"),
 }
 
+# MindSpore Transformers' model_config / moe_config keys (and HF's) that change which
+# weights exist or how they are laid out, with the value that changes nothing. Another
+# value needs a template that models the key (SPEC 5: never a silently different layout).
+LAYOUT_KEYS = {"qkv_concat": False, "qkv_has_bias": False, "attn_proj_has_bias": False, "attention_bias": False,
+               "mlp_bias": False, "add_bias_linear": False, "qk_layernorm": False, "use_3d_tensor_parallel": False,
+               "mtp_depth": 0, "multi_latent_attention": False, "q_lora_rank": None, "kv_lora_rank": None,
+               "expert_num": 1, "shared_expert_num": 0, "use_shared_expert_gating": False,
+               "first_k_dense_replace": True, "moe_intermediate_size": 1407, "balance_via_topk_bias": False,
+               "use_allgather_dispatcher": False, "expert_model_parallel": None, "use_gmm": False,
+               "enable_cold_hot_expert": False, "enable_deredundency": False,
+               "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 @dataclass(frozen=True)
 class Part:
@@ -504,6 +520,19 @@ def config_json_names(hf: Mapping[str, Any], mc: Mapping[str, Any], where: Path)
                               "the HF folder gives the sizes: leave it out or give the right one")
         names[key] = f"{where}'s {k}"
     return names
+
+
+def check_modelled(template: Template, sections: list[tuple[str, dict]]) -> None:
+    """A layout key set to a value that changes the layout must be one the template
+    models; else the layout would silently differ from the model's."""
+    known = template.mentions()
+    reverse = {alias: key for key, aliases in ALIASES.items() for alias in aliases}
+    for label, doc in sections:
+        for key, value in doc.items():
+            if key in LAYOUT_KEYS and value is not None and value != LAYOUT_KEYS[key] \
+                    and key not in known and reverse.get(key, key) not in known:
+                raise ConfigError(f"{label}.{key}: {value!r} changes the weights or their layout in a way "
+                                  f"template {template.name} does not model; no layout is generated for it")
 
 
 def hf_config(folder: Path) -> dict[str, Any]:

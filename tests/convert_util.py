@@ -4,6 +4,7 @@ downloaded), jobs run in-process, and checkpoints read back with plain torch."""
 from __future__ import annotations
 
 import glob
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +31,31 @@ FAMILIES = {
     # GPT-2: Conv1D weights [in, out], learned positions, LayerNorm with bias, tied embeddings
     "gpt2": dict(cls="GPT2Config", model="GPT2LMHeadModel", n_embd=64, n_layer=4, n_head=4, n_positions=32, vocab_size=300,
                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=True),
+    # Qwen3-MoE: Qwen3's attention, routed experts only, top-k probabilities renormalised
+    "qwen3_moe": dict(cls="Qwen3MoeConfig", model="Qwen3MoeForCausalLM", hidden_size=64, intermediate_size=96,
+                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      vocab_size=150, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False,
+                      rms_norm_eps=1e-6),
+    # GLM-4: q/k/v biases, fused gate_up_proj, sandwich norms, interleaved rotary on half of each head
+    "glm4": dict(cls="Glm4Config", model="Glm4ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=150, tie_word_embeddings=False,
+                 rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=0),
+    # DeepSeek-V3: MLA (q_lora_rank), 1 dense layer then MoE layers with a shared expert and a float32
+    # router bias, and one MTP layer (model.layers.4.*), which transformers' model does not hold:
+    # make_hf adds it as the released checkpoints store it
+    "deepseek_v3": dict(cls="DeepseekV3Config", model="DeepseekV3ForCausalLM", hidden_size=64, intermediate_size=96,
+                        moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                        vocab_size=150, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=2,
+                        topk_group=1, num_nextn_predict_layers=1, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                        pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    # ... without q_lora_rank (as DeepSeek-V2-Lite): one q_proj; no MTP layer
+    "deepseek_v3_q_proj": dict(cls="DeepseekV3Config", model="DeepseekV3ForCausalLM", hidden_size=64, intermediate_size=96,
+                               moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                               vocab_size=150, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2,
+                               first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+                               qk_rope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, num_nextn_predict_layers=0,
+                               tie_word_embeddings=False, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=0, eos_token_id=0),
     "qwen3": dict(cls="Qwen3Config", model="Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, tie_word_embeddings=False,
                   rms_norm_eps=1e-6),
@@ -48,7 +74,40 @@ def make_hf(folder: Path, family: str, dtype=torch.bfloat16, seed: int = 0) -> P
             if "norm" in n or bool(torch.all(p == p.reshape(-1)[0])):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
+    if getattr(cfg, "num_nextn_predict_layers", 0):
+        _add_mtp_layers(Path(folder), cfg, model, dtype)
     return Path(folder)
+
+
+def _add_mtp_layers(folder: Path, cfg, model, dtype) -> None:
+    """DeepSeek-V3's MTP layers as its released checkpoints store them after the last layer
+    (model.layers.{num_layers + i}): a decoder layer (taken from a deeper model of the same
+    config), enorm, hnorm, eh_proj, shared_head.norm, and copies of the embedding and head."""
+    from safetensors.torch import load_file, save_file
+    import transformers
+
+    n, k = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    deeper = getattr(transformers, type(model).__name__)(type(cfg)(**{**cfg.to_dict(), "num_hidden_layers": n + k})).to(dtype)
+    deeper.save_pretrained(folder / "deeper")  # per-expert names, as checkpoints store them
+    layers = load_file(folder / "deeper" / "model.safetensors")
+    shutil.rmtree(folder / "deeper")
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    h = cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    for layer in range(n, n + k):
+        p = f"model.layers.{layer}."
+        tensors.update({name: t for name, t in layers.items() if name.startswith(p)})
+        tensors[p + "mlp.gate.e_score_correction_bias"] = torch.randn(cfg.n_routed_experts, generator=g)
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            tensors[p + norm + ".weight"] = (1 + 0.1 * torch.randn(h, generator=g)).to(dtype)
+        tensors[p + "eh_proj.weight"] = (0.05 * torch.randn(h, 2 * h, generator=g)).to(dtype)
+        tensors[p + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors[p + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    for name in tensors:  # the router bias is float32 in the released checkpoints
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = tensors[name].float()
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def run(**keys) -> int:

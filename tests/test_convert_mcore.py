@@ -42,10 +42,11 @@ def cpu_patches(mrandom) -> list:
             (mrandom.CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext())]
 
 
-def gpt_from_args(a, rms_eps: float, pipeline: int = 1, **kw):
+def gpt_from_args(a, rms_eps: float, pipeline: int = 1, config: dict | None = None, **kw):
     """Megatron-Core's GPTModel (local layer spec) for a checkpoint's args; one stage of
     `pipeline` under a pipeline-parallel group; MoE layers (routed experts, top-k then
-    softmax as Mixtral) when the args have experts."""
+    softmax as Mixtral) when the args have experts; `config` adds or overrides
+    TransformerConfig fields, `kw` GPTModel arguments."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -65,7 +66,7 @@ def gpt_from_args(a, rms_eps: float, pipeline: int = 1, **kw):
         activation_func=activation, add_bias_linear=a.add_bias_linear, add_qkv_bias=a.add_qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0, qk_layernorm=getattr(a, "qk_layernorm", False),
         params_dtype=torch.float32, use_cpu_initialization=True, tensor_model_parallel_size=a.tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline, pipeline_dtype=torch.float32, **moe,
+        pipeline_model_parallel_size=pipeline, pipeline_dtype=torch.float32, **{**moe, **(config or {})},
     )
     rope = {"rotary_base": int(a.rotary_base)} if a.position_embedding_type == "rope" else {}
     spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=getattr(a, "qk_layernorm", False))

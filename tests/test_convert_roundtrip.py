@@ -19,6 +19,13 @@ LAYOUTS = [
     ("qwen3", dict(model_parallel=2, pipeline_stage=2), {"transformer_impl": "local"}),
     ("qwen2_moe", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
     ("qwen2_moe", dict(model_parallel=1, pipeline_stage=1, expert_parallel=2), {"transformer_impl": "local"}),
+    ("glm4", dict(model_parallel=2, pipeline_stage=2), {}),
+    ("glm4", dict(model_parallel=2, pipeline_stage=2), {"transformer_impl": "local"}),
+    ("deepseek_v3", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
+    ("deepseek_v3", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {"transformer_impl": "local"}),
+    ("deepseek_v3_q_proj", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
+    ("qwen3_moe", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
+    ("qwen3_moe", dict(model_parallel=2, pipeline_stage=1, expert_parallel=2), {"transformer_impl": "local"}),
     ("mixtral", dict(model_parallel=2, pipeline_stage=2, expert_parallel=2), {}),
     ("mixtral", dict(model_parallel=1, pipeline_stage=1, expert_parallel=4), {"transformer_impl": "local"}),
     ("gpt2", dict(model_parallel=2, pipeline_stage=2), {}),
@@ -29,7 +36,7 @@ LAYOUTS = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {f: make_hf(root / f, f) for f in ("llama", "qwen2", "qwen3", "qwen2_moe", "mixtral", "gpt2")}
+    return {f: make_hf(root / f, f) for f in ("llama", "qwen2", "qwen3", "glm4", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v3_q_proj", "mixtral", "gpt2")}
 
 
 @pytest.mark.parametrize("family,parallel,extra", LAYOUTS, ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}{w}" for k, w in v.items()))

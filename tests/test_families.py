@@ -25,6 +25,26 @@ MF_NAMES = {
         "model.norm.weight": "decoder.final_layernorm.weight",
         "lm_head.weight": "output_layer.weight",
     },
+    "glm4": {  # its Glm4 weight_mapping
+        "model.embed_tokens.weight": "embedding.word_embeddings.weight",
+        "model.layers.0.self_attn.q_proj.bias": "decoder.layers.0.self_attention.linear_q.bias",
+        "model.layers.3.self_attn.k_proj.weight": "decoder.layers.3.self_attention.linear_k.weight",
+        "model.layers.1.mlp.gate_up_proj.weight": "decoder.layers.1.mlp.linear_fc1.weight",
+        "model.layers.1.post_attention_layernorm.weight": "decoder.layers.1.pre_mlp_layernorm.weight",
+        "model.layers.2.post_self_attn_layernorm.weight": "decoder.layers.2.post_self_attn_layernorm.weight",
+        "model.layers.2.post_mlp_layernorm.weight": "decoder.layers.2.post_mlp_layernorm.weight",
+        "lm_head.weight": "output_layer.weight",
+    },
+    "qwen3_moe": {  # its Qwen3-MoE weight loader's convert_name
+        "model.layers.1.self_attn.q_norm.weight": "decoder.layers.1.self_attention.q_layernorm.weight",
+        "model.layers.1.self_attn.v_proj.weight": "decoder.layers.1.self_attention.linear_v.weight",
+        "model.layers.0.mlp.gate.weight": "decoder.layers.0.mlp.router.weight.weight",
+        "model.layers.0.mlp.experts.3.gate_proj.weight": "decoder.layers.0.mlp.experts.3.gating.weight",
+        "model.layers.1.mlp.experts.0.up_proj.weight": "decoder.layers.1.mlp.experts.0.linear_fc1.weight",
+        "model.layers.1.mlp.experts.2.down_proj.weight": "decoder.layers.1.mlp.experts.2.linear_fc2.weight",
+        "model.layers.1.post_attention_layernorm.weight": "decoder.layers.1.pre_mlp_layernorm.weight",
+        "lm_head.weight": "output_layer.weight",
+    },
 }
 
 
@@ -43,18 +63,42 @@ def test_hf_to_mindformers_names_and_back_is_bit_identical(tmp_path, family):
     assert all(torch.equal(back[k].view(torch.int16), src[k].view(torch.int16)) for k in src)
 
 
-def test_qwen2_moe_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch):
-    """Routed experts (softmax before top-k, no renormalisation, as Qwen2-MoE), the shared
-    expert and its sigmoid gate: megatron-core's MoE layer on the CPU (local spec, the
-    allgather dispatcher) gives transformers' logits."""
+class CausalAttention(torch.nn.Module):
+    """Causal softmax attention for MLA on the CPU, where megatron-core's local
+    DotProductAttention refuses MLA's separate key and value head sizes."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, k_channels=None,
+                 v_channels=None, **_):
+        super().__init__()
+        self.scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s, b, heads, d] -> [b, heads, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+
+# megatron-core settings of each MoE family's routing (the weights say nothing of it)
+MOE_ROUTING = {
+    # softmax over all experts before top-k, no renormalisation; a shared expert with a sigmoid gate
+    "qwen2_moe": dict(moe_router_pre_softmax=True, moe_shared_expert_gate=True),
+    # norm_topk_prob: top-k of the logits, softmax over those k (= renormalised probabilities); q/k norms
+    "qwen3_moe": dict(moe_router_pre_softmax=False, qk_layernorm=True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_ROUTING))
+def test_moe_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch, family):
+    """Routed experts (and a shared expert where the family has one): megatron-core's MoE
+    layer on the CPU (local spec, the allgather dispatcher) gives transformers' logits."""
     import megatron.core.transformer.moe.moe_utils as moe_utils
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)  # its router reads this TransformerEngine hook
-    c = FAMILIES["qwen2_moe"]
-    hf = make_hf(tmp_path / "hf", "qwen2_moe", dtype=torch.float32)
+    c, routing = FAMILIES[family], MOE_ROUTING[family]
+    hf = make_hf(tmp_path / "hf", family, dtype=torch.float32)
     assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
     doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     a = doc["args"]
@@ -65,15 +109,150 @@ def test_qwen2_moe_megatron_output_loads_strict_into_gpt_model_and_matches_trans
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=a.add_qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, use_cpu_initialization=True,
         num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size, moe_router_topk=a.moe_router_topk,
-        moe_router_pre_softmax=True, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-        moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size, moe_shared_expert_gate=True,
-        moe_token_dispatcher_type="allgather")
-    model = GPTModel(cfg, get_gpt_layer_local_spec(num_experts=a.num_experts, moe_grouped_gemm=False),
-                     vocab_size=a.padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size,
+        moe_token_dispatcher_type="allgather", **routing)
+    spec = get_gpt_layer_local_spec(num_experts=a.num_experts, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
+    model = GPTModel(cfg, spec, vocab_size=a.padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
                      rotary_base=int(a.rotary_base), share_embeddings_and_output_weights=False)
     assert sorted(doc["model"]) == sorted(model.state_dict())
     result = model.load_state_dict(doc["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     got = forward(model)[..., : c["vocab_size"]]
-    want = logits(hf, "qwen2_moe", torch.tensor(IDS))
+    want = logits(hf, family, torch.tensor(IDS))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [("mlp_only_layers", [1]), ("decoder_sparse_step", 2)])
+def test_qwen3_moe_dense_layers_are_refused_naming_the_key(tmp_path, key, value):
+    """Layers with a dense MLP among the MoE layers are a layout the template does not
+    name: the conversion stops with a one-line error naming the config.json key."""
+    import json
+
+    from runner.errors import ConfigError
+
+    hf = make_hf(tmp_path / "hf", "qwen3_moe")
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ConfigError) as e:
+        run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"))
+    assert f"config.json.{key}: {value!r}" in str(e.value) and "qwen3_moe" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_glm4_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu):
+    """GLM-4 in GPTModel (local spec): q/k/v biases, gate_up_proj as fc1, rotary on the first
+    half of each head with interleaved pairs (rotary_interleaved, rotary_percent 0.5, q and k
+    rows as HF has them). Megatron-Core 0.16's TransformerLayer has no sandwich norms: the
+    test gives each layer post_self_attn_layernorm and post_mlp_layernorm modules (norms of
+    the attention and MLP outputs, applied by forward hooks), which the checkpoint fills."""
+    import copy
+
+    from tests.test_convert_mcore import gpt_from_args
+
+    c = FAMILIES["glm4"]
+    hf = make_hf(tmp_path / "hf", "glm4", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    model = gpt_from_args(doc["args"], c["rms_norm_eps"], config={"rotary_interleaved": True}, rotary_percent=0.5)
+    for layer in model.decoder.layers:
+        for module, norm_name in ((layer.self_attention, "post_self_attn_layernorm"), (layer.mlp, "post_mlp_layernorm")):
+            norm = copy.deepcopy(layer.input_layernorm)
+            setattr(layer, norm_name, norm)
+            module.register_forward_hook(lambda _m, _i, out, norm=norm: (norm(out[0]), out[1]))
+    assert sorted(doc["model"]) == sorted(model.state_dict())
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    got = forward(model)[..., : c["vocab_size"]]
+    want = logits(hf, "glm4", torch.tensor(IDS))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_deepseek_v3_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch):
+    """DeepSeek-V3 in GPTModel (local spec, built on the CPU): MLA with q / kv LoRA ranks
+    (its rotary de-interleaves the rope dims itself, as HF's rope_interleave), one dense layer then MoE layers (sigmoid router with expert
+    bias, group-limited top-k, renormalised and scaled, a shared expert), and the MTP
+    layer, whose weights (mtp.layers.0.*) load strictly too. The logits are the main
+    model's, which transformers gives."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
+    monkeypatch.setattr(mla, "HAVE_TE", False)  # its TELinear check runs whenever TE's name imports
+    c = FAMILIES["deepseek_v3"]
+    hf = make_hf(tmp_path / "hf", "deepseek_v3", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    layers, dense = c["num_hidden_layers"], c["first_k_dense_replace"]
+    cfg = MLATransformerConfig(
+        num_layers=layers, hidden_size=c["hidden_size"], ffn_hidden_size=c["intermediate_size"],
+        num_attention_heads=c["num_attention_heads"], normalization="RMSNorm", layernorm_epsilon=c["rms_norm_eps"],
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, params_dtype=torch.float32, use_cpu_initialization=True,
+        multi_latent_attention=True, q_lora_rank=c["q_lora_rank"], kv_lora_rank=c["kv_lora_rank"],
+        qk_head_dim=c["qk_nope_head_dim"], qk_pos_emb_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+        rope_type="rope", qk_layernorm=True,
+        num_moe_experts=c["n_routed_experts"], moe_ffn_hidden_size=c["moe_intermediate_size"],
+        moe_router_topk=c["num_experts_per_tok"], moe_layer_freq=[0] * dense + [1] * (layers - dense),
+        moe_shared_expert_intermediate_size=c["n_shared_experts"] * c["moe_intermediate_size"],
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
+        moe_router_num_groups=c["n_group"], moe_router_group_topk=c["topk_group"], moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather",
+        mtp_num_layers=c["num_nextn_predict_layers"])
+    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+    for spec in block.layer_specs:  # megatron-core 0.16's local attention takes no k_channels (MLA's)
+        spec.submodules.self_attention.submodules.core_attention = CausalAttention
+    model = GPTModel(cfg, block, vocab_size=doc["args"].padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False,
+                     mtp_block_spec=get_gpt_mtp_block_spec(cfg, block.layer_specs[-1], use_transformer_engine=False))
+    assert sorted(doc["model"]) == sorted(model.state_dict())
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    model.mtp_process, cfg.mtp_num_layers = False, None  # the main model's logits (MTP needs labels)
+    want = logits(hf, "deepseek_v3", torch.tensor(IDS))
+    got = forward(model)[..., : c["vocab_size"]]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_tensor_parallel_files_and_round_trip(tmp_path, ep):
+    """TP 2 with expert_tensor_parallel 1: Megatron-LM saves the ranks whose expert-data-
+    parallel rank is 0; rank q of a stage is tensor-parallel rank q % 2 and expert-parallel
+    rank q (etp 1), so the files are mp_rank_{q % 2}_{q} for q < ep, each with its half
+    of the dense weights and its experts whole. Megatron -> HF is bit for bit."""
+    from tests.convert_util import megatron_files
+
+    c = FAMILIES["qwen3_moe"]
+    hf = make_hf(tmp_path / "hf", "qwen3_moe")
+    src = hf_tensors(hf)
+    par = {"model_parallel": 2, "expert_parallel": ep, "expert_tensor_parallel": 1}
+    assert run(load_checkpoint=str(hf), output_format="megatron", parallel_config=par, output_dir=str(tmp_path / "m")) == 0
+    files = megatron_files(tmp_path / "m" / "transformed_checkpoint")
+    assert sorted(files) == sorted(f"mp_rank_{q % 2:02d}_{q:03d}" for q in range(ep))
+    local = c["num_experts"] // ep
+    for q in range(ep):
+        m, half = files[f"mp_rank_{q % 2:02d}_{q:03d}"]["model"], q % 2
+        o = src["model.layers.1.self_attn.o_proj.weight"]
+        assert torch.equal(m["decoder.layers.1.self_attention.linear_proj.weight"], o.chunk(2, dim=1)[half])
+        for j in range(local):
+            p = f"model.layers.1.mlp.experts.{q * local + j}."
+            fc1 = torch.cat([src[p + "gate_proj.weight"], src[p + "up_proj.weight"]])
+            assert torch.equal(m[f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc1.weight"], fc1)
+            assert torch.equal(m[f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc2.weight"], src[p + "down_proj.weight"])
+        assert files[f"mp_rank_{q % 2:02d}_{q:03d}"]["args"].expert_tensor_parallel_size == 1
+    assert run(load_checkpoint=str(tmp_path / "m" / "transformed_checkpoint"), output_format="hf", reference_hf_dir=str(hf),
+               output_dir=str(tmp_path / "h")) == 0
+    back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
+    assert sorted(back) == sorted(src) and all(torch.equal(back[k].view(torch.int16), src[k].view(torch.int16)) for k in src)
+
+
+def test_expert_tensor_parallel_megatron_files_cannot_hold_is_refused(tmp_path):
+    from runner.errors import ConfigError
+
+    hf = make_hf(tmp_path / "hf", "qwen3_moe")
+    with pytest.raises(ConfigError, match="parallel_config.expert_tensor_parallel"):
+        run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"),
+            parallel_config={"model_parallel": 2, "expert_parallel": 1, "expert_tensor_parallel": 1})

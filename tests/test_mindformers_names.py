@@ -171,3 +171,22 @@ def test_strided_links_build_the_interleaving_and_refuse_gaps_and_doubles():
         forward([links[0], links[1]._replace(times=4)], [], a, b, {})
     with pytest.raises(PlanError, match="leaves row 0 of gu"):
         forward([links[0], links[0]._replace(a="u")], [], a, b, {})
+
+
+def test_qwen2_moe_shared_experts_hf_mindformers_hf(tmp_path):
+    """Qwen2-MoE: routed experts stacked under routed_experts.ffn, the shared expert and its
+    gate under shared_experts / shared_experts_gate (LlamaFeedForwardWithMoE's names)."""
+    hf = make_hf(tmp_path / "hf", "qwen2_moe")
+    src = hf_tensors(hf)
+    path, mf = to_mindformers(tmp_path, hf, "mf")
+    c = FAMILIES["qwen2_moe"]
+    for layer in range(c["num_hidden_layers"]):
+        p, f = f"model.layers.{layer}.mlp.", f"model.layers.{layer}.feed_forward."
+        for hf_name, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            want = torch.stack([src[f"{p}experts.{e}.{hf_name}.weight"] for e in range(c["num_experts"])])
+            assert torch.equal(mf[f"{f}routed_experts.ffn.{w}.weight"], want)
+            assert torch.equal(mf[f"{f}shared_experts.{w}.weight"], src[f"{p}shared_expert.{hf_name}.weight"])
+        assert torch.equal(mf[f"{f}routed_experts.router.dense.weight"], src[f"{p}gate.weight"])
+        assert torch.equal(mf[f"{f}shared_experts_gate.weight"], src[f"{p}shared_expert_gate.weight"])
+    assert run(load_checkpoint=str(path), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "h")) == 0
+    assert_same(hf_tensors(tmp_path / "h" / "transformed_checkpoint"), src)

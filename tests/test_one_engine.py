@@ -312,7 +312,8 @@ def check_manifest(out: Path, sources: list[Path]) -> None:
 def test_manifest_of_conversion_and_reshard(models, adapter):
     root = models["root"]
     check_manifest(models["to_megatron"], sorted(models["hf"].glob("*.safetensors")))
-    check_manifest(models["to_hf"], sorted((models["to_megatron"] / "transformed_checkpoint").rglob("*.pt")))
+    reference = sorted(models["hf"].glob("*.json"))  # config.json, generation_config.json: read by the finishing steps
+    check_manifest(models["to_hf"], sorted((models["to_megatron"] / "transformed_checkpoint").rglob("*.pt")) + reference)
     out = root / "manifest_reshard"
     keys = {"load_checkpoint": str(models["hf"]), "use_parallel": False, "dtype": "fp32", "output_dir": str(out),
             "lora": {"adapter": str(adapter)}}

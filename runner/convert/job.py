@@ -22,7 +22,7 @@ from runner.convert.megatron_dir import (CHECKPOINT_VERSION, CKPT, ITER_FILE, Me
                                          write_rank)
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
-from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors
+from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors, with_copies
 from runner.errors import ConfigError, FormatError, name_list
 from runner.execute import LocalPool, SlicePool, WrittenFile, tensor_bits, write_file
 from runner.formats import torch_dist
@@ -34,7 +34,7 @@ from runner.layout import Box, ParamLayout
 from runner.log import warn
 from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
-from runner.source import FileHeader, Source, SourceFiles, discover
+from runner.source import Source, SourceFiles, discover
 from runner.strategy import Strategy
 from runner.templates import config_json_names
 from runner.units import Compiled, Unit, protected_paths
@@ -225,13 +225,14 @@ class MegatronInput:
         arch = (cfg.model or {}).get("arch")
         ref_spec = read_hf_config(reference, arch)[1] if reference else None
         config = megatron_config(mf.args, str(mf.files[0]), ref_spec.vocab if ref_spec else None)
+        config = {**(ref_spec.config if ref_spec else {}), **config}  # what args lack (MLA's ranks) from config.json
         spec, scheme = detect(config, candidates(arch, ref_spec), mf.layout, mf.first_names, str(mf.files[0]))
         lay = mf.layout
         padded = mf.padded_vocab() or spec.padded_vocab(getattr(mf.args, "make_vocab_size_divisible_by", 128) or 128, lay.tp)
         mm = megatron_map(spec, scheme, lay, padded)
         nmap = mm.nmap
-        dtype = _megatron_dtype(mf, files.header(mf.files[0]))
-        infos = _infos(nmap.shapes, lambda n: dtype)
+        dtypes_of = _megatron_dtypes(mf, mm, files)
+        infos = _infos(nmap.shapes, lambda n: dtypes_of[n])
         s = mm.strategy(infos)
         names = {r: {n: tuple("model." + f for f in fs) for n, fs in mm.file_names(r, s.params_of_rank(r)).items()} for r in s.ranks}
         source = MegatronSource(Path(root), "megatron", {r: (p,) for r, p in mf.files.items()}, names)
@@ -254,11 +255,27 @@ class MegatronInput:
         return {"megatron": self.strategy.to_json(), "scheme": self.scheme}
 
 
-def _megatron_dtype(mf: MegatronFolder, header: FileHeader) -> str:
-    kinds = {t.dtype for n, t in header.tensors.items() if is_weight(n)}
+def _megatron_dtypes(mf: MegatronFolder, mm, files: SourceFiles) -> dict[str, str]:
+    """Each logical tensor's dtype as its stage's first rank file stores it (DeepSeek-V3's
+    router bias stays float32 beside bfloat16 weights); a tensor not found there (a
+    torch_dist folder) takes the dtype the weights of the first file share. Read from
+    the files' headers (under MPI, what the nodes holding them read)."""
+    found: dict[str, str] = {}
+    for stage in range(mm.layout.pp):
+        rank = mm.layout.rank(0, stage, 0)
+        if rank not in mf.files:
+            continue
+        held = {n: t.dtype for n, t in files.header(mf.files[rank]).tensors.items() if is_weight(n)}
+        for n, fs in mm.file_names(rank, mm.stage_tensors(stage)).items():
+            if "model." + fs[0] in held:
+                found[n] = held["model." + fs[0]]
+    if len(found) == len(mm.nmap.shapes):
+        return found
+    kinds = {t.dtype for n, t in files.header(mf.files[0]).tensors.items() if is_weight(n)}
     if len(kinds) != 1:
         raise FormatError(f"{mf.files[0]}: weights of several dtypes ({', '.join(sorted(kinds))}); expected one")
-    return kinds.pop()
+    common = kinds.pop()
+    return {n: found.get(n, common) for n in mm.nmap.shapes}
 
 
 class Assembler:
@@ -306,8 +323,8 @@ class Target:
 
 def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     pc = cfg.parallel_config
-    lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel)
     spec = src.spec
+    lay = MegatronLayout(pc.model_parallel, pc.pipeline_stage, pc.expert_parallel, pc.expert_tensor_parallel if spec.experts else 0)
     padded = spec.padded_vocab(cfg.make_vocab_size_divisible_by, lay.tp)
     dist = cfg.megatron_format == "torch_dist"
     if dist and cfg.megatron_naming == "legacy":
@@ -436,9 +453,9 @@ def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: Name
 
 def megatron_hf_recipes(src: MegatronInput) -> tuple[dict[str, TensorInfo], dict[str, rows.Recipe]]:
     """HF tensors (by HF name) and how to build each from the Megatron logical tensors."""
-    dtype = next(iter(src.infos.values())).dtype
-    infos = _infos(src.nmap.hf_shapes, lambda n: dtype)
-    return infos, rows.backward(src.nmap.links, infos, src.infos, src.nmap.row_dims)
+    linked = {lk.a: src.infos[lk.b].dtype for lk in src.nmap.links if lk.primary}
+    infos = _infos(src.nmap.hf_shapes, lambda n: linked[src.nmap.copies.get(n, n)])
+    return infos, with_copies(src.nmap, rows.backward(src.nmap.links, infos, src.infos, src.nmap.row_dims))
 
 
 def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows.RecipePool]]:

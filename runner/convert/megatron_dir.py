@@ -26,6 +26,7 @@ import numpy as np
 from runner import dtypes
 from runner.convert.megatron_layout import MegatronLayout, detect
 from runner.convert.model import Model, candidates, megatron_config
+from runner.convert.names import STACKED
 from runner.durable import DurableFile, signals_held, temp_path, write_bytes
 from runner.errors import ConfigError, FormatError, excerpt, one_line
 from runner.execute import SlicePool, WrittenFile, write_file
@@ -148,7 +149,10 @@ def check_args(args: argparse.Namespace, path: Path, tensors: dict[str, TensorIn
     before it is allocated). `rank_folders`: the mp_rank_* folders found; None for a
     torch_dist folder, whose tensors have their global shapes."""
     tp, pp, ep = (_size(args, k, path, rank_folders or 1 << 16) or 1 for k in _PARALLEL)
-    lay = MegatronLayout(tp, pp, ep)
+    etp = _size(args, "expert_tensor_parallel_size", path, rank_folders or 1 << 16) if getattr(args, "num_experts", None) else None
+    lay = MegatronLayout(tp, pp, ep, etp or 0)
+    if lay.etp_problem():
+        raise FormatError(f"{path}: Megatron args expert_tensor_parallel_size {lay.etp_problem()}")
     if rank_folders is not None and lay.world_size > rank_folders:
         raise FormatError(f"{path}: args say TP {tp} PP {pp} EP {ep} ({lay.world_size} rank files), "
                           f"but the folder holds {rank_folders} mp_rank_* folder(s)")
@@ -238,7 +242,7 @@ def rank_infos(path: Path, held: dict[str, TensorInfo], names: dict[str, tuple[s
         if missing:
             raise FormatError(f"{path}: lacks {missing[0]} (the model's sizes and layer spec say it should hold it)")
         first = held[fs[0]]
-        infos[logical] = first if len(fs) == 1 else TensorInfo(first.dtype, (len(fs), *first.shape))
+        infos[logical] = TensorInfo(first.dtype, (len(fs), *first.shape)) if STACKED in logical else first
     return infos
 
 
@@ -263,9 +267,9 @@ class MegatronRankReader:
 
     def array(self, name: str) -> np.ndarray:
         fs = self._names[name]
-        if len(fs) == 1:
+        if STACKED not in name:
             return self._reader.array(fs[0])
-        return np.stack([self._reader.array(f) for f in fs])
+        return np.stack([self._reader.array(f) for f in fs])  # one tensor per local expert
 
     def release(self) -> None:
         self._reader.release()
@@ -300,6 +304,7 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
         num_attention_heads=heads, kv_channels=env.int("head_dim"),
         group_query_attention=kv_heads != heads, num_query_groups=kv_heads,
         max_position_embeddings=positions, seq_length=positions, rotary_base=env.get("rope_theta"),
+        rotary_percent=env.get("partial_rotary_factor", 1.0),
         make_vocab_size_divisible_by=divisible_by, padded_vocab_size=padded_vocab, vocab_size=model.vocab,
         true_vocab_size=model.vocab, vocab_file=None, tokenizer_type=None, norm_epsilon=env.get("norm_eps"),
         untie_embeddings_and_output_weights=not model.tied,
@@ -309,6 +314,7 @@ def megatron_args(model: Model, lay: MegatronLayout, padded_vocab: int, divisibl
         moe_grouped_gemm=False,
         **model.template.megatron_args,
         tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp, expert_model_parallel_size=lay.ep,
+        expert_tensor_parallel_size=lay.etp_size,
         virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
         transformer_impl=impl, use_mcore_models=naming == "core", use_legacy_models=naming == "legacy",
         bf16=dtype == "BF16", fp16=dtype == "F16", params_dtype=dtypes.torch_dtype(dtype) if dtype in ("BF16", "F16") else torch.float32,
@@ -334,7 +340,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
             warnings.simplefilter("ignore")  # read-only mapping: torch warns, never writes
             for t in fp.tensors:
                 bits = reader.array(t.name)
-                parts = [bits] if len(names[t.name]) == 1 else list(bits)
+                parts = list(bits) if STACKED in t.name else [bits]  # one tensor per local expert
                 for fname, part in zip(names[t.name], parts):
                     model[fname] = torch.from_numpy(part).view(dtypes.torch_dtype(t.out_dtype))
         model.update({n: None for n in extra_state})

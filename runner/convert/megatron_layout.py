@@ -1,9 +1,13 @@
 """Megatron's parallel layout as a native Strategy over the logical tensors, so the
 core planner reshards between Megatron layouts (and from full HF tensors) directly.
 
-Ranks: stage-major, then expert-parallel rank, tensor-parallel rank fastest; each
-stage's dev_matrix is [ep, tp] (data parallelism does not change the files). Column
-and row splits, placement and fused storage come from the template (runner.convert.names)."""
+Files: Megatron-LM's torch format is saved by the ranks whose expert-data-parallel rank
+is 0, each as mp_rank_{tp}[_{pp}][_{ep}]. Within a stage, rank q has tensor-parallel rank
+q % tp and, with expert tensor parallelism etp (default: tp), expert-parallel rank
+q // etp and expert-tensor-parallel rank q % etp: the stage's files are the first
+etp * ep ranks (tp * ep when etp = tp). Dense weights split over tp, expert weights over
+ep (stacked dim 0) and etp. Column and row splits, placement and fused storage come
+from the template (runner.convert.names)."""
 
 from __future__ import annotations
 
@@ -17,31 +21,48 @@ from runner.layout import ParamLayout
 from runner.strategy import Strategy
 from runner.templates import Template, regroup
 
-TP_AXIS, EP_AXIS = (0,), (1,)
-
 
 @dataclass(frozen=True)
 class MegatronLayout:
     tp: int
     pp: int
     ep: int = 1
+    etp: int = 0  # expert tensor parallel; 0: tp
+
+    @property
+    def etp_size(self) -> int:
+        return self.etp or self.tp
 
     @property
     def per_stage(self) -> int:
-        return self.tp * self.ep
+        return self.etp_size * self.ep if self.etp_size != self.tp else self.tp * self.ep
 
     @property
     def world_size(self) -> int:
         return self.per_stage * self.pp
 
     def rank(self, tp: int, pp: int, ep: int) -> int:
-        return pp * self.per_stage + ep * self.tp + tp
+        return pp * self.per_stage + ep * self.etp_size + tp % self.etp_size
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """(tp, pp, ep) of a rank."""
         pp, pos = divmod(rank, self.per_stage)
-        ep, tp = divmod(pos, self.tp)
-        return tp, pp, ep
+        return pos % self.tp, pp, pos // self.etp_size
+
+    @property
+    def dev_matrix(self) -> tuple[int, ...]:
+        """A stage's device axes: [ep, tp], or with etp != tp [ep / k, k, etp] (k = tp / etp),
+        whose last two axes make the tensor-parallel rank and first two the expert one."""
+        if self.etp_size == self.tp:
+            return (self.ep, self.tp)
+        k = self.tp // self.etp_size
+        return (self.ep // k, k, self.etp_size)
+
+    def axes(self, expert: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the axes a tensor-parallel split uses, the axes of the expert dim)."""
+        if self.etp_size == self.tp:
+            return (0,), (1,)
+        return ((0,) if expert else (1, 0)), (2, 1)
 
     def folder(self, rank: int) -> str:
         """Megatron's `get_checkpoint_name`: mp_rank_TT[_PPP][_EEE]."""
@@ -60,25 +81,52 @@ class MegatronLayout:
     def check(self, num_layers: int) -> None:
         if num_layers % self.pp:
             raise ConfigError(f"parallel_config.pipeline_stage {self.pp} does not divide the {num_layers} layers")
+        if self.etp_problem():
+            raise ConfigError(f"parallel_config.expert_tensor_parallel: {self.etp_problem()}")
+
+    def etp_problem(self) -> str | None:
+        """Why Megatron's rank files cannot hold this expert tensor parallelism, or None."""
+        e = self.etp_size
+        if e != self.tp and (self.tp % e or (e * self.ep) % self.tp):
+            return (f"{e} must divide the tensor parallelism {self.tp}, and times the expert parallelism {self.ep} "
+                    "make a multiple of it (only then do the saved rank files hold every tensor-parallel rank)")
+        return None
 
 
-def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num_layers: int) -> ParamLayout:
+def stages_of(tensor: Tensor, lay: MegatronLayout, num_layers: int, mtp: bool) -> tuple[int, ...]:
+    """The pipeline stages that hold a tensor: its template placement, and the last stage
+    too for the embedding when the model has MTP layers (GPTModel builds an embedding on
+    the stage of its MTP block)."""
+    stage = stage_of(tensor.weight, tensor.layer, lay.pp, num_layers)
+    if mtp and tensor.weight.place == "embedding":
+        return tuple(sorted({stage, lay.pp - 1}))
+    return (stage,)
+
+
+def has_mtp(nmap: NameMap, num_layers: int) -> bool:
+    """Whether the model has layers after the last decoder layer (MTP)."""
+    return any(t.layer is not None and t.layer >= num_layers for t in nmap.tensors.values())
+
+
+def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num_layers: int, mtp: bool = False) -> ParamLayout:
     """Layout of one logical tensor, from its template weight: column / row / vocab
     splits over TP on the weight's dim, stacked experts over EP on dim 0, and the
     stored shape of each rank's box for fused weights ([gate_shard; up_shard])."""
     w, shape = tensor.weight, tensor.shape
     lead = 1 if tensor.experts else 0
     tmap: list[tuple[int, ...]] = [()] * len(shape)
+    tp_axes, ep_axes = lay.axes(bool(tensor.experts))
     if w.split in ("column", "row", "vocab"):
         dim = w.dim + lead
-        if shape[dim] % lay.tp:
-            raise ConfigError(f"parallel_config.model_parallel {lay.tp} does not divide dim {dim} ({shape[dim]}) of {name}")
-        tmap[dim] = TP_AXIS
+        size, key = (lay.etp_size, "expert_tensor_parallel") if tensor.experts else (lay.tp, "model_parallel")
+        if shape[dim] % size:
+            raise ConfigError(f"parallel_config.{key} {size} does not divide dim {dim} ({shape[dim]}) of {name}")
+        tmap[dim] = tp_axes
     if tensor.experts:
         if tensor.experts % lay.ep:
             raise ConfigError(f"parallel_config.expert_parallel {lay.ep} does not divide the {tensor.experts} experts of {name}")
-        tmap[0] = EP_AXIS
-    p = ParamLayout(tuple(shape), dtype, (stage_of(w, tensor.layer, lay.pp, num_layers),), (lay.ep, lay.tp), tuple(tmap))
+        tmap[0] = ep_axes
+    p = ParamLayout(tuple(shape), dtype, stages_of(tensor, lay, num_layers, mtp), lay.dev_matrix, tuple(tmap))
     if tensor.stored is not None:
         local = regroup(shape, tensor.stored, p.chunk)
         if local is None:
@@ -90,7 +138,8 @@ def param_layout(name: str, tensor: Tensor, dtype: str, lay: MegatronLayout, num
 def strategy(infos: dict[str, TensorInfo], nmap: NameMap, lay: MegatronLayout) -> Strategy:
     stages = tuple(tuple(range(s * lay.per_stage, (s + 1) * lay.per_stage)) for s in range(lay.pp))
     num_layers = nmap.env.int("num_layers")
-    params = {n: param_layout(n, nmap.tensors[n], t.dtype, lay, num_layers) for n, t in infos.items()}
+    mtp = has_mtp(nmap, num_layers)
+    params = {n: param_layout(n, nmap.tensors[n], t.dtype, lay, num_layers, mtp) for n, t in infos.items()}
     out = Strategy(stages, params, "native")
     out.validate()
     return out
@@ -124,7 +173,8 @@ class MegatronMap:
 
     def stage_tensors(self, stage: int) -> list[str]:
         num_layers = self.nmap.env.int("num_layers")
-        return [n for n, t in self.nmap.tensors.items() if stage_of(t.weight, t.layer, self.layout.pp, num_layers) == stage]
+        mtp = has_mtp(self.nmap, num_layers)
+        return [n for n, t in self.nmap.tensors.items() if stage in stages_of(t, self.layout, num_layers, mtp)]
 
     def file_names(self, rank: int, logical) -> dict[str, tuple[str, ...]]:
         """Logical name -> the names rank `rank`'s file stores it under."""

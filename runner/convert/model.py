@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from runner.errors import ConfigError, FormatError
-from runner.templates import Env, Template, available, canonical_config, evaluate, find, resolve
+from runner.templates import Env, Template, available, canonical_config, check_modelled, evaluate, find, resolve
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,19 @@ class Model:
 def from_hf_config(cfg: dict, where: str, arch: Any = None) -> Model:
     """The model an HF config.json describes; `arch` (model.arch) names its template,
     else config.json's architectures / model_type do."""
-    values = canonical_config(cfg, {"rope_theta": (cfg.get("rope_parameters") or {}).get("rope_theta")})
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps the rotary settings here
+    values = canonical_config(cfg, {k: rope.get(k) for k in ("rope_theta", "partial_rotary_factor")})
     if arch:
-        return Model(resolve(arch), values)
-    names = [*(cfg.get("architectures") or []), cfg.get("model_type")]
-    template = next((t for t in (find(n) for n in names if isinstance(n, str)) if t is not None), None)
-    if template is None:
-        raise FormatError(f"{where}: model_type {cfg.get('model_type')!r} has no template in strategies/ "
-                          f"(templates: {', '.join(available())}); set model.arch to a template file of your own")
-    return Model(template.switched(values), values)
+        template = resolve(arch)
+    else:
+        names = [*(cfg.get("architectures") or []), cfg.get("model_type")]
+        found = next((t for t in (find(n) for n in names if isinstance(n, str)) if t is not None), None)
+        if found is None:
+            raise FormatError(f"{where}: model_type {cfg.get('model_type')!r} has no template in strategies/ "
+                              f"(templates: {', '.join(available())}); set model.arch to a template file of your own")
+        template = found.switched(values)
+    check_modelled(template, [(where, cfg)])  # a layer layout the template cannot name is refused
+    return Model(template, values)
 
 
 def read_hf_config(folder: Path, arch: Any = None) -> tuple[dict, Model]:
@@ -115,13 +119,14 @@ def megatron_config(args: Namespace, where: str, true_vocab: int | None = None) 
         "num_layers": need("num_layers"), "hidden_size": need("hidden_size"), "num_heads": heads,
         "n_kv_heads": (a.get("num_query_groups") if a.get("group_query_attention") else None) or heads,
         "head_dim": a.get("kv_channels") or need("hidden_size") // heads,
-        "intermediate_size": (a.get("moe_ffn_hidden_size") if experts else None) or need("ffn_hidden_size"),
+        "intermediate_size": need("ffn_hidden_size"),
         "vocab_size": int(vocab), "tie_word_embeddings": not a.get("untie_embeddings_and_output_weights", False),
         "norm_eps": a.get("norm_epsilon"), "rope_theta": a.get("rotary_base"),
         "max_position_embeddings": a.get("max_position_embeddings"),
+        "partial_rotary_factor": a.get("rotary_percent"),
     }
     if experts:
-        out.update(num_experts=experts, num_experts_per_tok=a.get("moe_router_topk"),
+        out.update(num_experts=experts, num_experts_per_tok=a.get("moe_router_topk"), moe_intermediate_size=a.get("moe_ffn_hidden_size"),
                    shared_expert_intermediate_size=a.get("moe_shared_expert_intermediate_size"))
     return {k: v for k, v in out.items() if v is not None}
 

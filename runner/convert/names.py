@@ -52,6 +52,7 @@ class NameMap:
     vocab: dict[str, str] = field(default_factory=dict)  # padded tensor -> the tensor whose rows it holds
     # tensor stored with `permute` -> the stored row of each of its rows in other schemes
     reordered: dict[str, np.ndarray] = field(default_factory=dict)
+    copies: dict[str, str] = field(default_factory=dict)  # source tensor -> the source tensor it is a copy of
 
 
 def rows_of(shape: tuple[int, ...]) -> int:
@@ -98,8 +99,15 @@ def scheme_map(model: Model, src: str, dst: str, pp: int = 1, padded_vocab: int 
             continue
         for layer in instances(w, env, src):
             for e in range(experts) if w.experts == "each" else [None]:
-                if format_name(w.names[src], env, layer, e) not in m.hf_shapes:
+                name = format_name(w.names[src], env, layer, e)
+                if name in m.hf_shapes:
+                    continue
+                original = _copy_of(m, w, layer, e, src)
+                if original is None:
                     raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {dst!r} name and is part of no {dst!r} weight")
+                m.copies[name] = original
+                m.hf_shapes[name] = env.shape(w.shape)
+                m.row_dims[name] = row_dims(m.hf_shapes[name])
     if m.reordered:
         m.links = _reordered(m, m.links)
     return m
@@ -125,7 +133,8 @@ def _reorder(m: NameMap, name: str, w: Weight, scheme: str, rows: int) -> None:
 
 def _reordered(m: NameMap, links: list[Link]) -> list[Link]:
     """Links between rows as every scheme orders them, rewritten to the stored rows of
-    reordered tensors: cut into runs that stay consecutive on both sides."""
+    reordered tensors: each repetition cut into runs that stay consecutive on both
+    sides, and runs that repeat at fixed steps joined again into strided links."""
     out = []
     for lk in links:
         a_at, b_at = m.reordered.get(lk.a), m.reordered.get(lk.b)
@@ -134,11 +143,49 @@ def _reordered(m: NameMap, links: list[Link]) -> list[Link]:
             continue
         if lk.transpose:
             raise ConfigError(f"template {m.template.name}: {lk.a} is transposed and reordered; only one is supported")
-        a = a_at[lk.a_row: lk.a_row + lk.count] if a_at is not None else np.arange(lk.a_row, lk.a_row + lk.count)
-        b = b_at[lk.b_row: lk.b_row + lk.count] if b_at is not None else np.arange(lk.b_row, lk.b_row + lk.count)
-        cuts = [0, *(np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1).tolist(), lk.count]
-        out += [lk._replace(a_row=int(a[s]), b_row=int(b[s]), count=e - s) for s, e in zip(cuts, cuts[1:])]
+        runs: list[tuple[int, int, int]] = []
+        for g in range(lk.times):
+            a0, b0 = lk.a_row + g * lk.a_step, lk.b_row + g * lk.b_step
+            a = a_at[a0: a0 + lk.count] if a_at is not None else np.arange(a0, a0 + lk.count)
+            b = b_at[b0: b0 + lk.count] if b_at is not None else np.arange(b0, b0 + lk.count)
+            cuts = [0, *(np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1).tolist(), lk.count]
+            runs += [(int(a[s]), int(b[s]), e - s) for s, e in zip(cuts, cuts[1:])]
+        out += _strided(lk, runs)
     return out
+
+
+def _strided(lk: Link, runs: list[tuple[int, int, int]]) -> list[Link]:
+    """`runs` (A row, B row, count) as links like `lk`: consecutive runs of one length
+    whose starts move forward by fixed steps, without overlapping, make one strided link
+    (a rotary permutation is two per head, not one per row)."""
+    out, i = [], 0
+    while i < len(runs):
+        a, b, n = runs[i]
+        j, da, db = i + 1, 0, 0
+        if j < len(runs) and runs[j][2] == n and runs[j][0] - a >= n and runs[j][1] - b >= n:
+            da, db = runs[j][0] - a, runs[j][1] - b
+            while j < len(runs) and runs[j][2] == n and runs[j][0] - runs[j - 1][0] == da and runs[j][1] - runs[j - 1][1] == db:
+                j += 1
+        out.append(lk._replace(a_row=a, b_row=b, count=n, times=j - i, a_step=da, b_step=db))
+        i = j
+    return out
+
+
+def _copy_of(m: NameMap, w: Weight, layer: int | None, expert: int | None, src: str) -> str | None:
+    """The `src` tensor that `w` copies there (a fuse of one whole role that `src` also
+    names: DeepSeek-V3's MTP embed_tokens), when the destination keeps only the original."""
+    if w.fuse is None or len(w.fuse.parts) != 1 or w.fuse.parts[0].rows or w.fuse.parts[0].transpose:
+        return None
+    part = m.template.role(w.fuse.parts[0].role)
+    if src not in part.names:
+        return None
+    original = format_name(part.names[src], m.env, layer if part.place == "layer" else None, expert)
+    return original if original in m.hf_shapes else None
+
+
+def with_copies(m: NameMap, recipes: dict[str, Recipe]) -> dict[str, Recipe]:
+    """Recipes for the source tensors a conversion dropped as copies: their originals'."""
+    return {**recipes, **{n: recipes[o] for n, o in m.copies.items() if o in recipes}}
 
 
 def _add(m: NameMap, w: Weight, origin: Weight, layer: int | None, src: str, padded_vocab: int | None,
@@ -259,10 +306,22 @@ def linked_dtype(m: NameMap, name: str, sources: dict[str, TensorInfo]) -> str:
     return kinds.pop()
 
 
+def whole_map(model: Model, scheme: str) -> NameMap:
+    """HF -> `scheme` links for whole tensors: a fused weight has its stored shape
+    (GLM-4's fc1 [2 * ffn, hidden], not the [2, ffn, hidden] a tensor-parallel split needs;
+    the rows are the same)."""
+    m = scheme_map(model, "hf", scheme)
+    for name, t in m.tensors.items():
+        if t.stored is not None:
+            m.shapes[name] = t.stored
+            m.row_dims[name] = row_dims(t.stored)
+    return m
+
+
 def scheme_tensors(model: Model, scheme: str, hf: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], dict[str, Recipe]]:
     """The tensors of `scheme` (MindFormers names: renamed, fused, experts stacked), each
     with its recipe from the whole HF tensors `hf`."""
-    m = scheme_map(model, "hf", scheme)
+    m = whole_map(model, scheme)
     infos = {n: TensorInfo(linked_dtype(m, n, hf), shape) for n, shape in m.shapes.items()}
     return infos, forward(m.links, m.pads, hf, infos, m.row_dims)
 
@@ -270,7 +329,7 @@ def scheme_tensors(model: Model, scheme: str, hf: dict[str, TensorInfo]) -> tupl
 def hf_tensors(model: Model, scheme: str, held: dict[str, TensorInfo], where: str) -> tuple[dict[str, TensorInfo], dict[str, Recipe]]:
     """The HF tensors a checkpoint named in `scheme` holds, each with its recipe from
     the checkpoint's tensors (`held`, which must be exactly the scheme's)."""
-    m = scheme_map(model, "hf", scheme)
+    m = whole_map(model, scheme)
     unknown, missing = sorted(set(held) - set(m.shapes)), sorted(set(m.shapes) - set(held))
     if unknown or missing:
         what = f"holds {unknown[0]}, which is" if unknown else f"lacks {missing[0]}, which is"
@@ -280,5 +339,5 @@ def hf_tensors(model: Model, scheme: str, held: dict[str, TensorInfo], where: st
         if held[n].shape != shape:
             raise FormatError(f"{where}: tensor {n} has shape {list(held[n].shape)}, config.json implies {list(shape)}")
     back = {lk.a: held[lk.b].dtype for lk in m.links if lk.primary}
-    infos = {n: TensorInfo(back[n], shape) for n, shape in m.hf_shapes.items()}
-    return infos, backward(m.links, infos, held, m.row_dims)
+    infos = {n: TensorInfo(back[m.copies.get(n, n)], shape) for n, shape in m.hf_shapes.items()}
+    return infos, with_copies(m, backward(m.links, infos, held, m.row_dims))
