@@ -5,11 +5,15 @@ The bench model is Llama-shaped, bf16, untied. Two sizes (--size):
   6.6gb  hidden 4096, 16 layers, ffn 11008, vocab 32000, MindFormers names (7.0 GB = 6.5 GiB)
 Times are medians of several runs in the same session, the methods alternating run by
 run so that load from other users spreads over all of them; peak RSS is the child's
-ru_maxrss, as /usr/bin/time reports it."""
+ru_maxrss, as /usr/bin/time reports it. Children run with Python's bytecode cache on, as
+an installed package runs (an environment with PYTHONDONTWRITEBYTECODE would otherwise
+recompile autotrans's modules at every start), and the cache is filled first."""
 
 from __future__ import annotations
 
+import compileall
 import json
+import os
 import statistics
 import struct
 import subprocess
@@ -151,6 +155,15 @@ class Stats:
     rss: int
 
 
+# the children's environment: bytecode cached, as after any install
+_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def cache_bytecode() -> None:
+    """Compile autotrans's modules once, so that no measured run pays for it."""
+    compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "runner"), quiet=1)
+
+
 def timed(cmd: list[str], cwd: Path | None = None) -> Stats:
     """The figures of one run of a command; raises if it fails.
 
@@ -158,7 +171,7 @@ def timed(cmd: list[str], cwd: Path | None = None) -> Stats:
     inherit this process's RSS high-water mark across exec."""
     with tempfile.NamedTemporaryFile("r") as rec:
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", rec.name, *cmd], cwd=cwd,
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", rec.name, *cmd], cwd=cwd, env=_ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
@@ -171,6 +184,7 @@ def alternating(methods: dict[str, Callable[[], list[str]]], runs: int, before=N
     """Each method run `runs` times, taking turns (A B C A B C ...), `before()` ahead of
     every run: name -> (medians of wall, user and system time with the max peak RSS,
     the wall times in run order, to show the noise)."""
+    cache_bytecode()
     seen: dict[str, list[Stats]] = {name: [] for name in methods}
     for _ in range(runs):
         for name, make_cmd in methods.items():

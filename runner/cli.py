@@ -107,10 +107,12 @@ def load_job(path: str, overrides: list[str]):
 
 
 def said_by_rank_0(e: BaseException) -> bool:
-    """Whether `e` holds on every MPI rank alike (a failed step), so that rank 0 says it
-    for the job and this rank, another, stays quiet (SPEC 3: one line for the job)."""
+    """Whether `e` holds on every MPI rank alike (a failed step, an interrupt that reached
+    every rank), so that rank 0 says it for the job and this rank, another, stays quiet
+    (SPEC 3: one line for the job)."""
     collective = sys.modules.get("runner.collective")
-    return collective is not None and isinstance(e, collective.StepError) and collective.MPI.COMM_WORLD.Get_rank() != 0
+    return (collective is not None and isinstance(e, (collective.StepError, KeyboardInterrupt))
+            and collective.MPI.COMM_WORLD.Get_rank() != 0)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -182,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"autotrans: interrupted ({signal.Signals(signum).name}); run the same job again to resume", file=sys.stderr)
+        if not said_by_rank_0(e):
+            print(f"autotrans: interrupted ({signal.Signals(signum).name}); run the same job again to resume", file=sys.stderr)
+        if "runner.collective" in sys.modules:  # under MPI: no MPI_Finalize, which would wait on ranks mid-step
+            log.release()
+            sys.stderr.flush()
+            os._exit(128 + signum)
         return 128 + signum
     except Exception as e:  # a bug: say what, keep the traceback for --debug
         if args.debug:

@@ -13,6 +13,7 @@ Imported only under MPI: importing it initialises MPI."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, TypeVar
@@ -29,6 +30,7 @@ from runner.errors import AutotransError  # noqa: E402
 T = TypeVar("T")
 OUTCOME_BYTES = 2048  # one rank's step outcome, JSON, on the wire
 MAX_SLEEP = 0.002  # seconds between tests while nothing happens
+BEAT_TAG = 1
 
 
 class StepError(AutotransError):
@@ -48,9 +50,17 @@ class Link:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.handlers: list[Callable[[], bool]] = []  # each returns True when it did work
+        # liveness (SPEC 9, mpi_timeout): every rank that polls tells the others it is
+        # alive; a rank not heard from for `timeout` seconds ends the job
+        self.beats = self.comm.Dup()
+        self.timeout: float | None = None
+        self.seen = [time.monotonic()] * self.size  # when each rank was last heard from
+        self.beaten = 0.0
+        self.sent: list = []
 
     def poll(self) -> bool:
         """Serve whatever peers asked for; True when something was done."""
+        self._beat()
         did = False
         for h in list(self.handlers):
             did = h() or did
@@ -64,6 +74,45 @@ class Link:
             else:
                 delay = min(delay * 2 or 1e-5, MAX_SLEEP)
             time.sleep(delay)
+            self._check_peers()
+
+    def watch(self, timeout: float | None) -> None:
+        """End the job when a rank is not heard from for `timeout` seconds (None: never)."""
+        self.timeout = timeout
+        self.seen = [time.monotonic()] * self.size
+
+    def _beat(self) -> None:
+        """Say this rank is alive (at most every timeout / 5 s) and hear the others."""
+        if self.timeout is None:
+            return
+        now = time.monotonic()
+        status = MPI.Status()
+        while self.beats.iprobe(source=MPI.ANY_SOURCE, tag=BEAT_TAG, status=status):
+            self.beats.recv(source=status.Get_source(), tag=BEAT_TAG)
+            self.seen[status.Get_source()] = now
+        if now - self.beaten >= min(1.0, self.timeout / 5):
+            self.sent = [r for r in self.sent if not r.Test()]
+            self.sent += [self.beats.isend(None, dest=r, tag=BEAT_TAG) for r in range(self.size) if r != self.rank]
+            self.beaten = now
+
+    def _check_peers(self) -> None:
+        """End the job on every rank when a peer has been silent for `timeout` seconds:
+        the lowest rank still heard from says which, for the job, and aborts (mpiexec
+        then ends every rank, the silent one included); the others wait for that."""
+        if self.timeout is None:
+            return
+        now = time.monotonic()
+        silent = [r for r in range(self.size) if r != self.rank and now - self.seen[r] > self.timeout]
+        if not silent:
+            return
+        speaker = min(r for r in range(self.size) if r not in silent)
+        if speaker == self.rank:
+            print(f"autotrans: error: MPI rank {silent[0]} of {self.size} made no progress for {self.timeout:g} s "
+                  f"(mpi_timeout){f' (and {len(silent) - 1} more)' if len(silent) > 1 else ''}; ending the job on every rank",
+                  file=sys.stderr, flush=True)
+        else:
+            time.sleep(max(5.0, self.timeout / 5))  # the speaker's abort ends this rank first
+        self._abort_quietly()
 
     def wait(self, requests: list) -> None:
         self.wait_until(lambda: MPI.Request.Testall(requests))
@@ -104,6 +153,12 @@ class Link:
 
     def abort(self, message: str) -> None:
         print(f"autotrans: error: MPI rank {self.rank}: {message}; stopping every rank", file=sys.stderr, flush=True)
+        self._abort_quietly()
+
+    def _abort_quietly(self) -> None:
+        """MPI_Abort, without the MPI library's own line about it: the job's line is said."""
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         self.comm.Abort(1)
 
 

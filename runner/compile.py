@@ -13,7 +13,6 @@ from runner.execute import write_file
 from runner.formats import mindspore_strategy
 from runner.formats.registry import output_format
 from runner.job import Job, needs_change, prepare
-from runner.outputs import check_no_overlap
 from runner.source import Source, SourceFiles
 from runner.units import Compiled, STRATEGY_DIR, Unit, protected_paths
 
@@ -28,13 +27,13 @@ def strategy_names(job: Compiled) -> list[str]:
 
 def own_strategy_folder(job: Compiled) -> None:
     """Remove an earlier job's strategy files that this one will not replace (SPEC 3)."""
-    check_no_overlap(job.cfg.output_path, list(job.protected))
+    job.check_overlap()
     strategy_files.own_folder(job.cfg.output_path / STRATEGY_DIR, strategy_names(job))
 
 
 def write_strategies(job: Compiled, ranks: list[int] | None = None, merged: bool = True) -> None:
     """The destination strategy files (of `ranks`, default all), as `strategy_format` says."""
-    check_no_overlap(job.cfg.output_path, list(job.protected))  # a dry run never writes into the source either
+    job.check_overlap()  # a dry run never writes into an input either
     folder = job.cfg.output_path / STRATEGY_DIR
     files = mindspore_strategy if job.cfg.strategy_format == "mindspore" else strat
     write_rank_file, write_merged_file = files.write_rank_file, files.write_merged_file

@@ -36,6 +36,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "use_legacy": ((bool,), True, None),  # MindSpore Transformers 1.7: false = its mcore models' names
     "transform_process_num": ((int,), 1, None),
     "transform_by_rank": ((bool,), False, None),
+    "mpi_timeout": ((int, float), 600, None),  # seconds a rank may make no progress under MPI
     "shared_disk": ((str, bool), "auto", ("auto", True, False)),
     "output_dir": ((str,), "./output", None),
     "output_format": ((str,), "", ("",) + OUTPUT_FORMATS),  # "": as the source (output_format_for)
@@ -131,6 +132,7 @@ class JobConfig:
     use_legacy: bool = True
     transform_process_num: int = 1
     transform_by_rank: bool = False
+    mpi_timeout: float = 600
     shared_disk: str | bool = "auto"
     output_dir: str = "./output"
     output_format: str = ""
@@ -330,6 +332,8 @@ def from_mapping(raw: Mapping[str, Any], source_file: str = "") -> JobConfig:
     it = values["iteration"]
     if it != "release" and (isinstance(it, str) or it < 0):
         raise ConfigError(f"config key iteration: expected a number >= 0 or 'release', got {values['iteration']!r}")
+    if not 0 < values["mpi_timeout"] < float("inf"):
+        raise ConfigError(f"config key mpi_timeout: expected a positive number of seconds, got {values['mpi_timeout']!r}")
     if values["transform_process_num"] < 1:
         raise ConfigError("config key transform_process_num: must be >= 1 or auto")
     if any(c in values["prefix"] for c in "/\\\0"):  # it becomes part of each rank file's name

@@ -2,18 +2,21 @@
 name that does not end in the final extension, created fresh with O_CREAT | O_EXCL |
 O_NOFOLLOW after removing a stale one (so a planted symlink is never followed), fsynced,
 renamed into place, and the folder fsynced. Writers never write through a folder that
-is a symlink."""
+is a symlink, and no folder a job writes in may overlap one of its inputs."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
-from runner.errors import AutotransError, ConfigError, FormatError
+from runner.errors import AutotransError, ConfigError, FormatError, one_line
 
 PARTIAL = ".partial"
 
@@ -154,3 +157,64 @@ def copy_regular(src: Path, dst: Path) -> None:
         with DurableFile(dst) as out:
             while chunk := f.read(16 << 20):
                 out.stream().write(chunk)
+
+
+def _identities(path: Path) -> tuple[list[tuple[int, int]], bool]:
+    """(st_dev, st_ino) of `path` (symlinks resolved) and of every folder above it, the
+    path's own first; for a path that does not exist, those of its nearest existing
+    folder, and False."""
+    p = Path(os.path.abspath(path)).resolve()
+    exists = p.exists()
+    ids = []
+    for q in (p, *p.parents):
+        try:
+            st = q.stat()
+        except OSError:
+            continue
+        ids.append((st.st_dev, st.st_ino))
+    return ids, exists
+
+
+def check_no_overlap(folders: list[Path], inputs: list[Path]) -> None:
+    """Refuse (exit 2) when a folder (or file) the job writes or deletes in is, is inside,
+    or contains one of its inputs (SPEC 3). Judged by device and inode after resolving
+    symlinks, so a symlinked alias or a bind mount of an input is seen for what it is."""
+    own: dict[tuple[int, int], Path] = {}  # an input's identity -> the input
+    above: dict[tuple[int, int], Path] = {}  # the identity of an input or a folder above it -> the input
+    for p in inputs:
+        ids, exists = _identities(p)
+        if exists:
+            own.setdefault(ids[0], p)
+            for i in ids:
+                above.setdefault(i, p)
+    for folder in folders:
+        ids, exists = _identities(folder)
+        hit = next((own[i] for i in ids if i in own), None) or (above.get(ids[0]) if exists and ids else None)
+        if hit is not None:
+            raise ConfigError(f"the output path {one_line(str(folder))} overlaps the job's input {one_line(str(hit))} "
+                              "(it is, holds or lies inside it, symlinks and mounts resolved); write the output apart from every input")
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then act on the first one
+    that came (its handler runs: the interrupt is raised then). For native writers that
+    call back into Python (torch.save): an interrupt raised inside them would come out as
+    the writer's own error (a RuntimeError about the zip stream), not as an interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if came:
+            handler = before[came[0]]
+            if callable(handler):
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(came[0])

@@ -26,12 +26,12 @@ from runner.convert import wants_conversion
 from runner.errors import AutotransError, ConfigError, FormatError
 from runner.execute import LocalPool
 from runner.log import warn
-from runner.outputs import OutputFolder, check_no_overlap
+from runner.outputs import OutputFolder
 from runner.run import LocalWorld, balance, file_entries, finish_folder, manifest, run, run_units
 from runner.convert.megatron_dir import source_files
 from runner.source import Source, SourceFiles, file_header, read_headers
 from runner.union import local_view, union_files, union_source
-from runner.units import Compiled, content_digest, stamp
+from runner.units import Compiled, check_unchanged, content_digest, stamp
 from runner.verify import verify_compiled
 
 
@@ -40,10 +40,11 @@ def run_mpi(cfg: JobConfig, show_progress: bool = True) -> int:
     from runner.collective import Link, StepError
 
     link = Link()
+    link.watch(cfg.mpi_timeout)
     log.configure(quiet=link.rank != 0)
     try:
         return run(cfg, show_progress, MpiWorld(link))
-    except StepError:
+    except (StepError, KeyboardInterrupt):  # Ctrl-C reaches every rank (mpiexec passes it on): each ends itself
         raise
     except BaseException as e:  # outside a step the other ranks cannot hear of it
         link.abort(str(e) if isinstance(e, AutotransError) else f"internal error: {type(e).__name__}: {e}")
@@ -64,6 +65,7 @@ class MpiWorld(LocalWorld):
         self.share: list[int] = []  # the unit keys this rank writes
         self.group: tuple[int, ...] = (link.rank,)  # the ranks that share this rank's output_dir
         self.groups = 1
+        self.mine: list[dict] = []  # the stamps of the source files this rank serves
 
     def converts(self, cfg: JobConfig) -> bool:
         """Whether any rank takes the job for a conversion (an HF or Megatron source it
@@ -94,6 +96,7 @@ class MpiWorld(LocalWorld):
             mine = self.step("stamp source files", lambda: [
                 stamp(label, p) for label, p in job.source_files(lambda s: u.server(s) == me, extras=self.is_root)])
             self.stamps = [s for part in self.link.exchange(mine) for s in part]
+            self.mine = mine
         self._find_output_folders(cfg, job)
         self.share = self.step("split the work", lambda: self._split(job))
         return job
@@ -131,7 +134,7 @@ class MpiWorld(LocalWorld):
         token = out / f".autotrans-{nonce}-{self.link.rank}"
 
         def drop() -> None:
-            check_no_overlap(out, list(job.protected))
+            job.check_overlap()
             out.mkdir(parents=True, exist_ok=True)
             token.touch()
 
@@ -175,7 +178,7 @@ class MpiWorld(LocalWorld):
         complete = self.link.exchange(self.step("check output", folder.is_complete))
         if all(complete):
             return None
-        self.step("claim output", lambda: folder.claim() if self.leader else None)
+        self.step("claim output", lambda: folder.claim(job.paths(), job.check_overlap) if self.leader else None)
         return folder
 
     def execute(self, job: Compiled, folder, progress) -> list[dict]:
@@ -201,8 +204,10 @@ class MpiWorld(LocalWorld):
 
     def finish(self, job: Compiled, folder, files: list[dict], elapsed: float) -> list[dict]:
         everyone = self.link.exchange(files)
+        ours = self.step("finishing steps", lambda: finish_folder(job, self.link.rank) if self.leader else [])
+        self.step("check source files", lambda: check_unchanged(self.mine))
         if self.leader:
-            ours = [f for r in self.group for f in everyone[r]] + finish_folder(job, self.link.rank)
+            ours = [f for r in self.group for f in everyone[r]] + ours
             folder.write_manifest({**manifest(job, ours, self.stamps, elapsed), "mpi_ranks": self.link.size})
         return [f for part in everyone for f in part]
 
@@ -211,6 +216,7 @@ class MpiWorld(LocalWorld):
         if self.groups > 1 or (u and any(len(s) < self.link.size for s in u.seers.values())):
             warn("verify skipped: under MPI it needs one output folder and every source file on every node")
             return 0
+        self.link.watch(None)  # rank 0 verifies alone, for as long as the output takes to read
         code = self.step("verify", lambda: verify_compiled(job) if self.is_root else 0)
         return max(self.link.exchange(code))
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from runner import log
-from runner.durable import DurableFile
+from runner.durable import DurableFile, check_no_overlap
 from runner.errors import AutotransError, ConfigError, FormatError, shown
 from runner.launch import launched_size
 
@@ -631,7 +631,11 @@ class _Input:
 
 def _open_input(cfg: PreprocessConfig) -> _Input:
     files = _input_files(cfg.input)
-    tok = _load_tokenizer(_tokenizer_file(cfg.tokenizer))
+    tok_file = _tokenizer_file(cfg.tokenizer)
+    # an output that is an input (a link to it, or a glob that matched an earlier output) would replace it
+    outputs = [Path(f"{cfg.output_prefix}_{key}_document{ext}") for key in cfg.json_keys for ext in (".bin", ".idx")]
+    check_no_overlap(outputs, [*files, tok_file])
+    tok = _load_tokenizer(tok_file)
     dtype = token_dtype(tok.vocab_size)
     spec = _EncodeSpec(tok.path, cfg.json_keys, _eod_id(tok, cfg.eod_token) if cfg.append_eod else None, dtype.name)
     try:

@@ -10,6 +10,8 @@ at once, and splits the units over the ranks."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,9 +22,9 @@ from runner.compile import compile_job, own_strategy_folder, write_strategies
 from runner.config import JobConfig
 from runner.execute import LocalPool, SlicePool, WrittenFile
 from runner.log import count, debug, say
-from runner.outputs import OutputFolder, check_no_overlap, file_crc32
+from runner.outputs import OutputFolder, file_crc32
 from runner.progress import Progress
-from runner.units import Compiled, STRATEGY_DIR, Unit, digest, stamp
+from runner.units import Compiled, STRATEGY_DIR, Unit, check_unchanged, digest, stamp
 from runner.verify import verify_compiled
 
 T = TypeVar("T")
@@ -137,9 +139,28 @@ def run_threads(job: Compiled, units: list[Unit], folder: OutputFolder, new_pool
 _COUNTER = None  # a worker process's shared byte counter, set by _init_worker
 
 
-def _init_worker(counter) -> None:
+def _init_worker(counter, parent: int) -> None:
     global _COUNTER
     _COUNTER = counter
+    _end_with_parent(parent)
+
+
+def _end_with_parent(parent: int) -> None:
+    """A worker ends when its parent does, even by SIGKILL (it would otherwise wait on its
+    work pipe forever): Linux kills it (PR_SET_PDEATHSIG); a thread that watches
+    getppid() covers other systems and a parent gone before the prctl call."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
 
 
 def _worker(cfg: JobConfig, keys: list[int], folder_digest: str) -> list[WrittenFile]:
@@ -165,7 +186,7 @@ def execute_local(job: Compiled, folder: OutputFolder, progress) -> list[Written
     counter = ctx.Value("q", 0)
     shares = balance({u.key: u.write_bytes for u in job.units}, nproc)
     written: list[WrittenFile] = []
-    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as ex:
+    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=_init_worker, initargs=(counter, os.getpid())) as ex:
         futures = [ex.submit(_worker, job.cfg, share, folder.digest) for share in shares if share]
         seen = 0
         while not all(f.done() for f in futures):
@@ -240,11 +261,11 @@ class LocalWorld:
 
     def claim(self, job: Compiled) -> OutputFolder | None:
         """The output folder, claimed; None when it already holds this job's output."""
-        check_no_overlap(job.cfg.output_path, list(job.protected))
+        job.check_overlap()
         folder = OutputFolder(job.out_dir, self.digest(job))
         if folder.is_complete():
             return None
-        folder.claim()
+        folder.claim(job.paths(), job.check_overlap)
         return folder
 
     def execute(self, job: Compiled, folder: OutputFolder, progress) -> list[dict]:
@@ -253,6 +274,7 @@ class LocalWorld:
     def finish(self, job: Compiled, folder: OutputFolder, files: list[dict], elapsed: float) -> list[dict]:
         """Finishing steps, then the manifest; every file written, for the summary."""
         files = files + finish_folder(job)
+        check_unchanged(self.stamps)
         folder.write_manifest(manifest(job, files, self.stamps, elapsed))
         return files
 

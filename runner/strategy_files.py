@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from runner import durable
-from runner.errors import FormatError
+from runner.errors import FormatError, one_line
 from runner.formats import mindspore_strategy
 from runner.strategy import Strategy, load_native, strategy_files
 
@@ -27,6 +27,9 @@ def load(path: Path) -> Strategy:
 
 
 # -- the job's strategy folder (SPEC 3, "Never lose data") -------------------------------
+RECORD_FORMAT = "autotrans-strategy-record"
+
+
 def record_path(folder: Path) -> Path:
     """The list of strategy files the runner wrote into `folder`; kept beside it, so a
     listing of the folder shows strategy files only."""
@@ -36,24 +39,25 @@ def record_path(folder: Path) -> Path:
 def own_folder(folder: Path, names: list[str]) -> None:
     """Make `folder` ready for a job that writes the strategy files `names`: remove the
     files an earlier job recorded that this one will not write (regular files only, never
-    through a symlink); refuse when it holds anything else this job would not overwrite."""
+    through a symlink); refuse when it holds anything no record vouches for (a record that
+    does not parse vouches for nothing), even under a name this job writes."""
     folder = Path(folder)
     if not folder.exists():
-        durable.write_json(record_path(folder), {"files": sorted(names)})
+        durable.write_json(record_path(folder), {"format": RECORD_FORMAT, "files": sorted(names)})
         return
     durable.make_folder(folder)  # refuses a symlinked folder
     recorded = _recorded(record_path(folder))
     ours = {n for n in recorded if (folder / n).is_file() and not (folder / n).is_symlink()}
     ours |= {n + durable.PARTIAL for n in ours | set(names)}  # temporaries of a killed run
     present = {p.name for p in folder.iterdir()}
-    foreign = sorted(present - ours - set(names))
+    foreign = sorted(present - ours)
     if foreign:
-        raise FormatError(f"{folder} holds files autotrans did not write ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another output_dir")
-    durable.write_json(record_path(folder), {"files": sorted(set(names) | set(recorded))})  # before removing: a crash leaves nothing unlisted
+        raise FormatError(one_line(f"{folder} holds files autotrans did not write ({', '.join(foreign[:3])}"
+                                   f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another output_dir"))
+    durable.write_json(record_path(folder), {"format": RECORD_FORMAT, "files": sorted(set(names) | set(recorded))})  # before removing: a crash leaves nothing unlisted
     for name in sorted(present & ours - set(names)):
         os.unlink(folder / name)  # unlink removes a symlink planted since, never its target
-    durable.write_json(record_path(folder), {"files": sorted(names)})
+    durable.write_json(record_path(folder), {"format": RECORD_FORMAT, "files": sorted(names)})
     durable.fsync_dir(folder)
 
 
@@ -64,5 +68,5 @@ def _recorded(path: Path) -> list[str]:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return []  # unreadable: nothing is proven ours, so nothing is removed
-    files = doc.get("files") if isinstance(doc, dict) else None
+    files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == RECORD_FORMAT else None
     return [n for n in files if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")] if isinstance(files, list) else []

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 from runner.config import JobConfig
 from runner.execute import SlicePool, WrittenFile
+from runner.durable import check_no_overlap
+from runner.errors import AutotransError, one_line
+from runner.outputs import PROGRESS
 from runner.plan import FilePlan
 from runner.source import Source
 from runner.strategy import Strategy
@@ -55,15 +59,34 @@ class Compiled:
     wrap: Callable[[SlicePool], SlicePool]  # base pool (local or MPI) -> the pool plans read
     changes: tuple[str, ...]  # why the job writes anything; empty: the source already fits
     finish: Callable[[Path], list[Path]] = _plain_finish  # finishing steps in an output folder
+    finish_paths: tuple[str, ...] = ()  # the files they write, relative to it
+    finish_reads: tuple[Path, ...] = ()  # the files they copy (reference config and tokenizer files)
     extra_files: tuple[Path, ...] = ()  # read besides the source ranks' files (LoRA adapters)
     whole_source: bool = False  # every unit reads every source rank (conversions)
     source_bytes: int = 0
-    protected: tuple[Path, ...] = ()  # never written into (SPEC 3)
+    protected: tuple[Path, ...] = ()  # the job's input paths besides its source files (SPEC 3)
     job: object = field(default=None, compare=False)  # runner.job.Job of a reshard
 
     @property
     def out_dir(self) -> Path:
         return self.cfg.output_path / TRANSFORMED
+
+    def inputs(self) -> list[Path]:
+        """Every input the job reads: source files and folder, strategies, adapters, reference."""
+        files = [p for ps in (self.source.files.values() if self.source else ()) for p in ps]
+        return [*self.protected, *files, *self.extra_files]
+
+    def check_overlap(self, folders: list[Path] = ()) -> None:
+        """Refuse (exit 2) an output tree any folder of which (output_dir, strategy/,
+        transformed_checkpoint/ and the folders the units write in, and `folders`) is,
+        holds or lies inside an input."""
+        out, tc = self.cfg.output_path, self.out_dir
+        mine = {out, out / STRATEGY_DIR, tc, tc / PROGRESS, *((tc / p).parent for p in self.paths()), *folders}
+        check_no_overlap(sorted(mine), self.inputs())
+
+    def paths(self) -> list[str]:
+        """Every file the job creates in transformed_checkpoint/, relative to it."""
+        return sorted({u.path for u in self.units} | set(self.finish_paths))
 
     def unit_sources(self, fp: FilePlan, local: Prefer) -> list[Path]:
         """Source files a unit's bytes depend on that this process sees (their stamps
@@ -80,7 +103,8 @@ class Compiled:
         they are the same on every node."""
         root = Path(self.cfg.load_checkpoint)
         files = [p for r in (self.source.ranks if self.source else ()) if serves(r) for p in self.source.files[r]]
-        return [(_label(p, root), p) for p in files + (list(self.extra_files) if extras else [])]
+        files += [*self.extra_files, *self.finish_reads] if extras else []
+        return [(_label(p, root), p) for p in dict.fromkeys(files)]
 
 
 def _label(p: Path, root: Path) -> str:
@@ -95,6 +119,20 @@ def stamp(label: str, path: Path) -> dict:
     return {"label": label, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def check_unchanged(stamps: list[dict]) -> None:
+    """Fail (exit 1) naming the first source file whose size or mtime is no longer what
+    its stamp says: the output may mix its old and new bytes (SPEC 3)."""
+    for s in stamps:
+        try:
+            st = os.stat(s["path"])
+        except OSError as e:
+            raise AutotransError(f"source file {one_line(s['path'])} cannot be read any more ({e.strerror}); "
+                                 "it changed while the job ran: run the job again once the source is settled") from None
+        if (st.st_size, st.st_mtime_ns) != (s["size"], s["mtime_ns"]):
+            raise AutotransError(f"source file {one_line(s['path'])} changed while the job ran (size or mtime); "
+                                 "the output may mix old and new bytes: run the job again once the source is settled")
+
+
 def digest(job: Compiled, stamps: list[dict]) -> str:
     """The job digest: what it does and the source files it reads (size and mtime), not
     where they are (SPEC 9: ranks on different nodes compare it)."""
@@ -107,5 +145,7 @@ def content_digest(job: Compiled) -> str:
 
 
 def protected_paths(cfg: JobConfig) -> list[Path]:
-    keys = (cfg.load_checkpoint, cfg.src_strategy_path_or_dir, cfg.reference_hf_dir)
+    """The input paths a job file names."""
+    keys = (cfg.load_checkpoint, cfg.src_strategy_path_or_dir, cfg.dst_strategy_path_or_dir, cfg.reference_hf_dir,
+            (cfg.lora or {}).get("adapter"))
     return [Path(p) for p in keys if p]  # Path("") would be the cwd

@@ -572,3 +572,13 @@ def test_names_from_files_are_escaped_in_inspect_diff_and_verify(tmp_path: Path,
         assert "\x1b" not in out and "\r" not in out, (args, out)
         assert not any(line.startswith("autotrans: done") for line in out.splitlines()), (args, out)
         assert "evil\\x1b[2J\\nautotrans: done: 0 files\\r" in out, (args, out)
+
+
+@pytest.mark.parametrize("value", [0, -5, "soon", True, float("nan"), float("inf")])
+def test_mpi_timeout_must_be_a_positive_number_of_seconds(value) -> None:
+    from runner.config import from_mapping
+    from runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config key mpi_timeout") as e:
+        from_mapping({"mpi_timeout": value})
+    assert e.value.exit_code == 2

@@ -119,7 +119,7 @@ def job_file(root: Path, name: str, keys: dict) -> Path:
 
 def mpirun(cmd: list, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([MPIEXEC, *map(str, cmd)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, start_new_session=True)  # its own group: Ctrl-C tests signal it
 
 
 def autotrans(*args) -> list:
@@ -265,7 +265,7 @@ def test_bad_header_on_one_rank_fails_everywhere(world):
 
 
 HOOK = """
-import os, signal, sys
+import os, signal, sys, time
 import runner.compile
 from runner.errors import AutotransError
 from runner.cli import main
@@ -273,6 +273,14 @@ from runner.cli import main
 def hook(*args, **kwargs):
     if sys.argv[1] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[1] == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if sys.argv[1] == "ctrl-c":  # as a terminal's Ctrl-C: SIGINT to mpiexec's process group; it passes it on
+        proxy = os.getppid()
+        with open(f"/proc/{proxy}/stat") as f:
+            mpiexec = int(f.read().rsplit(")", 1)[1].split()[1])
+        os.killpg(os.getpgid(mpiexec), signal.SIGINT)
+        time.sleep(30)
     raise AutotransError("injected failure while writing")
 
 runner.compile.write_file = hook
@@ -280,9 +288,9 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def hooked_run(world, tmp_path: Path, what: str) -> tuple[subprocess.CompletedProcess, Path, float]:
+def hooked_run(world, tmp_path: Path, what: str, **keys) -> tuple[subprocess.CompletedProcess, Path, float]:
     """Reshard on 3 ranks without a shared disk (so ranks serve each other) where rank 1
-    dies or fails when it starts writing."""
+    dies, stops or fails when it starts writing."""
     root = tmp_path / what
     for mpi_rank, ranks in ((0, [0]), (1, [1, 2]), (2, [3])):
         write_distributed(root / f"r{mpi_rank}", world["full"], 2, 2, ranks)
@@ -291,7 +299,7 @@ def hooked_run(world, tmp_path: Path, what: str) -> tuple[subprocess.CompletedPr
     out = root / "out"
     job = job_file(root, "job", {"load_checkpoint": str(root / "r${oc.env:PMI_RANK}"), "output_dir": str(out),
                                  "src_strategy_path_or_dir": str(world["root"] / "s_tp2pp2"),
-                                 "dst_strategy_path_or_dir": str(world["root"] / "s_tp4pp1")})
+                                 "dst_strategy_path_or_dir": str(world["root"] / "s_tp4pp1"), **keys})
     start = time.monotonic()
     proc = mpirun(["-n", 1, *autotrans(job), ":", "-n", 1, sys.executable, hook, what, *autotrans(job)[3:], ":",
                    "-n", 1, *autotrans(job)], timeout=60)
@@ -314,6 +322,30 @@ def test_killed_rank_ends_the_job(world, tmp_path):
     assert "signal 9" in said or "KILLED" in said.upper(), said
     assert not (out / "transformed_checkpoint/autotrans.json").exists()
     again = mpirun(["-n", 3, *autotrans(out.parent / "job.yaml")])  # the same job, nobody killed: it resumes
+    assert again.returncode == 0, again.stderr
+    assert outputs(out) == reference(world, "reshard")
+
+
+def test_a_stopped_rank_ends_the_job_after_mpi_timeout(world, tmp_path):
+    """Rank 1 is stopped (SIGSTOP) when it starts writing: after mpi_timeout seconds the
+    job ends on every rank (subprocess.run's timeout: 60 s), exit 1, one line naming it."""
+    proc, out, _ = hooked_run(world, tmp_path, "stop", mpi_timeout=5)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert errors(proc.stderr) == ["MPI rank 1 of 3 made no progress for 5 s (mpi_timeout); ending the job on every rank"], proc.stderr
+    assert not (out / "transformed_checkpoint/autotrans.json").exists()
+
+
+def test_ctrl_c_under_mpi_is_one_line_then_resume(world, tmp_path):
+    """Ctrl-C reaches mpiexec and every rank while rank 1 writes: one line for the job
+    (rank 0's), no "internal error" and no MPI_Abort report, exit 130; the same job again
+    finishes with the single-process bytes."""
+    proc, out, _ = hooked_run(world, tmp_path, "ctrl-c")
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("autotrans")]
+    assert ours == ["autotrans: interrupted (SIGINT); run the same job again to resume"], proc.stderr
+    assert "MPI_Abort" not in proc.stdout + proc.stderr and "internal error" not in proc.stderr
+    assert not (out / "transformed_checkpoint/autotrans.json").exists()
+    again = mpirun(["-n", 3, *autotrans(out.parent / "job.yaml")])
     assert again.returncode == 0, again.stderr
     assert outputs(out) == reference(world, "reshard")
 

@@ -520,3 +520,18 @@ def test_memory_per_rank_stays_flat_as_the_input_grows(tmp_path, bpe):
         peaks[n] = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("peak")]
         assert len(peaks[n]) == 2
     assert max(peaks[40_000]) < max(peaks[10_000]) + 150_000  # 30,000 more documents: under 5 bytes each
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path, bpe):
+    """An earlier run's output given as this run's input (a glob that matched it, with
+    bad lines skipped) would be replaced by the output: refused, exit 2, file unchanged."""
+    from runner.errors import ConfigError
+
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _corpus(5)])
+    _run(input=str(tmp_path / "in.jsonl"), tokenizer=str(bpe.path), output_prefix=str(tmp_path / "ds"))
+    earlier = tmp_path / "ds_text_document.bin"
+    before = (earlier.read_bytes(), earlier.stat().st_mtime_ns, earlier.stat().st_ino)
+    with pytest.raises(ConfigError, match="overlaps the job's input") as e:
+        _run(input=str(tmp_path / "ds_*.bin"), tokenizer=str(bpe.path), on_bad_line="skip", output_prefix=str(tmp_path / "ds"))
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert (earlier.read_bytes(), earlier.stat().st_mtime_ns, earlier.stat().st_ino) == before

@@ -13,13 +13,16 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from runner import durable
@@ -232,6 +235,55 @@ def test_timed_sigkill_of_process_group_with_workers(tmp_path: Path) -> None:
         assert not [p for p in out.rglob("*" + durable.PARTIAL)]
 
 
+def test_workers_end_when_their_parent_is_killed_alone(tmp_path: Path) -> None:
+    """SIGKILL of the CLI process alone (not its group) while its transform_process_num
+    workers run: within 5 s no process it started is left (SPEC 3 "Signals"), and the
+    rerun gives the bytes of an uninterrupted run."""
+    import psutil
+
+    specs = {f"layer{i}.w": ((512, 256), "F32") for i in range(8)}
+    make_source(tmp_path, specs)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    cfg = job(tmp_path, out, transform_process_num=2)
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(cfg), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parent = psutil.Process(proc.pid)
+    workers: list = []
+    started: list = []
+    try:
+        while len(workers) < 2 and proc.poll() is None:
+            workers = [c for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.01)
+        started = parent.children(recursive=True)
+        assert len(workers) == 2 and proc.poll() is None, "the job ended before both workers started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(started):
+            time.sleep(0.1)
+        assert not _alive(started), [p.cmdline() for p in _alive(started)]
+    finally:  # a failure leaves no stray process
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in _alive(started):
+            p.kill()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert outputs(out) == outputs(tmp_path / "ref")
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in procs if running(p)]
+
+
 # -- disk full and permissions --------------------------------------------------------------
 def one_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
@@ -360,8 +412,104 @@ def test_source_and_source_strategy_are_never_written(tmp_path: Path, capsys) ->
             cfg = job(tmp_path, tmp_path / "x", output_dir=str(inside), only_save_strategy=strategy_only)
             capsys.readouterr()
             assert main(["run", str(cfg), "--no-progress"]) == 2, inside
-            assert "overlaps the source" in one_error_line(capsys)
+            assert "overlaps the job's input" in one_error_line(capsys)
     assert snapshot(tmp_path / "ckpt", tmp_path / "strategy") == before
+
+
+def _strategy_symlink(tmp: Path) -> tuple[Path, list[Path]]:
+    """output_dir/strategy links to the source strategy folder."""
+    make_source(tmp)
+    (tmp / "out").mkdir()
+    (tmp / "out" / "strategy").symlink_to(tmp / "strategy")
+    return job(tmp, tmp / "out"), [tmp / "strategy", tmp / "ckpt"]
+
+
+def _parent_alias(tmp: Path, how: str) -> tuple[Path, list[Path]]:
+    """output_dir is another name for the folder that holds the source and its strategy."""
+    src = tmp / "src"
+    make_source(src)
+    alias = tmp / "alias"
+    if how == "symlink":
+        alias.symlink_to(src)
+    else:
+        alias.mkdir()
+        if subprocess.run(["mount", "--bind", str(src), str(alias)], capture_output=True).returncode != 0:
+            pytest.skip("mount --bind needs privileges this test does not have (the symlink case still runs)")
+    return job(src, alias), [src]
+
+
+def _transformed_checkpoint_symlink(tmp: Path) -> tuple[Path, list[Path]]:
+    """The job's source is an earlier job's output, and output_dir/transformed_checkpoint
+    links to it."""
+    make_source(tmp)
+    first = tmp / "first"
+    assert main(["run", str(job(tmp, first)), "--no-progress"]) == 0
+    out = tmp / "out"
+    out.mkdir()
+    (out / "transformed_checkpoint").symlink_to(first / "transformed_checkpoint")
+    cfg = job(tmp, out, load_checkpoint=str(first / "transformed_checkpoint"), src_strategy_path_or_dir=str(first / "strategy"),
+              dst_strategy_path_or_dir=str(tmp / "strategy"))
+    return cfg, [first]
+
+
+def _adapter_in_output(tmp: Path) -> tuple[Path, list[Path]]:
+    """lora.adapter lies in transformed_checkpoint/ of an earlier job's output (whose
+    claim would empty it before the adapter is read)."""
+    g = torch.Generator().manual_seed(3)
+    save_file({"w.weight": torch.randn(16, 8, generator=g)}, str(tmp / "base.safetensors"))
+    out = tmp / "out"
+    cfg = tmp / "lora.yaml"
+    cfg.write_text(f"load_checkpoint: {tmp / 'base.safetensors'}\nuse_parallel: false\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "dtype=bf16", "--no-progress"]) == 0
+    adapter = out / "transformed_checkpoint" / "adapter"
+    adapter.mkdir()
+    save_file({"w.lora_A.weight": torch.randn(2, 8, generator=g), "w.lora_B.weight": torch.randn(16, 2, generator=g)},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    cfg.write_text(cfg.read_text() + f"lora: {{adapter: {adapter}}}\n")
+    return cfg, [adapter, tmp / "base.safetensors"]
+
+
+def _reference_in_output(tmp: Path) -> tuple[Path, list[Path]]:
+    """reference_hf_dir is what output_dir/transformed_checkpoint links to."""
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp / "hf", "qwen2")
+    shutil.copytree(hf, tmp / "ref")
+    out = tmp / "out"
+    out.mkdir()
+    (out / "transformed_checkpoint").symlink_to(tmp / "ref")
+    cfg = tmp / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\nreference_hf_dir: {tmp / 'ref'}\noutput_dir: {out}\n")
+    return cfg, [tmp / "ref", hf]
+
+
+OVERLAPS = {"strategy_symlink": _strategy_symlink,
+            "parent_symlink_alias": lambda tmp: _parent_alias(tmp, "symlink"),
+            "parent_bind_mount": lambda tmp: _parent_alias(tmp, "bind"),
+            "transformed_checkpoint_symlink": _transformed_checkpoint_symlink,
+            "adapter_in_output": _adapter_in_output,
+            "reference_in_output": _reference_in_output}
+
+
+@pytest.mark.parametrize("case", OVERLAPS)
+@pytest.mark.parametrize("strategy_only", [False, True])
+def test_output_tree_that_overlaps_an_input_by_identity_is_refused(tmp_path: Path, capsys, case: str, strategy_only: bool) -> None:
+    """Folders of the output tree are compared with every input by device and inode,
+    symlinks resolved: a symlinked folder, an alias or a bind mount of the source's
+    folder, a LoRA adapter or a reference folder inside the output: exit 2 with one line,
+    and the inputs keep their bytes, mtimes and inodes. A dry run too."""
+    cfg, inputs = OVERLAPS[case](tmp_path)
+    try:
+        before = snapshot(*inputs)
+        capsys.readouterr()
+        args = ["run", str(cfg), "--no-progress"] + (["only_save_strategy=true"] if strategy_only else [])
+        assert main(args) == 2
+        assert "overlaps the job's input" in one_error_line(capsys)
+        assert snapshot(*inputs) == before
+    finally:
+        if case == "parent_bind_mount":
+            subprocess.run(["umount", str(tmp_path / "alias")], check=False)
 
 
 def test_foreign_folder_refused_other_job_replaced_same_job_skipped(tmp_path: Path, capsys) -> None:
@@ -396,6 +544,163 @@ def test_foreign_folder_refused_other_job_replaced_same_job_skipped(tmp_path: Pa
     assert {k: v for k, v in snapshot(tc).items() if k in others} == others
 
 
+@pytest.mark.parametrize("lure", ["foreign_manifest", "empty_progress_folder", "manifest_of_another_format"])
+def test_a_folder_no_runner_record_vouches_for_is_refused(tmp_path: Path, capsys, lure: str) -> None:
+    """A file named autotrans.json that is not the runner's manifest, or an empty
+    .autotrans-progress/ folder, does not make the user's folder the runner's: refused
+    with one line, every file kept."""
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    tc = out / "transformed_checkpoint"
+    (tc / "rank_0").mkdir(parents=True)
+    (tc / "rank_0" / "checkpoint_0.safetensors").write_bytes(b"the user's weights")
+    (tc / "notes.txt").write_text("mine")
+    if lure == "foreign_manifest":
+        (tc / MANIFEST).write_text('{"files": []}')
+    elif lure == "empty_progress_folder":
+        (tc / PROGRESS).mkdir()
+    else:
+        (tc / MANIFEST).write_text(json.dumps({"format": "someone-else", "job_digest": "x", "files": [{"path": "notes.txt"}]}))
+    before = snapshot(tc)
+    capsys.readouterr()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "not empty and was not written by autotrans" in line and "notes.txt" in line, line
+    assert snapshot(tc) == before
+
+
+def test_user_files_in_an_hf_output_survive_a_rerun_with_other_options(tmp_path: Path, capsys) -> None:
+    """The run says to copy tokenizer files into the HF output; the user does, and runs
+    again with another max_shard_size: the earlier shards are replaced, the user's files
+    kept byte for byte, and a file of theirs where the job would write is refused."""
+    from tests.convert_util import hf_tensors, make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).unlink(missing_ok=True)
+    out = tmp_path / "out"
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert "copy the model's tokenizer in" in capsys.readouterr().err
+    tc = out / "transformed_checkpoint"
+    mine = {"tokenizer.json": b'{"user": 1}', "tokenizer_config.json": b'{"user": 2}', "sub/readme.md": b"mine"}
+    for name, data in mine.items():
+        (tc / name).parent.mkdir(exist_ok=True)
+        (tc / name).write_bytes(data)
+    kept = snapshot(tc / "sub")
+    assert main(["run", str(cfg), "max_shard_size=100KB", "--no-progress"]) == 0
+    assert {n: (tc / n).read_bytes() for n in mine} == mine and snapshot(tc / "sub") == kept
+    shards = sorted(p.name for p in tc.glob("model*.safetensors"))
+    assert len(shards) > 1 and all(n.endswith(f"-of-{len(shards):05d}.safetensors") for n in shards), shards
+    want = hf_tensors(hf)
+    got = hf_tensors(tc)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    one_shard = tc / "model-00001-of-00001.safetensors"  # where a run with the default max_shard_size writes
+    one_shard.write_bytes(b"the user's own model")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert f"did not write where this job writes ({one_shard.name})" in line, line
+    assert one_shard.read_bytes() == b"the user's own model"
+    assert {n: (tc / n).read_bytes() for n in mine} == mine
+
+
+# -- a changed source is never called complete ------------------------------------------------
+def _stepped_source(root: Path, full: dict, step: int) -> None:
+    oracle.write_distributed(full, tp2(SPECS), root, prefix=f"llama-{step}_")
+    oracle.write_strategy(dp2_tp2(SPECS), root / "dst")
+
+
+def test_a_newer_step_file_in_every_rank_folder_redoes_the_job(tmp_path: Path, capsys) -> None:
+    old, new = oracle.random_full(SPECS, seed=5), oracle.random_full(SPECS, seed=6)
+    _stepped_source(tmp_path, old, 1)
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert oracle.check_output(out / "transformed_checkpoint", old, dp2_tp2(SPECS)) == 4
+    _stepped_source(tmp_path, new, 2)  # llama-2_r beside llama-1_r: the newest step is read
+    capsys.readouterr()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert oracle.check_output(out / "transformed_checkpoint", new, dp2_tp2(SPECS)) == 4
+    sources = json.loads((out / "transformed_checkpoint" / MANIFEST).read_text())["source_files"]
+    assert sorted(Path(f["path"]).name for f in sources) == ["llama-2_0.safetensors", "llama-2_1.safetensors"]
+
+
+def test_source_files_replaced_in_place_redo_the_job(tmp_path: Path, capsys) -> None:
+    """Same names, same sizes, new bytes and mtimes: not the source the output was made from."""
+    old, new = oracle.random_full(SPECS, seed=5), oracle.random_full(SPECS, seed=6)
+    _stepped_source(tmp_path, old, 1)
+    out = tmp_path / "out"
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    files = sorted((tmp_path / "ckpt").rglob("*.safetensors"))
+    sizes = [p.stat().st_size for p in files]
+    _stepped_source(tmp_path, new, 1)
+    assert [p.stat().st_size for p in files] == sizes
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert oracle.check_output(out / "transformed_checkpoint", new, dp2_tp2(SPECS)) == 4
+
+
+def test_a_changed_reference_tokenizer_file_redoes_the_conversion(tmp_path: Path, capsys) -> None:
+    """Files the job copies (the reference folder's config and tokenizer) are stamped
+    too: a tokenizer changed since the output was written is copied again."""
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    (hf / "tokenizer.json").write_text('{"version": 1}')
+    out = tmp_path / "out"
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(f"load_checkpoint: {hf}\noutput_format: hf\ndtype: fp32\noutput_dir: {out}\n")
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    (hf / "tokenizer.json").write_text('{"version": 2}')
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert (out / "transformed_checkpoint" / "tokenizer.json").read_text() == '{"version": 2}'
+
+
+def _touch_source_at_third_write(monkeypatch, victim: Path) -> None:
+    """Give `victim` a new mtime in the middle of the job (at its third pwrite)."""
+    real, calls = os.pwrite, [0]
+
+    def pwrite(*a):
+        calls[0] += 1
+        if calls[0] == 3:
+            st = victim.stat()
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return real(*a)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def test_a_source_file_changed_during_the_run_fails_the_job(tmp_path: Path, capsys, monkeypatch) -> None:
+    """One line naming the file, exit 1, no manifest; the rerun finishes with the bytes of
+    an uninterrupted run. runner.api.checkpoint_for_rank fails the same way."""
+    from runner.api import checkpoint_for_rank
+    from runner.errors import AutotransError
+
+    make_source(tmp_path)
+    assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
+    victim = tmp_path / "ckpt" / "rank_1" / "ckpt_1.safetensors"
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _touch_source_at_third_write(m, victim)
+        capsys.readouterr()
+        assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert str(victim) in line and "changed while the job ran" in line, line
+    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
+    assert main(["run", str(job(tmp_path, out)), "--no-progress"]) == 0
+    assert outputs(out) == outputs(tmp_path / "ref")
+
+    api_out = tmp_path / "api"
+    with monkeypatch.context() as m:
+        _touch_source_at_third_write(m, victim)
+        with pytest.raises(AutotransError, match="changed while the job ran"):
+            checkpoint_for_rank(str(job(tmp_path, api_out)), 0)
+    assert not (api_out / "transformed_checkpoint" / MANIFEST).exists()
+
+
 def test_every_source_header_checked_before_any_output(tmp_path: Path, capsys) -> None:
     """A damaged last rank file fails the job before anything is written, whether the
     damage is in its size (truncated) or in what its header says (a wrong shape)."""
@@ -420,7 +725,6 @@ def test_every_source_header_checked_before_any_output(tmp_path: Path, capsys) -
 def test_output_bytes_do_not_depend_on_paths(tmp_path: Path, monkeypatch) -> None:
     """The same job from another working directory, with the source copied elsewhere and
     another output_dir, writes the same bytes (no paths, times or host names inside)."""
-    import shutil
 
     make_source(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
@@ -536,8 +840,37 @@ def test_second_run_on_a_held_output_dir_is_refused(tmp_path: Path, capsys) -> N
 
 
 # -- signals ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP"),
-                                           (signal.SIGINT, 130, "SIGINT")])
+def signalled_run(args: list[str], err: Path, plant: Callable[[], None]) -> int:
+    """The CLI's exit status in a forked child, after `plant()` set up the signal it
+    gets; its stderr goes to `err`."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            sys.stderr = open(err, "w", buffering=1)
+            plant()
+            os._exit(main(args))
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), status
+    return os.WEXITSTATUS(status)
+
+
+def check_interrupted(args: list[str], out: Path, ref: Path, err: Path, name: str) -> None:
+    """What an interrupted run leaves: one line, no temporary file, no manifest; the rerun
+    gives the bytes of an uninterrupted run."""
+    lines = err.read_text().strip().splitlines()
+    assert lines == [f"autotrans: interrupted ({name}); run the same job again to resume"], lines
+    assert not list(out.rglob("*" + durable.PARTIAL))
+    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
+    assert main(args) == 0
+    assert outputs(out) == outputs(ref)
+
+
+SIGNALS = [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP"), (signal.SIGINT, 130, "SIGINT")]
+
+
+@pytest.mark.parametrize("sig,code,name", SIGNALS)
 def test_sigterm_and_sighup_end_a_job_as_ctrl_c_does(tmp_path: Path, sig: int, code: int, name: str) -> None:
     """The signal arrives in the middle of a rank file (at its 3rd write): one line,
     exit 128 + signal, no temporary file left, and the rerun gives the bytes of an
@@ -546,28 +879,52 @@ def test_sigterm_and_sighup_end_a_job_as_ctrl_c_does(tmp_path: Path, sig: int, c
     assert main(["run", str(job(tmp_path, tmp_path / "ref")), "--no-progress"]) == 0
     out = tmp_path / "out"
     cfg = ["run", str(job(tmp_path, out)), "--no-progress"]
-    err = tmp_path / "stderr.txt"
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            sys.stderr = open(err, "w", buffering=1)
-            calls = [0]
-            real = os.pwrite
 
-            def pwrite(*a):
-                calls[0] += 1
-                if calls[0] == 3:
+    def plant() -> None:
+        calls = [0]
+        real = os.pwrite
+
+        def pwrite(*a):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), sig)
+            return real(*a)
+        os.pwrite = pwrite
+    assert signalled_run(cfg, tmp_path / "stderr.txt", plant) == code
+    check_interrupted(cfg, out, tmp_path / "ref", tmp_path / "stderr.txt", name)
+
+
+@pytest.mark.parametrize("sig,code,name", SIGNALS[::2])
+def test_a_signal_during_torch_save_is_an_interrupt(tmp_path: Path, sig: int, code: int, name: str) -> None:
+    """SIGTERM or Ctrl-C while torch.save writes a Megatron rank file (at its 2nd write
+    into the file) ends the job as an interrupt, not as torch's RuntimeError about the zip
+    stream; the rerun gives the same bytes."""
+    from runner.durable import DurableFile
+    from tests.convert_util import make_hf
+
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    keys = f"load_checkpoint: {hf}\noutput_format: megatron\nparallel_config: {{model_parallel: 2}}\n"
+    (tmp_path / "ref.yaml").write_text(keys + f"output_dir: {tmp_path / 'ref'}\n")
+    assert main(["run", str(tmp_path / "ref.yaml"), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    (tmp_path / "out.yaml").write_text(keys + f"output_dir: {out}\n")
+    cfg = ["run", str(tmp_path / "out.yaml"), "--no-progress"]
+
+    def plant() -> None:
+        real, writes = DurableFile.stream, [0]
+
+        class Tripwire:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data):
+                writes[0] += 1
+                if writes[0] == 2:
                     os.kill(os.getpid(), sig)
-                return real(*a)
-            os.pwrite = pwrite
-            os._exit(main(cfg))
-        finally:
-            os._exit(99)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == code, status
-    lines = err.read_text().strip().splitlines()
-    assert lines == [f"autotrans: interrupted ({name}); run the same job again to resume"], lines
-    assert not list(out.rglob("*" + durable.PARTIAL))
-    assert not (out / "transformed_checkpoint" / MANIFEST).exists()
-    assert main(cfg) == 0
-    assert outputs(out) == outputs(tmp_path / "ref")
+                return self.f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+        DurableFile.stream = lambda self: Tripwire(real(self))
+    assert signalled_run(cfg, tmp_path / "stderr.txt", plant) == code
+    check_interrupted(cfg, out, tmp_path / "ref", tmp_path / "stderr.txt", name)

@@ -463,9 +463,21 @@ def test_files_of_an_unrecorded_earlier_run_are_not_removed(tmp_path: Path, caps
     native_strategy(tmp_path / "out" / "strategy", 4, 1)
     code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=str(native_strategy(tmp_path / "s", 1, 1)))
     assert code == 1
-    assert err.strip().endswith("(ckpt_strategy_rank_1.json, ckpt_strategy_rank_2.json, ckpt_strategy_rank_3.json); "
+    assert err.strip().endswith("(ckpt_strategy_rank_0.json, ckpt_strategy_rank_1.json, ckpt_strategy_rank_2.json, ...); "
                                 "move them away or choose another output_dir")
     assert listing(tmp_path) == [f"ckpt_strategy_rank_{r}.json" for r in range(4)]
+
+
+def test_a_strategy_record_that_is_not_the_runners_vouches_for_nothing(tmp_path: Path, capsys) -> None:
+    """A hand-written strategy file under a name the job writes is kept and refused when
+    the record beside the folder does not parse as the runner's own."""
+    native_strategy(tmp_path / "out" / "strategy", 1, 1)
+    before = (tmp_path / "out" / "strategy" / "ckpt_strategy_rank_0.json").read_bytes()
+    (tmp_path / "out" / ".autotrans-strategy-record.json").write_text('{"files": ["ckpt_strategy_rank_0.json"]}')
+    code, err = dry_run(tmp_path, capsys, dst_strategy_path_or_dir=str(native_strategy(tmp_path / "s", 1, 1)))
+    assert code == 1
+    assert err.strip().splitlines()[-1].endswith("(ckpt_strategy_rank_0.json); move them away or choose another output_dir")
+    assert (tmp_path / "out" / "strategy" / "ckpt_strategy_rank_0.json").read_bytes() == before
 
 
 def test_a_recorded_name_replaced_by_a_symlink_is_not_followed(tmp_path: Path, capsys) -> None:

@@ -67,19 +67,27 @@ def write_index(folder: Path, shards: list[list[str]], infos: dict[str, TensorIn
     return path
 
 
-def copy_reference(folder: Path, reference: Path | None, config: dict | None) -> list[Path]:
-    """Copy config and the tokenizer files `reference` has; write `config` when the
-    reference has no config.json. Warns when that leaves the output with no tokenizer."""
+def reference_files(reference: Path | None, config: dict | None) -> tuple[str, ...]:
+    """The config and tokenizer files copy_reference writes: those `reference` has, and
+    config.json when it has none and the template gives one (`config`)."""
+    def has(name: str) -> bool:
+        return reference is not None and ((reference / name).is_file() or (reference / name).is_symlink())
+
+    return tuple(n for n in CONFIG_FILES + TOKENIZER_FILES if has(n) or (n == "config.json" and config is not None))
+
+
+def copy_reference(folder: Path, reference: Path | None, config: dict | None, names: tuple[str, ...]) -> list[Path]:
+    """Copy the files `names` (reference_files) from `reference`, or write `config` as
+    config.json when the reference has none. Warns when that leaves the output with no tokenizer."""
     written = []
-    for name in CONFIG_FILES + TOKENIZER_FILES:
+    for name in names:
         src = reference / name if reference else None
-        if src is not None and (src.is_file() or src.is_symlink()):
-            copy_regular(src, folder / name)
-            written.append(folder / name)
-        elif name == "config.json" and config is not None:
+        if name == "config.json" and config is not None and (src is None or not (src.exists() or src.is_symlink())):
             write_json(folder / name, config)
-            written.append(folder / name)
             warn(f"no config.json in {reference or 'reference_hf_dir (not set)'}: wrote one from the checkpoint's sizes; check it before serving")
+        else:
+            copy_regular(src, folder / name)
+        written.append(folder / name)
     if not any((folder / n).exists() for n in TOKENIZER_FILES):
         where = f"reference_hf_dir {reference} holds none" if reference else "reference_hf_dir is not set"
         warn(f"the HF output has no tokenizer files ({where}); copy the model's tokenizer in before serving it")

@@ -17,7 +17,7 @@ from typing import Callable
 from runner import dtypes, lora as lora_merge, plan as planner
 from runner.config import JobConfig, from_mapping
 from runner.convert import hf_dir, rows
-from runner.convert.megatron_dir import (CHECKPOINT_VERSION, CKPT, MegatronFolder, MegatronSource, dropped, is_weight,
+from runner.convert.megatron_dir import (CHECKPOINT_VERSION, CKPT, ITER_FILE, MegatronFolder, MegatronSource, dropped, is_weight,
                                          iteration_folder, megatron_args, rank_infos, source_files, write_iteration_marker,
                                          write_rank)
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
@@ -317,6 +317,8 @@ class Target:
     wrap: Callable[[SlicePool], SlicePool]  # base pool -> the pool the plans read (recipes)
     doc: dict
     finish: Callable[[Path], list[Path]] = lambda out: []
+    finish_paths: tuple[str, ...] = ()  # what `finish` writes, relative to the output folder
+    finish_reads: tuple[Path, ...] = ()  # what it copies
 
 
 def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
@@ -363,7 +365,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
                   for r in dst.ranks)
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
     return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, u.key, cast_to=cast_to), write, wrap, doc,
-                  finish=lambda out: [write_iteration_marker(out, cfg.iteration)])
+                  finish=lambda out: [write_iteration_marker(out, cfg.iteration)], finish_paths=(ITER_FILE,))
 
 
 def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wrap, objects: list[str], head: dict,
@@ -419,7 +421,8 @@ def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wr
 
     units = tuple(Unit(k, f"{folder}/{torch_dist.data_file(k)}", sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in names))
                   for k, names in enumerate(files))
-    return Target(dst, units, plan, write, wrap, {"to": "megatron torch_dist", "dst": dst.to_json(), "files": files}, finish)
+    return Target(dst, units, plan, write, wrap, {"to": "megatron torch_dist", "dst": dst.to_json(), "files": files}, finish,
+                  (*(f"{folder}/{n}" for n in torch_dist.METADATA_FILES), ITER_FILE))
 
 
 def _reshard_source(src: MegatronInput, infos: dict[str, TensorInfo], nmap: NameMap):
@@ -489,16 +492,19 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
         return write_file(fp, pool, SafetensorsFormat(), path, on_bytes)
 
+    config = hf_config(spec, next(iter(out_infos.values())).dtype)
+    copies = hf_dir.reference_files(src.reference, config)  # known up front: the job's record lists them
+
     def finish(out: Path) -> list[Path]:
         index = hf_dir.write_index(out, shards, out_infos)
-        out_dtype = next(iter(out_infos.values())).dtype
-        return [index, *hf_dir.copy_reference(out, src.reference, hf_config(spec, out_dtype))]
+        return [index, *hf_dir.copy_reference(out, src.reference, config, copies)]
 
     units = tuple(Unit(i, hf_dir.shard_name(i, len(shards)), sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shard))
                   for i, shard in enumerate(shards))
     doc = {"to": "hf", "shards": shards, "reference": bool(src.reference)}  # no path: ranks on other nodes compare it
     return Target(Strategy.full(out_infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
-                  write, lambda base: src.pool(recipes, base), doc, finish)
+                  write, lambda base: src.pool(recipes, base), doc, finish, (hf_dir.INDEX, *copies),
+                  tuple(src.reference / n for n in copies if src.reference and (src.reference / n).exists()))
 
 
 def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dict[str, TensorInfo],
@@ -551,6 +557,6 @@ def compile_conversion(cfg: JobConfig, files: SourceFiles | None = None) -> Comp
         cfg, "conversion", source, target.dst, target.units, content,
         plan=lambda unit, prefer: target.plan(unit), write=target.write, wrap=target.wrap,
         changes=(f"format: {src.kind} -> {cfg.output_format}",),
-        finish=target.finish, extra_files=lora_files, whole_source=True, source_bytes=nbytes,
+        finish=target.finish, finish_paths=target.finish_paths, finish_reads=target.finish_reads, extra_files=lora_files, whole_source=True, source_bytes=nbytes,
         protected=tuple(protected_paths(cfg)),
     )

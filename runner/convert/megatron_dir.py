@@ -27,7 +27,7 @@ from runner import dtypes
 from runner.convert.megatron_layout import MegatronLayout, detect
 from runner.convert.model import Model, candidates, megatron_config
 from runner.convert.names import STACKED
-from runner.durable import DurableFile, temp_path, write_bytes
+from runner.durable import DurableFile, signals_held, temp_path, write_bytes
 from runner.errors import ConfigError, FormatError, excerpt, one_line
 from runner.execute import SlicePool, WrittenFile, write_file
 from runner.formats import torch_dist
@@ -345,7 +345,7 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
                     model[fname] = torch.from_numpy(part).view(dtypes.torch_dtype(t.out_dtype))
         model.update({n: None for n in extra_state})
         doc = {**head, "model": nest_legacy(model) if legacy else model}
-        with DurableFile(path) as out:
+        with DurableFile(path) as out, signals_held():
             torch.save(doc, out.stream())
         del model, doc
     finally:

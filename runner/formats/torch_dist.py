@@ -39,6 +39,7 @@ from runner.layout import Box
 
 COMMON = "common.pt"
 META_JSON = "metadata.json"
+METADATA_FILES = (COMMON, META_JSON, METADATA)  # what write_metadata writes
 LAYERS = "decoder.layers."
 # DCP entries that are training state, not model weights (Megatron-LM's save).
 _TRAINING_STATE = ("optimizer.", "rng_state", "rerun_state_machine_state", "opt_param_scheduler")
@@ -231,4 +232,4 @@ def write_metadata(folder: Path, files: list[list[tuple[str, str, tuple[int, ...
     write_bytes(folder / META_JSON, json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                 "common_backend": "torch", "common_backend_version": 1}).encode())
     write_bytes(folder / METADATA, pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage), protocol=2))
-    return [folder / COMMON, folder / META_JSON, folder / METADATA]
+    return [folder / n for n in METADATA_FILES]
