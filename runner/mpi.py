@@ -116,7 +116,7 @@ class MpiWorld(LocalWorld):
         mine = [rel for rel in fu.sizes if fu.server(rel) == self.link.rank]
         headers = self._headers(lambda: {rel: file_header(root / rel) for rel in mine})
         job = self.step("prepare", lambda: compile_job(cfg, files=SourceFiles(root, fu.kind, fu.sizes, headers)))
-        self.union = self.step("join what the ranks see", lambda: fu.by_rank(job.source))
+        self.union = self.step("find who serves each source rank", lambda: fu.by_rank(job.source))
         return job
 
     def _compile_reshard(self, cfg: JobConfig, root: Path) -> Compiled:

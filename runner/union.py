@@ -8,6 +8,7 @@ describes what it sees relative to its own `load_checkpoint`; the union is the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from runner.errors import ConfigError, FormatError
@@ -76,10 +77,14 @@ class FileUnion:
     sizes: dict[str, int]  # relative path -> size
     seers: dict[str, tuple[int, ...]]  # relative path -> the MPI ranks that see it
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {rel: i for i, rel in enumerate(self.sizes)}
+
     def server(self, rel: str) -> int:
         """The MPI rank that reads this file's header: spread over the ranks that see it."""
         s = self.seers[rel]
-        return s[sorted(self.sizes).index(rel) % len(s)]
+        return s[self._index[rel] % len(s)]
 
     def by_rank(self, source: Source) -> Union:
         """The union per source rank of the compiled job: the ranks that see all its files."""

@@ -126,8 +126,9 @@ def split_copy(src: Path, dst: Path, parts: list[Path], keep: list[int]) -> Path
     return dst
 
 
-# which of the 4 weight files each rank's node holds: n=2 disjoint, n=3 with an overlap
-SPLITS = {2: [[0, 2], [1, 3]], 3: [[0, 3], [1], [2, 3]]}
+# which of the 4 weight files each rank's node holds: n=2 disjoint, n=3 with an overlap and
+# a node that holds none (only config.json, or the iteration folder)
+SPLITS = {2: [[0, 2], [1, 3]], 3: [[0, 1, 3], [], [2, 3]]}
 
 
 @pytest.mark.mpi
@@ -162,6 +163,19 @@ def test_conversion_over_mpi_with_the_source_split_over_nodes(models, name, n):
         assert ref == unit_files(models["to_hf"])  # what the whole Megatron folder gave
     writers = {f["path"]: f["mpi_rank"] for f in manifest(out)["files"]}
     assert {writers[p] for p in weight_files(ref)} == set(range(n))
+
+
+def test_an_hf_folder_without_weights_is_one_line(models, capsys):
+    """A node may hold only config.json of an HF source under MPI; one process given such
+    a folder is told it holds no checkpoint files (exit 1)."""
+    root = models["root"] / "no_weights"
+    root.mkdir()
+    shutil.copy(models["hf"] / "config.json", root / "config.json")
+    job = job_file(models["root"], "no_weights", {"load_checkpoint": str(root), "output_format": "megatron",
+                                                  "output_dir": str(models["root"] / "no_weights_out")})
+    capsys.readouterr()
+    assert cli_main(["run", str(job), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"autotrans: error: {root} holds no rank_N folders and no checkpoint files"
 
 
 def test_conversion_split_over_local_workers(models):
@@ -312,7 +326,8 @@ def check_manifest(out: Path, sources: list[Path]) -> None:
 def test_manifest_of_conversion_and_reshard(models, adapter):
     root = models["root"]
     check_manifest(models["to_megatron"], sorted(models["hf"].glob("*.safetensors")))
-    check_manifest(models["to_hf"], sorted((models["to_megatron"] / "transformed_checkpoint").rglob("*.pt")))
+    reference = sorted(models["hf"].glob("*.json"))  # config.json, generation_config.json: read by the finishing steps
+    check_manifest(models["to_hf"], sorted((models["to_megatron"] / "transformed_checkpoint").rglob("*.pt")) + reference)
     out = root / "manifest_reshard"
     keys = {"load_checkpoint": str(models["hf"]), "use_parallel": False, "dtype": "fp32", "output_dir": str(out),
             "lora": {"adapter": str(adapter)}}

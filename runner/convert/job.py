@@ -67,6 +67,8 @@ class HFInput:
         MPI each is read by a node that holds it; reads name rank 0 and go to the file
         holding the tensor (ByName)."""
         shards = files.paths()
+        if not shards:
+            discover(files.root)  # says it holds no checkpoint files
         held: dict[str, TensorInfo] = {}
         shard_of: dict[str, int] = {}
         for i, path in enumerate(shards):

@@ -106,7 +106,12 @@ def source_files(root: Path) -> SourceFiles:
     root = Path(root)
     if not root.exists():
         return SourceFiles(root, "", {})
-    src = discover(root)
+    try:
+        src = discover(root)
+    except FormatError:
+        if (root / "config.json").is_file():  # an HF folder whose shards are all on other nodes
+            return SourceFiles(root, "hf", {})
+        raise
     paths = rank_files(root) if src.kind == "megatron" else src.files.get(0, ())
     return SourceFiles(root, src.kind, {str(p.relative_to(root)): p.stat().st_size for p in paths})
 
