@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"autotrans: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(f"autotrans: internal error: {type(e).__name__}: {one_line(str(e)[:200])} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
         log.release()

@@ -63,7 +63,7 @@ def inspect(path: str) -> int:
         raise FormatError(f"{shown(path)} does not exist")
     idx = _dataset_index(p) if p.is_file() else None
     if idx is not None:
-        print(_describe_dataset(idx))
+        print(one_line(_describe_dataset(idx)))
         return 0
     if _is_strategy(p):
         _print_layouts(strategy_files.load(p))
@@ -74,12 +74,12 @@ def inspect(path: str) -> int:
         return 0
     headers = read_headers(src)
     formats = sorted({f.suffix for files in src.files.values() for f in files})
-    print(f"checkpoint ({src.kind}, {', '.join(formats)}): {len(src.ranks)} rank(s)")
+    print(one_line(f"checkpoint ({src.kind}, {', '.join(formats)}): {len(src.ranks)} rank(s)"))
     for r in src.ranks:
         h = headers[r]
         nbytes = sum(t.numel * _size(t.dtype) for t in h.values())
         print(one_line(f"rank {r}: {', '.join(str(f) for f in src.files[r])}: {len(h)} tensors, {nbytes} bytes"))
-    names = sorted(set().union(*(h.keys() for h in headers.values())))
+    names = sorted(headers[src.ranks[0]] if len(src.ranks) == 1 else set().union(*(h.keys() for h in headers.values())))
     print(f"{len(names)} tensors (shapes as stored on the first rank holding each)")
     for n in names:
         r = next(r for r in src.ranks if n in headers[r])
@@ -90,7 +90,7 @@ def inspect(path: str) -> int:
         s = strategy_files.load(beside)
         if s.origin == "mindspore":
             s = fill_shapes(s, headers)
-        print(f"layouts, from the strategy beside it ({beside}):")
+        print(one_line(f"layouts, from the strategy beside it ({beside}):"))
         _print_layouts(s)
     return 0
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from runner.errors import one_line
+
 _quiet = False
 _debug = False
 _held: list[str] | None = None  # warnings kept back while a job prepares (hold)
@@ -21,8 +23,10 @@ def configure(*, quiet: bool | None = None, debug: bool | None = None) -> None:
 
 
 def _emit(line: str) -> None:
+    """One line, whatever names from files or paths it holds (a newline or a terminal
+    escape in them is shown escaped: no fake line, no escape sequence)."""
     if not _quiet:
-        print(line, file=sys.stderr, flush=True)
+        print(one_line(line), file=sys.stderr, flush=True)
 
 
 def hold() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from runner import plan as planner, strategy_files
 from runner.compile import compile_job, from_job
 from runner.config import JobConfig, output_format_for
-from runner.errors import ConfigError
+from runner.errors import ConfigError, one_line
 from runner.job import Job, destination_strategy
 from runner.log import warn
 from runner.units import Compiled
@@ -182,7 +182,7 @@ def text(doc: dict) -> str:
         f"({total['read_bytes']} B), write {human(total['write_bytes'])} ({total['write_bytes']} B); "
         f"read amplification {amp}{per_src}; {total['src_files_touched']} of {total['src_files']} source file(s) touched",
     ]
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)  # paths from the job and the disk: no fake lines
 
 
 def report(cfg: JobConfig, as_json: bool) -> int:

@@ -127,7 +127,7 @@ def report(problems: list[str], what: str, cast: str | None = None) -> int:
         for p in problems[1:]:
             print(one_line(f"  {p}"))
         return 1
-    print(f"autotrans: verify: {what} are " + (f"equal after casting the source to {cast}" if cast else "bit-identical"))
+    print(one_line(f"autotrans: verify: {what} are " + (f"equal after casting the source to {cast}" if cast else "bit-identical")))
     return 0
 
 

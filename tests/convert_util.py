@@ -62,10 +62,11 @@ FAMILIES = {
 }
 
 
-def make_hf(folder: Path, family: str, dtype=torch.bfloat16, seed: int = 0) -> Path:
+def make_hf(folder: Path, family: str, dtype=torch.bfloat16, seed: int = 0, **config) -> Path:
+    """A tiny model of `family` (FAMILIES, `config` over its sizes) saved as an HF folder."""
     import transformers
 
-    spec = dict(FAMILIES[family])
+    spec = {**FAMILIES[family], **config}
     cfg = getattr(transformers, spec.pop("cls"))(**{k: v for k, v in spec.items() if k != "model"})
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family]["model"])(cfg).to(dtype)

@@ -289,6 +289,53 @@ def test_hf_to_torch_dist_loads_with_megatron_core_at_another_layout(tmp_path, m
     torch.testing.assert_close(forward(model)[..., : FAMILIES[family]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
 
 
+# megatron-core's own load of a torch_dist folder into one stage of a 2-stage pipeline
+# (gloo world of 2); the stages chained through a file: stage 0's output is stage 1's input.
+PP_LOAD_WORKER = """
+import sys, torch, torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state as ps
+from megatron.core.tensor_parallel import random as mrandom
+from tests.test_convert_mcore import cpu_patches, forward, gpt_from_args
+
+if __name__ == "__main__":
+    rank, port, folder, out, eps = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ps.initialize_model_parallel(1, 2)
+    for obj, name, value in cpu_patches(mrandom):
+        setattr(obj, name, value)
+    args = torch.load(f"{folder}/common.pt", weights_only=False)["args"]
+    model = gpt_from_args(args, eps, pipeline=2, pre_process=rank == 0, post_process=rank == 1)
+    state = dist_checkpointing.load(model.sharded_state_dict(), folder)
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in ("args", "checkpoint_version", "iteration")}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    if rank == 0:
+        torch.save(forward(model), out + ".stage0")
+    dist.barrier()
+    if rank == 1:
+        model.set_input_tensor(torch.load(out + ".stage0"))
+        torch.save(forward(model), out)
+    dist.destroy_process_group()
+"""
+
+
+def test_hf_to_torch_dist_loads_into_a_pipeline_of_two_stages(tmp_path):
+    """HF -> torch_dist written at TP1 PP1; megatron-core loads it into the two stages of a
+    PP2 GPTModel (each stage strict, its layers at their global numbers in the folder),
+    and the chained stages give transformers' logits."""
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", megatron_format="torch_dist", transformer_impl="local",
+               output_dir=str(tmp_path / "m")) == 0
+    worker = tmp_path / "load_worker.py"
+    worker.write_text(PP_LOAD_WORKER)
+    port, out = _port(), tmp_path / "logits.pt"
+    folder = tmp_path / "m" / "transformed_checkpoint" / "iter_0000001"
+    _wait([subprocess.Popen([sys.executable, str(worker), str(r), str(port), str(folder), str(out),
+                             str(FAMILIES["llama"]["rms_norm_eps"])], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)])
+    want = logits(hf, "llama", torch.tensor(IDS))
+    torch.testing.assert_close(torch.load(out)[..., : FAMILIES["llama"]["vocab_size"]], want, rtol=1e-4, atol=1e-5)
+
+
 # torchtitan's Llama 3 names for HF's, per layer and outside the layers
 _TITAN_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
                 "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
@@ -338,6 +385,31 @@ def titan(tmp_path_factory):
     dcp.save({"model": weights, "optimizer": optim, "train_state": {"step": 10}}, checkpoint_id=str(folders["nested"]))
     dcp.save({**weights, "optimizer": optim, "train_state": {"step": 10}}, checkpoint_id=str(folders["flat"]))
     return folders, hf
+
+
+def test_torchtitan_dcp_to_mindformers_names_and_back(tmp_path, titan):
+    """DCP (torchtitan) -> MindFormers names -> HF: the HF weights bit for bit."""
+    folders, hf = titan
+    assert run(load_checkpoint=str(folders["flat"]), output_format="mindformers", use_parallel=False,
+               reference_hf_dir=str(hf), output_dir=str(tmp_path / "mf")) == 0
+    mf = tmp_path / "mf" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
+    assert run(load_checkpoint=str(mf), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "o")) == 0
+    assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf)
+
+
+def test_torchtitan_dcp_with_tied_output_copy_to_hf(tmp_path):
+    """Tied embeddings: torchtitan's state holds output.weight beside tok_embeddings (one
+    tensor under both names); the HF model written has the tied weights only."""
+    import torch.distributed.checkpoint as dcp
+
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.float32, tie_word_embeddings=True)
+    weights = _torchtitan_weights(hf)
+    assert "output.weight" not in weights  # transformers saves the tied table once
+    weights["output.weight"] = weights["tok_embeddings.weight"]
+    dcp.save({"model": weights}, checkpoint_id=str(tmp_path / "ck"))
+    assert run(load_checkpoint=str(tmp_path / "ck"), output_format="hf", reference_hf_dir=str(hf),
+               output_dir=str(tmp_path / "o")) == 0
+    assert_is_hf_model(tmp_path / "o" / "transformed_checkpoint", hf)
 
 
 @pytest.mark.parametrize("layout", ["nested", "flat"])

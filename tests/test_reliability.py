@@ -277,8 +277,10 @@ def _alive(procs: list) -> list:
     import psutil
 
     def running(p) -> bool:
+        """Not yet ended; one whose memory is released (no command line left) is in its
+        last step of exiting and writes nothing more."""
         try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE and bool(p.cmdline())
         except psutil.NoSuchProcess:
             return False
     return [p for p in procs if running(p)]

@@ -36,7 +36,7 @@ from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
 from runner.source import Source, SourceFiles, discover
 from runner.strategy import Strategy
-from runner.templates import config_json_names
+from runner.templates import config_json_names, format_name
 from runner.units import Compiled, Unit, protected_paths
 
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
@@ -100,7 +100,11 @@ class HFInput:
                                   "HF folder (its config.json)")
             _, spec = read_hf_config(Path(cfg.reference_hf_dir), arch)
             spec = spec.with_job(cfg.model)
-            infos, built = hf_tensors(spec, _scheme_of(spec, held, source.root), held, str(source.root))
+            scheme = _scheme_of(spec, held, source.root)
+            if spec.tied:  # the output layer's tied copy some trainers save (torchtitan's output.weight)
+                copies = {format_name(w.names[scheme], spec.env()) for w in spec.template.weights_of(scheme) if w.tie}
+                held = {n: t for n, t in held.items() if n not in copies}
+            infos, built = hf_tensors(spec, scheme, held, str(source.root))
             return HFInput(source, spec, infos, held, built, Path(cfg.reference_hf_dir))
         doc, spec = read_hf_config(source.root, arch)
         config_json_names(doc, (cfg.model or {}).get("model_config") or {}, source.root / "config.json")  # they must agree

@@ -423,7 +423,7 @@ def describe_folder(path: Path) -> str:
             nbytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in infos.values())
             lines.append(f"rank {r}: {p.relative_to(mf.ckdir)}: {len(infos)} tensors, {nbytes} bytes")
             if r == 0:
-                lines += [one_line(f"  {n[len('model.'):]}: {list(t.shape)} {t.dtype}") for n, t in sorted(infos.items(), key=lambda x: natural_key(x[0]))]
+                lines += [f"  {n[len('model.'):]}: {list(t.shape)} {t.dtype}" for n, t in sorted(infos.items(), key=lambda x: natural_key(x[0]))]
         finally:
             reader.close()
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)  # names and paths from files: no fake lines

@@ -332,7 +332,7 @@ def hf_tensors(model: Model, scheme: str, held: dict[str, TensorInfo], where: st
     m = whole_map(model, scheme)
     unknown, missing = sorted(set(held) - set(m.shapes)), sorted(set(m.shapes) - set(held))
     if unknown or missing:
-        what = f"holds {unknown[0]}, which is" if unknown else f"lacks {missing[0]}, which is"
+        what = f"holds {unknown[0]}, which is not" if unknown else f"lacks {missing[0]}, which is"
         raise FormatError(f"{where}: the checkpoint {what} a {scheme} name of template {model.family} "
                           f"for this config.json ({len(held)} tensors held, {len(m.shapes)} expected)")
     for n, shape in m.shapes.items():

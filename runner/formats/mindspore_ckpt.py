@@ -18,7 +18,7 @@ import math
 import mmap
 import os
 from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,9 +50,25 @@ _ENCRYPTED = (b"\xd8\x5e\x3a\x7f", b"\xd9\x5e\x3a\x7f", b"\xda\x5e\x3a\x7f")
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
 
 
-class _Stored(NamedTuple):
-    info: TensorInfo
-    runs: tuple[tuple[int, int], ...]  # (file offset, length) of each record's content
+_INFO_BITS = 32  # an index entry packs (content offset << _INFO_BITS) | TensorInfo number
+
+
+@dataclass
+class Index:
+    """Where each tensor of a checkpoint lies, in about 130 bytes a tensor (a file of a
+    million one-byte records must not cost GBs): one int per name packing the content
+    offset and the number of its TensorInfo (tensors that share a dtype and shape share
+    one); the runs of a tensor MindSpore cut into several records apart."""
+
+    packed: dict[str, int] = field(default_factory=dict)
+    infos: list[TensorInfo] = field(default_factory=list)
+    runs: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # (offset, length) of each record's content
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[self.packed[name] & ((1 << _INFO_BITS) - 1)]
+
+    def offset(self, name: str) -> int:
+        return self.packed[name] >> _INFO_BITS
 
 
 class _Walker:
@@ -141,13 +157,12 @@ def _value(w: _Walker, span: tuple[int, int]) -> tuple[str, list[int], str, tupl
     return (tag, *_tensor(w, tensor, tag))
 
 
-def scan(buf, size: int, path: Path) -> dict[str, _Stored]:
+def scan(buf, size: int, path: Path) -> Index:
     """Every tensor of a checkpoint held in `buf` (no trailer), from its record headers.
-    Memory is a small multiple of the record headers' bytes: tensors that share a dtype
-    and shape share one TensorInfo (a file of a million tiny records must not cost GBs)."""
+    Memory is a small multiple of the record headers' bytes (Index)."""
     w = _Walker(buf, path)
-    out: dict[str, _Stored] = {}
-    infos: dict[tuple, TensorInfo] = {}
+    index = Index()
+    numbers: dict[tuple, int] = {}  # (dtype, *dims) -> its TensorInfo's number
     pending: tuple[str, list[int], str, list[tuple[int, int]]] | None = None  # a tensor whose chunks may follow
     for number, wire, span in w.fields(0, size):
         if number != 1 or wire != _LEN:
@@ -159,23 +174,23 @@ def scan(buf, size: int, path: Path) -> dict[str, _Stored]:
             pending[3].append(content)
             continue
         if pending is not None:
-            out[pending[0]] = _stored(path, *pending, infos)
-        if tag in out:
+            _add(index, path, *pending, numbers)
+        if tag in index.packed:
             raise FormatError(f"{path}: tensor {tag!r} appears twice (not in consecutive records); the file is corrupt")
         pending = (tag, dims, ttype, [content])
     if pending is not None:
-        out[pending[0]] = _stored(path, *pending, infos)
-    return out
+        _add(index, path, *pending, numbers)
+    return index
 
 
-def _stored(path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple[int, int]], infos: dict[tuple, TensorInfo]) -> _Stored:
+def _add(index: Index, path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple[int, int]],
+         numbers: dict[tuple, int]) -> None:
     dtype = MS_TYPES.get(ttype)
     if dtype is None:
         raise FormatError(f"{path}: tensor {tag!r} has type {ttype!r}, which autotrans does not support (supported: {', '.join(MS_TYPES)})")
     if any(d < 0 for d in dims):
         raise FormatError(f"{path}: tensor {tag!r} has negative dims {dims}; the file is corrupt")
-    runs = tuple((a, b - a) for a, b in spans)
-    nbytes = sum(n for _, n in runs)
+    nbytes = sum(b - a for a, b in spans)
     size = dtypes.itemsize(dtype)
     if dtype == dtypes.STRING:  # carried as its code units; written back with dims [0]
         if nbytes % size:
@@ -186,8 +201,13 @@ def _stored(path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple
     if nbytes != math.prod(dims) * size:
         raise FormatError(f"{path}: tensor {tag!r} holds {nbytes} bytes but dims {dims} {ttype} need {math.prod(dims) * size}; the file is corrupt or truncated")
     key = (dtype, *dims)
-    info = infos.get(key) or infos.setdefault(key, TensorInfo(dtype, tuple(dims)))
-    return _Stored(info, runs)
+    n = numbers.get(key)
+    if n is None:
+        n = numbers[key] = len(index.infos)
+        index.infos.append(TensorInfo(dtype, tuple(dims)))
+    index.packed[tag] = spans[0][0] << _INFO_BITS | n
+    if len(spans) > 1:
+        index.runs[tag] = tuple((a, b - a) for a, b in spans)
 
 
 _CRC_CHECKED: set[tuple] = set()  # files whose trailer this process has verified
@@ -223,10 +243,10 @@ class CkptReader(MappedFile):
             self.close()
             raise
 
-    def _read_index(self, st: os.stat_result) -> dict[str, _Stored]:
+    def _read_index(self, st: os.stat_result) -> Index:
         mm, size = self._mm, st.st_size
         if mm is None:
-            return {}
+            return Index()
         if mm[:4] in _ENCRYPTED:
             raise FormatError(f"{self.path}: the checkpoint is encrypted (MindSpore enc_key); decrypt it with mindspore.load_checkpoint(dec_key=...) and save it plain first")
         if mm[0] != 0x0A:
@@ -238,19 +258,20 @@ class CkptReader(MappedFile):
         return scan(mm, end, self.path)
 
     def tensors(self) -> dict[str, TensorInfo]:
-        return {name: s.info for name, s in self._tensors.items()}
+        infos, mask = self._tensors.infos, (1 << _INFO_BITS) - 1
+        return {name: infos[v & mask] for name, v in self._tensors.packed.items()}
 
     def array(self, name: str) -> np.ndarray:
-        stored = self._tensors[name]
-        info = stored.info
+        index = self._tensors
+        info = index.info(name)
         dt = dtypes.bits_dtype(info.dtype)
         if info.numel == 0:
             return np.empty(info.shape, dt)
-        if len(stored.runs) == 1:
-            return np.ndarray(info.shape, dt, buffer=self._mm, offset=stored.runs[0][0])
+        if name not in index.runs:
+            return np.ndarray(info.shape, dt, buffer=self._mm, offset=index.offset(name))
         out = np.empty(info.numel * dt.itemsize, np.uint8)  # a chunked tensor: one copy
         pos = 0
-        for offset, n in stored.runs:
+        for offset, n in index.runs[name]:
             out[pos:pos + n] = np.frombuffer(self._mm, np.uint8, n, offset)
             pos += n
         return out.view(dt).reshape(info.shape)
