@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"autotrans: error: {one_line(str(disk_error(e, e.filename or 'a file', 'access')))}", file=sys.stderr)
         return 1
+    except MemoryError:  # the machine's limit, not a bug: say so in one line
+        print("autotrans: error: out of memory; give the job more memory (or fewer transform_process_num workers)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if not said_by_rank_0(e):

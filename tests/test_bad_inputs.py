@@ -603,3 +603,16 @@ def test_names_and_paths_are_escaped_in_warnings_and_the_done_line(tmp_path: Pat
     lines = err.splitlines()
     assert [line.split(":")[1] for line in lines] == [" warning", " done"], lines
     assert "m\\x1b[2J\\nautotrans: done: 0 files\\r" in lines[0] and lines[1].endswith("m\\x1b[2J\\nautotrans: done: 0 files\\r/transformed_checkpoint"), lines
+
+
+def test_running_out_of_memory_is_one_line(tmp_path: Path) -> None:
+    """A 22 MB safetensors header read with 60 MB to spare: exit 1 with one line saying
+    memory ran out, not an internal error."""
+    from tests.limited import one_line, run_limited
+
+    n = 200_000
+    header = {f"model.layers.{i}.some_long_parameter_name.weight": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}
+              for i in range(n)}
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(raw_safetensors(header, bytes(n)))
+    one_line(run_limited(["inspect", str(path)], 60 << 20), 1, "out of memory")
