@@ -72,6 +72,11 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
     sides agree."""
     template, env = model_env(cfg)
     scheme = detect_scheme(template, env, src) if src is not None else default_scheme(cfg, template)
+    if scheme == "mindformers" and any(w.experts == "each" for w in template.weights_of(scheme)):
+        # MindSpore Transformers' training graphs stack experts; per-expert names are only
+        # those its weight loader takes from HF names
+        raise ConfigError(f"template {template.name} names MindSpore Transformers' experts one tensor each (its weight "
+                          "loader's names), not as its training graph stacks them: no MindSpore layout is generated for it")
     check_sizes(template, env)
     pc = cfg.parallel_config
     per_stage = pc.replicas * pc.model_parallel

@@ -256,3 +256,18 @@ def test_expert_tensor_parallel_megatron_files_cannot_hold_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="parallel_config.expert_tensor_parallel"):
         run(load_checkpoint=str(hf), output_format="megatron", output_dir=str(tmp_path / "m"),
             parallel_config={"model_parallel": 2, "expert_parallel": 1, "expert_tensor_parallel": 1})
+
+
+def test_qwen3_moe_mindspore_layout_is_refused_not_guessed():
+    """Qwen3-MoE's MindFormers names are its weight loader's (one tensor per expert); its
+    training graph groups the experts (experts.weight1 / weight2), which the template does
+    not model: a MindSpore strategy for it is refused rather than given other names."""
+    from runner import config
+    from runner.errors import ConfigError
+    from runner.generate import generate
+
+    c = FAMILIES["qwen3_moe"]
+    cfg = config.from_mapping({"only_save_strategy": True, "output_format": "mindformers", "model": {
+        "arch": "Qwen3MoeForCausalLM", "model_config": {k: v for k, v in c.items() if k not in ("cls", "model")}}})
+    with pytest.raises(ConfigError, match="qwen3_moe names MindSpore Transformers' experts one tensor each"):
+        generate(cfg, None)
