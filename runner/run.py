@@ -130,9 +130,13 @@ def run_threads(job: Compiled, units: list[Unit], folder: OutputFolder, new_pool
             if t.ident is not None:
                 t.join()
         raise
-    failures = [e for e in errors if not isinstance(e, _Stopped)]
-    if failures:
-        raise failures[0]
+    failure = next((e for e in errors if not isinstance(e, _Stopped)), None)
+    errors.clear()  # no cycle error -> traceback -> this frame -> errors: the job's lock goes with its frames
+    if failure is not None:
+        try:
+            raise failure
+        finally:
+            del failure
     return [done[u.key] for u in units]
 
 

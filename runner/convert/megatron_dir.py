@@ -337,9 +337,10 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
     import torch
 
     staging = temp_path(path, ".tensors")  # a temporary, named as every other one
-    write_file(fp, pool, SafetensorsFormat(), staging)
-    reader = SafetensorsReader(staging)
-    try:
+    reader = None
+    try:  # from before the staging file exists: an interrupt right after it is renamed into place removes it too
+        write_file(fp, pool, SafetensorsFormat(), staging)
+        reader = SafetensorsReader(staging)
         model: dict = {}
         with _WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only mapping: torch warns, never writes
@@ -354,7 +355,8 @@ def write_rank(fp: FilePlan, pool: SlicePool, path: Path, names: dict[str, tuple
             torch.save(doc, out.stream())
         del model, doc
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
         staging.unlink(missing_ok=True)
     return WrittenFile(path, path.stat().st_size, file_crc32(path))
 
