@@ -29,14 +29,14 @@ ms.transform_checkpoints(sys.argv[1], sys.argv[2], "checkpoint_", sys.argv[3], s
 def build(root: Path) -> None:
     """A 2-way .ckpt checkpoint (converted by autotrans from the shared safetensors bench
     model) and MindSpore strategy files for 2 and 4 ways."""
-    from runner import strategy as strat
+    from runner import strategy_files
     from runner.formats.mindspore_strategy import write_rank_file
 
     st = root / "st"
     write_tp_checkpoint(st, 2)
     write_tp_strategy(st, 4)
     for tp in (2, 4):
-        write_rank_file(strat.load(st / f"strategy_tp{tp}"), 0, root / f"ms_strategy_tp{tp}")
+        write_rank_file(strategy_files.load(st / f"strategy_tp{tp}"), 0, root / f"ms_strategy_tp{tp}")
     job = root / "to_ckpt.yaml"
     job.write_text(f"load_checkpoint: {st / 'ckpt'}\nsrc_strategy_path_or_dir: {st / 'strategy_tp2'}\n"
                    f"dst_strategy_path_or_dir: {root / 'ms_strategy_tp2'}\noutput_dir: {root / 'conv'}\noutput_format: ckpt\n")
