@@ -34,10 +34,10 @@ def is_float(dtype: str) -> bool:
     return dtype.startswith(("F", "BF"))
 
 
-def cast_dtype(dtype: str, cast_to: str | None) -> str:
+def cast_dtype(dtype: str, cast_to: str | None, keep: tuple[str, ...] = ()) -> str:
     """The output type of a `dtype` tensor when the job casts to `cast_to`: floats
-    are cast, integers and bools never."""
-    return cast_to if cast_to and is_float(dtype) else dtype
+    are cast, integers and bools never, nor a tensor whose template keeps `dtype`."""
+    return cast_to if cast_to and is_float(dtype) and dtype not in keep else dtype
 
 
 def itemsize(dtype: str) -> int:

@@ -31,7 +31,7 @@ from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
 from runner.layout import ParamLayout
 from runner.strategy import Strategy
-from runner.templates import Env, Template, Weight, canonical_config, check_modelled, config_json_names, format_name, hf_config, instances, regroup, resolve
+from runner.templates import Env, Template, Weight, canonical_config, check_modelled, config_json_names, format_name, hf_config, instances, kept_dtypes, regroup, resolve
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -92,9 +92,10 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
     for name, weight, stage_list in expand(template, env, scheme, layer_stage):
         shape = env.shape(weight.shape)
         stored = env.shape(weight.stored) if weight.stored else None
-        dtype = dtypes.cast_dtype(kind_dtype(env, weight.kind, mindformers), cast_to)
+        dtype = dtypes.cast_dtype(kind_dtype(env, weight.kind, mindformers), cast_to, weight.keep_dtype)
         if src is not None and name in src.params:
-            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to, scheme.startswith("megatron"))
+            shape, stored, dtype, logical = _from_source(name, src, shape, stored, cast_to, scheme.startswith("megatron"),
+                                                         weight.keep_dtype)
             if logical is not None:
                 flat[name] = logical
         params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc, bool(env.get("parallel_optimizer", 0)))
@@ -155,6 +156,13 @@ def arch_of(cfg: JobConfig) -> Any:
         if isinstance(doc.get("model_type"), str):
             return doc["model_type"]
     return None
+
+
+def kept_of(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
+    """The dtypes a cast keeps, by tensor name, when the job casts and knows its model's template."""
+    if not cfg.dtype or arch_of(cfg) is None:
+        return {}
+    return kept_dtypes(*model_env(cfg))
 
 
 def check_sizes(template: Template, env: Env) -> None:
@@ -334,13 +342,14 @@ def _add_optimizer_states(cfg: JobConfig, params: dict[str, ParamLayout], cast_t
             params[f"{prefix}.{name}"] = replace(p, dtype=dtypes.cast_dtype("F32", cast_to))
 
 
-def _from_source(name: str, src: Strategy, shape, stored, cast_to, padded: bool) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
+def _from_source(name: str, src: Strategy, shape, stored, cast_to, padded: bool,
+                 keep: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None, str, ParamLayout | None]:
     """Shape, full stored shape and dtype of a weight the source holds, and the source's
     layout re-expressed with the logical shape when it stores the weight flat. A
     Megatron source (`padded`) wins on the vocab padding of dim 0 (a larger dim 0);
     otherwise the template's shape must agree."""
     s = src.params[name]
-    dtype = dtypes.cast_dtype(s.dtype, cast_to)
+    dtype = dtypes.cast_dtype(s.dtype, cast_to, keep)
     if s.shape == shape or (stored and s.shape == stored and not s.is_split):
         if s.shape != shape:  # a full checkpoint stores the fused weight flat
             return shape, stored, dtype, replace(s, shape=shape, tensor_map=((),) * len(shape), stored_shape=stored)

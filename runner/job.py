@@ -14,7 +14,7 @@ from runner.errors import ConfigError, name_list
 from runner.formats.base import TensorInfo
 from runner.formats.mindspore_strategy import fill_from, fill_shapes
 from runner.formats.registry import output_format
-from runner.generate import arch_of, with_source
+from runner.generate import arch_of, kept_of, with_source
 from runner.layout import ParamLayout
 from runner.log import warn
 from runner.source import Source, discover, read_headers
@@ -104,11 +104,13 @@ def destination_strategy(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy
                 raise ConfigError("a MindSpore destination strategy holds no shapes: set load_checkpoint")
             dst = fill_from(dst, src, cast)
         else:  # the strategy written beside the files says what they hold
-            dst = dst.cast(cast)
+            dst = dst.cast(cast, kept_of(cfg))
     elif not cfg.use_parallel:
         if src is None:
             raise ConfigError("use_parallel: false merges a checkpoint: set load_checkpoint")
-        dst = Strategy(((0,),), {n: merged_layout(p, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype))) for n, p in src.params.items()}, "full")
+        keep = kept_of(cfg)
+        dst = Strategy(((0,),), {n: merged_layout(p, dtypes.cast_dtype(p.dtype, dtypes.CAST_NAMES.get(cfg.dtype), keep.get(n, ())))
+                                 for n, p in src.params.items()}, "full")
     elif arch_of(cfg) is not None:
         dst, src = with_source(cfg, src)
     else:
@@ -194,7 +196,7 @@ def needs_change(job: Job) -> list[str]:
     suffixes = {p.suffix for files in job.source.files.values() for p in files}
     if suffixes != {output_format(job.cfg.output_format).suffix}:
         reasons.append(f"format: {', '.join(sorted(suffixes))} -> {job.cfg.output_format}")
-    if any(dtypes.cast_dtype(p.dtype, job.cast_to) != p.dtype for p in job.src.params.values()):
+    if any(job.dst.params[n].dtype != p.dtype for n, p in job.src.params.items() if n in job.dst.params):
         reasons.append(f"dtype cast to {job.cast_to}")
     if job.cfg.lora:
         reasons.append("LoRA merge")

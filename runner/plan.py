@@ -126,7 +126,9 @@ def plan_rank(
 ) -> FilePlan:
     """Plan destination rank `rank`'s file.
 
-    `extras`: entries no strategy names, copied whole from (source rank, header).
+    Each parameter is written in its destination dtype (check_compatible: the source's,
+    or its `cast_to` cast); `extras`, entries no strategy names, are copied whole from
+    (source rank, header), cast to `cast_to`.
     `headers`: source rank -> its tensors' headers, to check every read against.
     Tensors keep the source checkpoint's order when `headers` are known, else name order.
     `available`: which source ranks may be read (default all); replicas are chosen
@@ -137,8 +139,7 @@ def plan_rank(
         p = dst.params[name]
         box = dst.box(name, rank)
         reads = tuple(reads_for(src, name, box, rank, available, prefer))
-        out = dtypes.cast_dtype(src.params[name].dtype, cast_to)
-        tensors.append(TensorPlan(name, src.params[name].dtype, out, box, p.stored(), reads))
+        tensors.append(TensorPlan(name, src.params[name].dtype, p.dtype, box, p.stored(), reads))
     for name, (src_rank, info) in sorted((extras or {}).items()):
         whole = Box((0,) * len(info.shape), info.shape)
         out = dtypes.cast_dtype(info.dtype, cast_to)

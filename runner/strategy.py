@@ -54,11 +54,13 @@ class Strategy:
         """The same stages, origin and notes over other parameters."""
         return Strategy(self.stages, params, self.origin, self.notes)
 
-    def cast(self, cast_to: str | None) -> "Strategy":
-        """The layout of the files a job writes with a `dtype` cast (floats cast, others kept)."""
+    def cast(self, cast_to: str | None, keep: Mapping[str, tuple[str, ...]] | None = None) -> "Strategy":
+        """The layout of the files a job writes with a `dtype` cast (floats cast, others
+        kept, as are the dtypes `keep` names for a parameter)."""
         if not cast_to:
             return self
-        return self.with_params({n: replace(p, dtype=dtypes.cast_dtype(p.dtype, cast_to)) for n, p in self.params.items()})
+        keep = keep or {}
+        return self.with_params({n: replace(p, dtype=dtypes.cast_dtype(p.dtype, cast_to, keep.get(n, ()))) for n, p in self.params.items()})
 
     @staticmethod
     def full(tensors: Mapping[str, TensorInfo]) -> "Strategy":

@@ -75,6 +75,12 @@ A weight:
            taken in `order`. torchtitan keeps Meta's rotary layout, each head's q and k
            rows interleaved in pairs where HF has them in two halves:
            {torchtitan: {view: [num_heads, 2, head_dim // 2], order: [0, 2, 1]}}.
+  block_scale  the suffix of the companion tensor a block-quantized checkpoint stores
+           beside this 2-D weight (`_scale_inv`: DeepSeek-V3's FP8 `X.weight` has
+           `X.weight_scale_inv`, float32, one value per block of config.json's
+           quantization_config.weight_block_size): the weight may be FP8 with that scale
+  keep_dtype   dtypes ([F32]) a `dtype:` cast leaves this weight in (DeepSeek-V3's router
+           bias stays float32, as every framework keeps it)
 
 A conversion from scheme A to scheme B takes each weight of B from the weight of the
 same role in A (a rename), or from its `fuse` parts in A; runner/convert/names.py
@@ -94,6 +100,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from runner import dtypes
 from runner.errors import ConfigError
 
 
@@ -111,7 +118,7 @@ DEFAULT_DIM = {"column": 0, "row": 1, "vocab": 0}
 TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "unmodelled", "defaults", "divisible", "weights",
             "extra_state", "megatron_args", "hf_config")
 WEIGHT_KEYS = ("names", "shape", "split", "dim", "place", "layers", "when", "experts", "stored", "tie", "pad", "fuse",
-               "kind", "permute")
+               "kind", "permute", "block_scale", "keep_dtype")
 KINDS = ("weight", "norm", "embedding", "bias", "router")
 EXTRA_KEYS = ("names", "place", "layers", "when", "experts")
 
@@ -181,6 +188,8 @@ class Weight:
     fuse: Fuse | None = None
     kind: str = "weight"
     permute: Mapping[str, Permute] | None = None  # scheme -> how its rows are reordered
+    block_scale: str | None = None  # suffix of its block-scale tensor's name, when it may have one
+    keep_dtype: tuple[str, ...] = ()  # dtypes a cast keeps
 
 
 @dataclass(frozen=True)
@@ -377,8 +386,14 @@ def _weight(c: _Checker, key: str, role: str, w: Any, allowed: tuple[str, ...]) 
     pad = c.choice(w.get("pad"), f"{key}.pad", (None, "vocab"))
     fuse = _fuse(c, f"{key}.fuse", w["fuse"]) if w.get("fuse") is not None else None
     permute = _permute(c, f"{key}.permute", w.get("permute"), w.get("names"))
+    scale = w.get("block_scale")
+    if scale is not None and (not isinstance(scale, str) or not scale or len(shape) != 2):
+        raise c.fail(f"{key}.block_scale", f"expected a name suffix such as _scale_inv on a 2-D weight, got {scale!r}")
+    keep = w.get("keep_dtype", [])
+    if not isinstance(keep, list) or any(k not in dtypes.ITEMSIZE for k in keep):
+        raise c.fail(f"{key}.keep_dtype", f"expected a list of dtypes such as [F32], got {keep!r}")
     return Weight(role, c.names(w["names"], f"{key}.names"), shape, split, dim, place, experts, stored,
-                  layers, when, tie, pad, fuse, kind, permute)
+                  layers, when, tie, pad, fuse, kind, permute, scale, tuple(keep))
 
 
 def _permute(c: _Checker, key: str, p: Any, names: Any) -> dict[str, Permute] | None:
@@ -676,6 +691,17 @@ def instances(w: Weight, env: Env, scheme: str) -> list[int | None]:
         start, stop = (int(evaluate(e, env)) for e in w.layers)
         return list(range(start, stop))
     return list(range(env.int("num_layers"))) if w.place == "layer" else [None]
+
+
+def kept_dtypes(template: Template, env: Env) -> dict[str, tuple[str, ...]]:
+    """Tensor name, in every scheme, -> the dtypes a `dtype:` cast keeps it in (`keep_dtype`)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for w in template.weights:
+        for scheme in w.names if w.keep_dtype else ():
+            for layer in instances(w, env, scheme):
+                for e in range(env.int("num_experts")) if w.experts == "each" else [None]:
+                    out[format_name(w.names[scheme], env, layer, e)] = w.keep_dtype
+    return out
 
 
 def regroup(shape: tuple[int, ...], stored: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:

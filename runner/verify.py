@@ -102,7 +102,7 @@ def compare(a: Checkpoint, b: Checkpoint, cast_to: str | None = None) -> list[st
         b_by_name = {t.name: t for t in plan_b.tensors}  # each plan keeps its own file order
         for ta in plan_a.tensors:
             name, tb = ta.name, b_by_name[ta.name]
-            want = dtypes.cast_dtype(ta.dtype, cast_to)
+            want = tb.dtype if tb.dtype == ta.dtype else dtypes.cast_dtype(ta.dtype, cast_to)  # a cast may keep some
             if ta.box.sizes != tb.box.sizes or want != tb.dtype:
                 problems.append(f"{name}: A is {list(ta.box.sizes)} {want}, B is {list(tb.box.sizes)} {tb.dtype}")
                 continue

@@ -36,7 +36,7 @@ from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
 from runner.source import Source, SourceFiles, discover
 from runner.strategy import Strategy
-from runner.templates import config_json_names, format_name
+from runner.templates import config_json_names, format_name, kept_dtypes
 from runner.units import Compiled, Unit, protected_paths
 
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
@@ -350,7 +350,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     else:
         infos = _infos(nmap.shapes, lambda n: next(iter(src.infos.values())).dtype)
         plan_src, wrap = _reshard_source(src, infos, nmap)
-    dst = mm.strategy(infos).cast(cast_to)  # as the files hold them, written beside them
+    dst = mm.strategy(infos).cast(cast_to, kept_dtypes(spec.template, spec.env()))  # as the files hold them, written beside them
     planner.check_compatible(plan_src, dst, cast_to)
     out_dtype = dtypes.cast_dtype(next(iter(infos.values())).dtype, cast_to)
     step = 0 if cfg.iteration == "release" else cfg.iteration  # Megatron loads a release checkpoint as iteration 0
@@ -359,7 +359,7 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}
     if dist:
         objects = [n for n in mm.extra_state(0) if n.startswith(torch_dist.LAYERS)]
-        return _torch_dist_target(cfg, mm, plan_src, dst, wrap, objects, head, cast_to, spec.experts)
+        return _torch_dist_target(cfg, mm, plan_src, dst, wrap, objects, head, spec.experts)
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
         names = mm.file_names(unit.key, [t.name for t in fp.tensors])
@@ -370,24 +370,24 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     units = tuple(Unit(r, f"{iteration_folder(cfg.iteration)}/{lay.folder(r)}/{CKPT}", dst.rank_bytes(r), dst.stage_of(r))
                   for r in dst.ranks)
     doc = {"to": "megatron", "dst": dst.to_json(), "padded_vocab": padded}
-    return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, u.key, cast_to=cast_to), write, wrap, doc,
+    return Target(dst, units, lambda u: planner.plan_rank(plan_src, dst, u.key), write, wrap, doc,
                   finish=lambda out: [write_iteration_marker(out, cfg.iteration)], finish_paths=(ITER_FILE,))
 
 
 def _torch_dist_target(cfg: JobConfig, mm, plan_src: Strategy, dst: Strategy, wrap, objects: list[str], head: dict,
-                       cast_to: str | None, experts: int) -> Target:
+                       experts: int) -> Target:
     """One unit per .distcp file, consecutive whole tensors cut at `max_shard_size`, so
     MPI ranks share the writing; the finishing step writes `.metadata` (every chunk's
     byte range follows from the plan), common.pt and metadata.json."""
     order = list(dst.params)
-    out_infos = {n: TensorInfo(dtypes.cast_dtype(dst.params[n].dtype, cast_to), dst.params[n].shape) for n in order}
+    out_infos = {n: TensorInfo(dst.params[n].dtype, dst.params[n].shape) for n in order}
     files = hf_dir.shard(order, out_infos, hf_dir.parse_size(cfg.max_shard_size))
     folder = iteration_folder(cfg.iteration)
 
     def plan(unit: Unit) -> FilePlan:
         names = files[unit.key]
         return planner.plan_rank(plan_src.with_params({n: plan_src.params[n] for n in names}),
-                                 dst.with_params({n: dst.params[n] for n in names}), 0, cast_to=cast_to)
+                                 dst.with_params({n: dst.params[n] for n in names}), 0)
 
     def keys(fp: FilePlan) -> dict[str, list[str]]:
         names = mm.file_names(0, [t.name for t in fp.tensors])
@@ -472,9 +472,8 @@ def megatron_as_hf(path: Path) -> tuple[dict[str, TensorInfo], Callable[[], rows
     return infos, lambda: src.pool(recipes, LocalPool(src.source))
 
 
-def _whole_unit_plan(infos: dict[str, TensorInfo], cast_to: str | None) -> FilePlan:
-    sub = Strategy.full(infos)
-    return planner.plan_rank(sub, sub, 0, cast_to=cast_to)
+def _whole_unit_plan(infos: dict[str, TensorInfo], out_infos: dict[str, TensorInfo]) -> FilePlan:
+    return planner.plan_rank(Strategy.full(infos), Strategy.full({n: out_infos[n] for n in infos}), 0)
 
 
 def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
@@ -492,7 +491,8 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     if cfg.output_format == "mindformers":
         return _mindformers_target(cfg, src, infos, recipes, cast_to)
     names = list(nmap.hf_shapes)
-    out_infos = {n: TensorInfo(dtypes.cast_dtype(infos[n].dtype, cast_to), infos[n].shape) for n in names}
+    keep = kept_dtypes(spec.template, spec.env())
+    out_infos = {n: TensorInfo(dtypes.cast_dtype(infos[n].dtype, cast_to, keep.get(n, ())), infos[n].shape) for n in names}
     shards = hf_dir.shard(names, out_infos, hf_dir.parse_size(cfg.max_shard_size))
 
     def write(unit: Unit, fp: FilePlan, pool: SlicePool, path: Path, on_bytes: Callable[[int], None]) -> WrittenFile:
@@ -508,7 +508,7 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     units = tuple(Unit(i, hf_dir.shard_name(i, len(shards)), sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shard))
                   for i, shard in enumerate(shards))
     doc = {"to": "hf", "shards": shards, "reference": bool(src.reference)}  # no path: ranks on other nodes compare it
-    return Target(Strategy.full(out_infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, cast_to),
+    return Target(Strategy.full(out_infos), units, lambda u: _whole_unit_plan({n: infos[n] for n in shards[u.key]}, out_infos),
                   write, lambda base: src.pool(recipes, base), doc, finish, (hf_dir.INDEX, *copies),
                   tuple(src.reference / n for n in copies if src.reference and (src.reference / n).exists()))
 
@@ -525,7 +525,7 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
         return write_file(fp, pool, SafetensorsFormat(), path, on_bytes)
 
     units = tuple(Unit(r, f"rank_{r}/{cfg.prefix}{r}.safetensors", dst.rank_bytes(r), dst.stage_of(r)) for r in dst.ranks)
-    return Target(dst, units, lambda u: planner.plan_rank(full, dst, u.key, cast_to=cast_to), write,
+    return Target(dst, units, lambda u: planner.plan_rank(full, dst, u.key), write,
                   lambda base: src.pool(mf_recipes, base), {"to": "mindformers", "dst": dst.to_json()})
 
 
