@@ -5,7 +5,7 @@ of the units; also the strategy files every kind of job writes."""
 
 from __future__ import annotations
 
-from runner import dtypes, lora, strategy as strat, strategy_files
+from runner import dtypes, fp8, lora, strategy as strat, strategy_files
 from runner.config import JobConfig
 from runner.convert import wants_conversion
 from runner.convert.job import compile_conversion
@@ -62,7 +62,7 @@ def from_job(job: Job) -> Compiled:
         cfg, "reshard", job.source, job.dst, units, job.describe(),
         plan=lambda unit, prefer: job.plan(unit.key, prefer=prefer),
         write=lambda unit, fp, pool, path, on_bytes: write_file(fp, pool, fmt, path, on_bytes),
-        wrap=lambda base: lora.wrap(base, job.lora),
+        wrap=lambda base: fp8.wrap(lora.wrap(base, job.lora), job.dequant),
         changes=changes,
         extra_files=tuple(job.lora.files) if job.lora else (),
         source_bytes=nbytes, protected=tuple(protected_paths(cfg)), job=job,

@@ -29,9 +29,9 @@ from typing import Any, Iterator
 from runner import dtypes
 from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
-from runner.layout import ParamLayout
+from runner.layout import ParamLayout, block_layout
 from runner.strategy import Strategy
-from runner.templates import Env, Template, Weight, canonical_config, check_modelled, config_json_names, format_name, hf_config, instances, kept_dtypes, regroup, resolve
+from runner.templates import BLOCK, Env, Template, Weight, block_scaled, canonical_config, check_modelled, config_json_names, format_name, hf_config, instances, kept_dtypes, regroup, resolve, weight_block
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -99,6 +99,9 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
             if logical is not None:
                 flat[name] = logical
         params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc, bool(env.get("parallel_optimizer", 0)))
+        scale = name + weight.block_scale if weight.block_scale else None
+        if src is not None and scale in src.params:  # an FP8 weight's block scale, split with it
+            params[scale] = block_layout(name, params[name], weight_block(env.values), src.params[scale].dtype)
     if src is not None:
         _match_source(template, scheme, src, params, pc, cast_to, flat)
         if flat:
@@ -163,6 +166,19 @@ def kept_of(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
     if not cfg.dtype or arch_of(cfg) is None:
         return {}
     return kept_dtypes(*model_env(cfg))
+
+
+def scale_pairs(cfg: JobConfig, src: Strategy) -> tuple[dict[str, str], tuple[int, int]]:
+    """FP8 weight -> its block scale, of the weights the model's template marks
+    `block_scale` (none when the job does not know its template), and the block size."""
+    if arch_of(cfg) is None:
+        return {}, BLOCK
+    template, env = model_env(cfg)
+    if not any(w.block_scale for w in template.weights):
+        return {}, BLOCK
+    scheme = detect_scheme(template, env, src)
+    held = {w: s for w, s in block_scaled(template, env, scheme).items() if s in src.params and w in src.params}
+    return held, weight_block(env.values)
 
 
 def check_sizes(template: Template, env: Env) -> None:

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from runner import dtypes, lora, plan as planner, strategy as strat, strategy_files
+from runner import dtypes, fp8, lora, plan as planner, strategy as strat, strategy_files
 from runner.config import JobConfig, output_format_for
 from runner.errors import ConfigError, name_list
 from runner.formats.base import TensorInfo
 from runner.formats.mindspore_strategy import fill_from, fill_shapes
 from runner.formats.registry import output_format
-from runner.generate import arch_of, kept_of, with_source
+from runner.generate import arch_of, kept_of, scale_pairs, with_source
 from runner.layout import ParamLayout
 from runner.log import warn
 from runner.source import Source, discover, read_headers
@@ -38,6 +38,7 @@ class Job:
     headers: Mapping[int, Mapping[str, TensorInfo]] = field(default_factory=dict)
     extras: Mapping[str, tuple[int, TensorInfo]] = field(default_factory=dict)
     lora: lora.LoraMerge | None = None
+    dequant: fp8.Dequant | None = None  # FP8 weights a cast dequantizes
 
     @property
     def out_dir(self) -> Path:
@@ -59,6 +60,7 @@ class Job:
             "options": self.cfg.options(),
             "extras": sorted(self.extras),
             "lora": self.lora.describe() if self.lora else None,
+            "dequant": self.dequant.describe() if self.dequant else None,
         }
 
     def plan(self, rank: int, available: Callable[[int], bool] | None = None,
@@ -179,6 +181,10 @@ def prepare(cfg: JobConfig, source: Source | None = None,
     merge = None
     if cfg.lora is not None:
         merge, src, headers = lora.prepare(cfg.lora, cfg.model, src, headers, source.root)
+    dequant = None
+    if cfg.dtype and any(p.dtype in fp8.FP8 for p in src.params.values()):
+        scale_of, block = scale_pairs(cfg, src)
+        dequant, src, headers = fp8.dequantize(src, headers, scale_of, block, dtypes.CAST_NAMES[cfg.dtype])
     dst, src = destination_strategy(cfg, src)
     if merge:
         dst = merge.exclude(dst)
@@ -187,7 +193,7 @@ def prepare(cfg: JobConfig, source: Source | None = None,
         src, dst, extras = reconcile_names(src, dst, headers)
         planner.check_headers(src, headers)
         planner.check_compatible(src, dst, dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None)
-    return Job(cfg, source, src, dst, dict(headers), extras, merge)
+    return Job(cfg, source, src, dst, dict(headers), extras, merge, dequant)
 
 
 def needs_change(job: Job) -> list[str]:

@@ -209,3 +209,22 @@ def _holders(key: tuple) -> dict[Shape, tuple[int, ...]]:
     for pos, cell in enumerate(_cells(key)):
         out.setdefault(cell, []).append(pos)
     return {c: tuple(p) for c, p in out.items()}
+
+
+def block_grid(shape: Shape, block: Shape) -> Shape:
+    """How many blocks of `block` cover `shape`, a partial last block counted."""
+    return tuple(-(-n // b) for n, b in zip(shape, block))
+
+
+def block_layout(name: str, p: ParamLayout, block: Shape, dtype: str) -> ParamLayout:
+    """The layout of the per-block values (FP8 scales) of a weight laid out as `p`: the
+    same split at block granularity. A split whose slices are not whole blocks would cut
+    a block's scale apart: refused."""
+    if p.stored_shape is not None and p.stored_shape != p.chunk:
+        raise LayoutError(f"parameter {name}: a block-scaled weight stored reshaped is not supported")
+    for d, (n, parts, b) in enumerate(zip(p.chunk, p.parts, block)):
+        if parts > 1 and n % b:
+            raise LayoutError(f"parameter {name}: split {parts} ways, dim {d} gives slices of {n}, which cut its "
+                              f"{b}-wide FP8 blocks apart; choose a split whose slices are multiples of {b}, or set "
+                              "dtype: bf16 to dequantize")
+    return ParamLayout(block_grid(p.shape, block), dtype, p.stages, p.dev_matrix, p.tensor_map, p.opt_shard, p.opt_shard_step)

@@ -704,6 +704,32 @@ def kept_dtypes(template: Template, env: Env) -> dict[str, tuple[str, ...]]:
     return out
 
 
+BLOCK = (128, 128)  # HF fp8 quantization_config's default weight_block_size
+
+
+def weight_block(config: Mapping[str, Any]) -> tuple[int, int]:
+    """The FP8 block of a checkpoint whose config.json (`config`) may have HF's fp8
+    quantization_config; 128 x 128 when it does not say."""
+    q = config.get("quantization_config") or {}
+    size = q.get("weight_block_size") if isinstance(q, Mapping) else None
+    if size is None:
+        return BLOCK
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(b, int) and b > 0 for b in size)):
+        raise ConfigError(f"config.json quantization_config.weight_block_size: expected two positive integers, got {size!r}")
+    return size[0], size[1]
+
+
+def block_scaled(template: Template, env: Env, scheme: str) -> dict[str, str]:
+    """Weight name -> the name of the block scale it may carry (`block_scale`), in `scheme`."""
+    out = {}
+    for w in template.weights_of(scheme):
+        for layer in instances(w, env, scheme) if w.block_scale else ():
+            for e in range(env.int("num_experts")) if w.experts == "each" else [None]:
+                name = format_name(w.names[scheme], env, layer, e)
+                out[name] = name + w.block_scale
+    return out
+
+
 def regroup(shape: tuple[int, ...], stored: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
     """`stored` merges runs of consecutive dims of `shape` (a row-major reshape); apply
     the same merging to `target` (a box of the same rank). None if it is no merging."""

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from runner import dtypes, plan as planner, strategy_files
+from runner import dtypes, fp8, plan as planner, strategy_files
 from runner.convert.job import megatron_as_hf
 from runner.errors import AutotransError, ConfigError, FormatError, name_list, one_line, shown
 from runner.execute import LocalPool, tensor_bits
@@ -161,7 +161,7 @@ def verify_job(job: Job) -> int:
     """Compare a finished job's output with its source (after the job's cast)."""
     if job.cfg.lora:
         raise AutotransError("verify compares outputs with sources; a LoRA merge changes the weights by design")
-    src = Checkpoint(job.source, job.src, job.headers)
+    src = Checkpoint(job.source, job.src, job.headers, lambda: fp8.wrap(LocalPool(job.source), job.dequant))
     out = Checkpoint.open(job.out_dir, job.cfg.output_path / "strategy")
     return report(compare(src, out, job.cast_to), "source and output", job.cfg.dtype)
 

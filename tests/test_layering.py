@@ -106,7 +106,7 @@ LAYERS = {
     "arch": "templates generate convert.model convert.names convert.rows convert.megatron_layout",
     "io": "formats.safetensors_io formats.mindspore_ckpt formats.mindspore_proto formats.mindspore_strategy "
           "formats.torch_pt formats.dcp formats.torch_archive formats.torch_dist formats.registry strategy_files source union convert",
-    "exec": "execute remote lora outputs convert.hf_dir convert.megatron_dir",
+    "exec": "execute remote lora fp8 outputs convert.hf_dir convert.megatron_dir",
     "jobs": "units job convert.job compile verify run mpi dispatch",
     "faces": "cli api plan_report inspect __main__",
 }

@@ -1,0 +1,137 @@
+"""FP8 block-scaled weights as DeepSeek-V3's released checkpoints store them: a tiny
+DeepSeek-V3 built from a transformers config, its linear weights quantized here with
+torch to float8_e4m3fn per 128 x 128 block with a float32 weight_scale_inv (hidden size
+200: a partial last block). Oracles: the safetensors library, this file's own torch
+dequantization, transformers' DeepseekV3ForCausalLM, megatron-core's GPTModel."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.convert_util import hf_tensors, make_hf, run
+
+BLOCK = 128
+# the projections DeepSeek-V3's released checkpoints store in FP8; norms, embeddings, the
+# output head, the router and its bias, and the MTP layer's eh_proj stay as they are
+QUANTIZED = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# 16 heads of 16 + 16 dims (rope 16, v 16) and FFNs of 256: tensor-parallel halves are
+# whole blocks; hidden 200 and the LoRA ranks leave partial blocks
+SIZES = dict(hidden_size=200, intermediate_size=256, moe_intermediate_size=256, num_hidden_layers=2, num_attention_heads=16,
+             num_key_value_heads=16, q_lora_rank=96, kv_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16,
+             v_head_dim=16, first_k_dense_replace=1)
+
+
+def quantized(name: str) -> bool:
+    return name.endswith(".weight") and name.split(".")[-2] in QUANTIZED
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn per 128 x 128 block, and each block's scale (its max magnitude / 448)."""
+    rows, cols = w.shape
+    grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+    scale = torch.empty(grid, dtype=torch.float32)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            block = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
+            s = block.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (block / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """fp32 product of each element and its block's scale, rounded once."""
+    rows, cols = q.shape
+    s = scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    return (q.float() * s).to(dtype)
+
+
+def make_fp8(folder: Path) -> Path:
+    """The tiny DeepSeek-V3 (MTP layer included) with its projections in FP8, as released."""
+    make_hf(folder, "deepseek_v3", **SIZES)
+    tensors = hf_tensors(folder)
+    out = {}
+    for name, t in tensors.items():
+        if quantized(name):
+            out[name], out[name + "_scale_inv"] = quantize(t)
+        else:
+            out[name] = t
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp8_hf(tmp_path_factory) -> Path:
+    return make_fp8(tmp_path_factory.mktemp("fp8") / "hf")
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def rank_files(out: Path) -> list[dict[str, torch.Tensor]]:
+    files = sorted((out / "transformed_checkpoint").glob("rank_*/*.safetensors"), key=lambda p: int(p.parent.name[5:]))
+    return [load_file(f) for f in files]
+
+
+def test_the_fixture_is_what_deepseek_releases(fp8_hf):
+    src = hf_tensors(fp8_hf)
+    assert src["model.layers.1.mlp.experts.0.gate_proj.weight"].dtype == torch.float8_e4m3fn
+    assert src["model.layers.0.self_attn.q_a_proj.weight_scale_inv"].shape == (1, 2)  # [96, 200]: partial blocks
+    assert src["model.layers.2.eh_proj.weight"].dtype == torch.bfloat16
+    assert src["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_tensor_parallel_split_and_merge_keep_fp8_and_scales_bit_for_bit(fp8_hf, tmp_path):
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), parallel_config={"model_parallel": 2}, output_dir=str(tmp_path / "tp2")) == 0
+    ranks = rank_files(tmp_path / "tp2")
+    for half, held in enumerate(ranks):
+        assert set(held) == set(src)
+        # q_b_proj [512, 96] is column parallel: rows 256 * half, its scale's block rows 2 * half
+        q_b = "model.layers.1.self_attn.q_b_proj.weight"
+        assert same(held[q_b], src[q_b].chunk(2, 0)[half])
+        assert same(held[q_b + "_scale_inv"], src[q_b + "_scale_inv"].chunk(2, 0)[half])
+        o = "model.layers.2.self_attn.o_proj.weight"  # the MTP layer's, row parallel: columns split
+        assert same(held[o], src[o].chunk(2, 1)[half])
+        assert same(held[o + "_scale_inv"], src[o + "_scale_inv"].chunk(2, 1)[half])
+        kv_a = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # replicated
+        assert same(held[kv_a], src[kv_a]) and same(held[kv_a + "_scale_inv"], src[kv_a + "_scale_inv"])
+    assert run(load_checkpoint=str(tmp_path / "tp2" / "transformed_checkpoint"),
+               src_strategy_path_or_dir=str(tmp_path / "tp2" / "strategy"), use_parallel=False, output_dir=str(tmp_path / "one")) == 0
+    (merged,) = rank_files(tmp_path / "one")
+    assert set(merged) == set(src) and all(same(merged[n], src[n]) for n in src)
+
+
+def test_a_split_that_cuts_a_block_is_refused_in_one_line(fp8_hf, tmp_path, capsys):
+    from runner.errors import LayoutError
+
+    with pytest.raises(LayoutError, match=r"cut its 128-wide FP8 blocks apart.*dtype: bf16"):
+        run(load_checkpoint=str(fp8_hf), parallel_config={"model_parallel": 4}, output_dir=str(tmp_path / "tp4"))
+    assert not (tmp_path / "tp4" / "transformed_checkpoint").exists()
+
+
+def test_dtype_bf16_dequantizes_exactly_and_drops_the_scales(fp8_hf, tmp_path):
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), parallel_config={"model_parallel": 2}, dtype="bf16", output_dir=str(tmp_path / "tp2")) == 0
+    ranks = rank_files(tmp_path / "tp2")
+    weights = {n for n in src if not n.endswith("_scale_inv")}
+    for half, held in enumerate(ranks):
+        assert set(held) == weights
+        for name in ("model.layers.1.self_attn.q_b_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
+            want = dequantize(src[name], src[name + "_scale_inv"]).chunk(2, 0)[half]
+            assert same(held[name], want), name
+        name = "model.layers.0.self_attn.q_a_proj.weight"  # partial blocks on both dims
+        assert same(held[name], dequantize(src[name], src[name + "_scale_inv"]))
+        bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+        assert same(held[bias], src[bias])  # float32, kept by the cast
