@@ -47,10 +47,10 @@ class Dequant:
         return {"block": list(self.block), "weights": sorted(self.scale_of.items()), "out": sorted(self.out.items())}
 
 
-def pairs(candidates: Mapping[str, str], src: Strategy) -> dict[str, str]:
+def pairs(candidates: Mapping[str, str], held: Mapping[str, TensorInfo]) -> dict[str, str]:
     """FP8 weight -> its block scale, of the `candidates` (a template's block_scaled
-    names) the source holds as a pair."""
-    return {w: s for w, s in candidates.items() if s in src.params and w in src.params and src.params[w].dtype in FP8}
+    names) a source holds as a pair."""
+    return {w: s for w, s in candidates.items() if s in held and w in held and held[w].dtype in FP8}
 
 
 def check_pairs(scale_of: Mapping[str, str], shapes: Mapping[str, TensorInfo], block: tuple[int, int]) -> None:
@@ -75,6 +75,7 @@ def dequantize(src: Strategy, headers: Headers, scale_of: Mapping[str, str], blo
     """The dequantization, and the source strategy and headers as the planner sees them
     then: each FP8 weight in the `cast_to` dtype, no scale tensors (new objects)."""
     infos = {n: TensorInfo(p.dtype, p.shape) for n, p in src.params.items()}
+    scale_of = pairs(scale_of, infos)
     check_pairs(scale_of, infos, block)
     refuse_plain_casts(src, scale_of)
     scales = set(scale_of.values())

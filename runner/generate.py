@@ -177,8 +177,7 @@ def scale_pairs(cfg: JobConfig, src: Strategy) -> tuple[dict[str, str], tuple[in
     if not any(w.block_scale for w in template.weights):
         return {}, BLOCK
     scheme = detect_scheme(template, env, src)
-    held = {w: s for w, s in block_scaled(template, env, scheme).items() if s in src.params and w in src.params}
-    return held, weight_block(env.values)
+    return {w: s for w, s in block_scaled(template, env, scheme).items() if s in src.params and w in src.params}, weight_block(env.values)
 
 
 def check_sizes(template: Template, env: Env) -> None:

@@ -135,3 +135,70 @@ def test_dtype_bf16_dequantizes_exactly_and_drops_the_scales(fp8_hf, tmp_path):
         assert same(held[name], dequantize(src[name], src[name + "_scale_inv"]))
         bias = "model.layers.1.mlp.gate.e_score_correction_bias"
         assert same(held[bias], src[bias])  # float32, kept by the cast
+
+
+def test_hf_folder_to_hf_folder_keeps_fp8_and_scales_bit_for_bit(fp8_hf, tmp_path):
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), output_format="hf", max_shard_size="300KB", output_dir=str(tmp_path / "h")) == 0
+    out = tmp_path / "h" / "transformed_checkpoint"
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    got = hf_tensors(out)
+    assert set(got) == set(src) and all(same(got[n], src[n]) for n in src)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    assert index[name] == index[name + "_scale_inv"]  # a scale sits in its weight's file
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [BLOCK, BLOCK]
+
+
+def test_dequantized_hf_folder_loads_in_transformers_with_the_logits_of_the_dequantized_weights(fp8_hf, tmp_path):
+    """dtype: bf16 writes each weight as this file's dequantization gives it, no scales, and a
+    config.json without quantization_config, so transformers loads a plain bf16 model."""
+    import transformers
+
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), output_format="hf", dtype="bf16", output_dir=str(tmp_path / "h")) == 0
+    out = tmp_path / "h" / "transformed_checkpoint"
+    got = hf_tensors(out)
+    want = {n: (dequantize(t, src[n + "_scale_inv"]) if quantized(n) else t) for n, t in src.items() if not n.endswith("_scale_inv")}
+    assert set(got) == set(want) and all(same(got[n], want[n]) for n in want)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5]])
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(out).eval()
+    assert not any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+    mine = tmp_path / "mine"  # this file's dequantized state dict, saved by the safetensors library
+    mine.mkdir()
+    save_file(want, str(mine / "model.safetensors"), metadata={"format": "pt"})
+    (mine / "config.json").write_text((out / "config.json").read_text())
+    reference = transformers.DeepseekV3ForCausalLM.from_pretrained(mine).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_fp8_to_megatron_needs_dtype_bf16(fp8_hf, tmp_path):
+    from runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set dtype: bf16 to dequantize"):
+        run(load_checkpoint=str(fp8_hf), output_format="megatron", output_dir=str(tmp_path / "m"))
+
+
+def test_fp8_to_megatron_tp2_with_dtype_bf16_holds_the_dequantized_weights(fp8_hf, tmp_path):
+    from tests.convert_util import megatron_files
+
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), output_format="megatron", dtype="bf16", parallel_config={"model_parallel": 2},
+               output_dir=str(tmp_path / "m")) == 0
+    files = megatron_files(tmp_path / "m" / "transformed_checkpoint")
+    q_b = "model.layers.1.self_attn.q_b_proj.weight"
+    o = "model.layers.1.self_attn.o_proj.weight"
+    for half, folder in enumerate(("mp_rank_00", "mp_rank_01")):
+        m = files[folder]["model"]
+        assert same(m["decoder.layers.1.self_attention.linear_q_up_proj.weight"], dequantize(src[q_b], src[q_b + "_scale_inv"]).chunk(2, 0)[half])
+        assert same(m["decoder.layers.1.self_attention.linear_proj.weight"], dequantize(src[o], src[o + "_scale_inv"]).chunk(2, 1)[half])
+        bias = m["decoder.layers.1.mlp.router.expert_bias"]
+        assert same(bias, src["model.layers.1.mlp.gate.e_score_correction_bias"])  # float32 kept
+    assert run(load_checkpoint=str(tmp_path / "m" / "transformed_checkpoint"), output_format="hf", reference_hf_dir=str(fp8_hf),
+               output_dir=str(tmp_path / "h")) == 0
+    back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
+    want = {n: (dequantize(t, src[n + "_scale_inv"]) if quantized(n) else t) for n, t in src.items() if not n.endswith("_scale_inv")}
+    assert set(back) == set(want) and all(same(back[n], want[n]) for n in want)
+    assert "quantization_config" not in json.loads((tmp_path / "h" / "transformed_checkpoint" / "config.json").read_text())

@@ -12,6 +12,7 @@ from runner.errors import ConfigError
 from runner.durable import copy_regular, fsync_dir, write_json
 from runner.formats.base import TensorInfo
 from runner.log import warn
+from runner.templates import hf_config
 
 INDEX = "model.safetensors.index.json"
 # Every file an HF tokenizer may be saved as; a model has some of them (transformers 5
@@ -76,13 +77,19 @@ def reference_files(reference: Path | None, config: dict | None) -> tuple[str, .
     return tuple(n for n in CONFIG_FILES + TOKENIZER_FILES if has(n) or (n == "config.json" and config is not None))
 
 
-def copy_reference(folder: Path, reference: Path | None, config: dict | None, names: tuple[str, ...]) -> list[Path]:
+def copy_reference(folder: Path, reference: Path | None, config: dict | None, names: tuple[str, ...],
+                   unquantized: bool = True) -> list[Path]:
     """Copy the files `names` (reference_files) from `reference`, or write `config` as
-    config.json when the reference has none. Warns when that leaves the output with no tokenizer."""
+    config.json when the reference has none; an `unquantized` output (no FP8 block
+    scales) gets the reference's config.json without its quantization_config. Warns when
+    that leaves the output with no tokenizer."""
     written = []
     for name in names:
         src = reference / name if reference else None
-        if name == "config.json" and config is not None and (src is None or not (src.exists() or src.is_symlink())):
+        doc = hf_config(reference) if name == "config.json" and unquantized and reference is not None else {}
+        if "quantization_config" in doc:
+            write_json(folder / name, {k: v for k, v in doc.items() if k != "quantization_config"})
+        elif name == "config.json" and config is not None and (src is None or not (src.exists() or src.is_symlink())):
             write_json(folder / name, config)
             warn(f"no config.json in {reference or 'reference_hf_dir (not set)'}: wrote one from the checkpoint's sizes; check it before serving")
         else:

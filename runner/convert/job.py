@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from runner import dtypes, lora as lora_merge, plan as planner
+from runner import dtypes, fp8, lora as lora_merge, plan as planner
 from runner.config import JobConfig, from_mapping
 from runner.convert import hf_dir, rows
 from runner.convert.megatron_dir import (CHECKPOINT_VERSION, CKPT, ITER_FILE, MegatronFolder, MegatronSource, dropped, is_weight,
@@ -36,7 +36,7 @@ from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
 from runner.source import Source, SourceFiles, discover
 from runner.strategy import Strategy
-from runner.templates import config_json_names, format_name, kept_dtypes
+from runner.templates import block_scaled, config_json_names, format_name, kept_dtypes, weight_block
 from runner.units import Compiled, Unit, protected_paths
 
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
@@ -60,6 +60,8 @@ class HFInput:
     reference: Path | None
     lora: lora_merge.LoraMerge | None = None  # adapters merged into the weights as they are read
     shard_of: dict[str, int] = field(default_factory=dict)  # tensor name -> the source rank (file) holding it
+    scales: dict[str, str] = field(default_factory=dict)  # FP8 weight -> its block scale, passed through
+    dequant: fp8.Dequant | None = None  # FP8 weights a cast dequantizes as they are read
 
     @staticmethod
     def open(cfg: JobConfig, files: SourceFiles) -> "HFInput":
@@ -109,7 +111,11 @@ class HFInput:
         doc, spec = read_hf_config(source.root, arch)
         config_json_names(doc, (cfg.model or {}).get("model_config") or {}, source.root / "config.json")  # they must agree
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
-        return HFInput(source, spec, held, held, {}, reference)
+        scales, dequant = fp8.pairs(block_scaled(spec.template, spec.env(), "hf"), held), None
+        if cfg.dtype and any(t.dtype in fp8.FP8 for t in held.values()):
+            dequant, _, seen = fp8.dequantize(Strategy.full(held), {0: held}, scales, weight_block(doc), dtypes.CAST_NAMES[cfg.dtype])
+            held, scales = seen[0], {}
+        return HFInput(source, spec, held, held, {}, reference, scales=scales, dequant=dequant)
 
     @staticmethod
     def _open_dcp(cfg: JobConfig, source: Source, held: dict[str, TensorInfo]) -> "HFInput":
@@ -125,7 +131,7 @@ class HFInput:
 
     def check(self, nmap: NameMap) -> None:
         """Every source tensor is mapped and has the shape the config implies."""
-        held = {n for n in self.infos if not n.endswith(_IGNORABLE)}
+        held = {n for n in self.infos if not n.endswith(_IGNORABLE)} - set(self.scales.values())
         if self.spec.tied:
             held.discard("lm_head.weight")  # a tied copy some savers keep
         unmapped, missing = sorted(held - set(nmap.hf_shapes)), sorted(set(nmap.hf_shapes) - held)
@@ -141,13 +147,14 @@ class HFInput:
         """Recipes over whole tensors as the files name them, read from `base` (LoRA merged
         as they are read)."""
         recipes = rows.compose(recipes, self.built)  # read the files' own tensors
-        whole = WholeTensors(lora_merge.wrap(ByName(base, self.shard_of), self.lora), self.held)
+        whole = WholeTensors(fp8.wrap(lora_merge.wrap(ByName(base, self.shard_of), self.lora), self.dequant), self.held)
         return rows.RecipePool(recipes, whole, owned=whole)
 
     kind = "hf"
 
     def digest_doc(self) -> dict:
         doc = {"hf": {n: [t.dtype, list(t.shape)] for n, t in sorted(self.infos.items())}}
+        doc.update({"dequant": self.dequant.describe()} if self.dequant else {})
         return {**doc, "lora": self.lora.describe()} if self.lora else doc
 
 
@@ -342,6 +349,9 @@ def megatron_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     nmap = mm.nmap
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if isinstance(src, HFInput):
+        if src.scales:
+            raise ConfigError(f"{src.source.root} holds FP8 block-scaled weights ({next(iter(src.scales.values()))}, ...), whose "
+                              "scales Megatron checkpoints do not carry: set dtype: bf16 to dequantize them")
         src.check(nmap)
         infos = _infos(nmap.shapes, lambda n: linked_dtype(nmap, n, src.infos))
         recipes = rows.forward(nmap.links, nmap.pads, src.infos, infos, nmap.row_dims)
@@ -482,15 +492,17 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
     if isinstance(src, HFInput):
         nmap = scheme_map(spec, "hf", "hf")
         src.check(nmap)
-        infos = {n: src.infos[n] for n in nmap.hf_shapes}
+        # each FP8 weight's scale right after it, as released checkpoints order them
+        names = [m for n in nmap.hf_shapes for m in (n, *([src.scales[n]] if n in src.scales else []))]
+        infos = {n: src.infos[n] for n in names}
         recipes = {n: rows.Recipe(t.shape, t.dtype, 1, (rows.Block(n, 0, t.shape[0]),)) for n, t in infos.items()}
     else:
         nmap = src.nmap
         infos, recipes = megatron_hf_recipes(src)
+        names = list(nmap.hf_shapes)
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
     if cfg.output_format == "mindformers":
         return _mindformers_target(cfg, src, infos, recipes, cast_to)
-    names = list(nmap.hf_shapes)
     keep = kept_dtypes(spec.template, spec.env())
     out_infos = {n: TensorInfo(dtypes.cast_dtype(infos[n].dtype, cast_to, keep.get(n, ())), infos[n].shape) for n in names}
     shards = hf_dir.shard(names, out_infos, hf_dir.parse_size(cfg.max_shard_size))
@@ -503,7 +515,8 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 
     def finish(out: Path) -> list[Path]:
         index = hf_dir.write_index(out, shards, out_infos)
-        return [index, *hf_dir.copy_reference(out, src.reference, config, copies)]
+        unquantized = not (isinstance(src, HFInput) and src.scales)
+        return [index, *hf_dir.copy_reference(out, src.reference, config, copies, unquantized)]
 
     units = tuple(Unit(i, hf_dir.shard_name(i, len(shards)), sum(out_infos[n].numel * dtypes.itemsize(out_infos[n].dtype) for n in shard))
                   for i, shard in enumerate(shards))
@@ -515,6 +528,9 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 
 def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dict[str, TensorInfo],
                         recipes: dict[str, rows.Recipe], cast_to: str | None) -> Target:
+    if isinstance(src, HFInput) and src.scales:
+        raise ConfigError(f"{src.source.root} holds FP8 block-scaled weights ({next(iter(src.scales.values()))}, ...): "
+                          "MindFormers names for their scales are not modelled; set dtype: bf16 to dequantize them")
     mf, to_mf = scheme_tensors(src.spec.with_job(cfg.model), "mindformers", infos)
     mf_recipes = rows.compose(to_mf, recipes)
     full = Strategy.full(mf)
