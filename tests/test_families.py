@@ -6,6 +6,8 @@ families' megatron-core oracle in test_convert_mcore)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -271,3 +273,29 @@ def test_qwen3_moe_mindspore_layout_is_refused_not_guessed():
         "arch": "Qwen3MoeForCausalLM", "model_config": {k: v for k, v in c.items() if k not in ("cls", "model")}}})
     with pytest.raises(ConfigError, match="qwen3_moe names MindSpore Transformers' experts one tensor each"):
         generate(cfg, None)
+
+
+def test_deepseek_v3_casts_keep_the_float32_router_bias(tmp_path):
+    """The template keeps e_score_correction_bias float32 under a `dtype:` cast (keep_dtype),
+    as MindSpore Transformers, Megatron and DeepSeek keep it; the other weights are cast."""
+    from safetensors import safe_open
+
+    hf = make_hf(tmp_path / "hf", "deepseek_v3")
+    bias, weight = "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.self_attn.o_proj.weight"
+    jobs = {"tp2": dict(parallel_config={"model_parallel": 2}, dtype="fp16"),
+            "merged": dict(use_parallel=False, dtype="fp16"),
+            "hf": dict(output_format="hf", dtype="fp16")}
+    for label, keys in jobs.items():
+        assert run(load_checkpoint=str(hf), output_dir=str(tmp_path / f"out_{label}"), **keys) == 0
+        out = tmp_path / f"out_{label}" / "transformed_checkpoint"
+        seen = 0
+        for f in sorted(out.glob("**/*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                if bias in st.keys():
+                    assert st.get_slice(bias).get_dtype() == "F32", label
+                    seen += 1
+                if weight in st.keys():
+                    assert st.get_slice(weight).get_dtype() == {"fp16": "F16", "bf16": "BF16"}[keys["dtype"]], label
+        assert seen == (2 if label == "tp2" else 1)
+    strategy = json.loads((tmp_path / "out_tp2" / "strategy" / "ckpt_strategy_rank_0.json").read_text())
+    assert strategy["params"][bias]["dtype"] == "F32" and strategy["params"][weight]["dtype"] == "F16"
