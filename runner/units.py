@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 from runner.config import JobConfig
 from runner.execute import SlicePool, WrittenFile
+from runner.fp8 import Dequant
 from runner.durable import check_no_overlap
 from runner.errors import AutotransError, one_line
 from runner.outputs import PROGRESS
@@ -66,6 +67,7 @@ class Compiled:
     source_bytes: int = 0
     protected: tuple[Path, ...] = ()  # the job's input paths besides its source files (SPEC 3)
     job: object = field(default=None, compare=False)  # runner.job.Job of a reshard
+    dequant: Dequant | None = None  # FP8 weights a conversion's cast dequantizes
 
     @property
     def out_dir(self) -> Path:

@@ -153,8 +153,12 @@ def verify_conversion(job: Compiled) -> int:
         warn("verify: not run; this conversion renames tensors (MindFormers) or merges LoRA, so outputs differ from the source by design")
         return 0
     cast_to = dtypes.CAST_NAMES[cfg.dtype] if cfg.dtype else None
-    return report(compare(Checkpoint.open(cfg.load_checkpoint), Checkpoint.open(job.out_dir), cast_to),
-                  "source and output", cfg.dtype)
+    src = Checkpoint.open(cfg.load_checkpoint)
+    if job.dequant is not None:  # the source's FP8 weights as the job dequantized them
+        d = job.dequant
+        _, seen, headers = fp8.dequantize(src.strategy, src.headers, d.scale_of, d.block, cast_to)
+        src = Checkpoint(src.source, seen, headers, lambda: fp8.wrap(LocalPool(src.source), d))
+    return report(compare(src, Checkpoint.open(job.out_dir), cast_to), "source and output", cfg.dtype)
 
 
 def verify_job(job: Job) -> int:

@@ -123,7 +123,8 @@ def test_a_split_that_cuts_a_block_is_refused_in_one_line(fp8_hf, tmp_path, caps
 
 def test_dtype_bf16_dequantizes_exactly_and_drops_the_scales(fp8_hf, tmp_path):
     src = hf_tensors(fp8_hf)
-    assert run(load_checkpoint=str(fp8_hf), parallel_config={"model_parallel": 2}, dtype="bf16", output_dir=str(tmp_path / "tp2")) == 0
+    assert run(load_checkpoint=str(fp8_hf), parallel_config={"model_parallel": 2}, dtype="bf16", verify=True,
+               output_dir=str(tmp_path / "tp2")) == 0  # verify: the output against the source as dequantized
     ranks = rank_files(tmp_path / "tp2")
     weights = {n for n in src if not n.endswith("_scale_inv")}
     for half, held in enumerate(ranks):
@@ -156,7 +157,7 @@ def test_dequantized_hf_folder_loads_in_transformers_with_the_logits_of_the_dequ
     import transformers
 
     src = hf_tensors(fp8_hf)
-    assert run(load_checkpoint=str(fp8_hf), output_format="hf", dtype="bf16", output_dir=str(tmp_path / "h")) == 0
+    assert run(load_checkpoint=str(fp8_hf), output_format="hf", dtype="bf16", verify=True, output_dir=str(tmp_path / "h")) == 0
     out = tmp_path / "h" / "transformed_checkpoint"
     got = hf_tensors(out)
     want = {n: (dequantize(t, src[n + "_scale_inv"]) if quantized(n) else t) for n, t in src.items() if not n.endswith("_scale_inv")}

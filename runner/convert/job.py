@@ -580,5 +580,5 @@ def compile_conversion(cfg: JobConfig, files: SourceFiles | None = None) -> Comp
         plan=lambda unit, prefer: target.plan(unit), write=target.write, wrap=target.wrap,
         changes=(f"format: {src.kind} -> {cfg.output_format}",),
         finish=target.finish, finish_paths=target.finish_paths, finish_reads=target.finish_reads, extra_files=lora_files, whole_source=True, source_bytes=nbytes,
-        protected=tuple(protected_paths(cfg)),
+        protected=tuple(protected_paths(cfg)), dequant=src.dequant if isinstance(src, HFInput) else None,
     )
