@@ -169,12 +169,9 @@ def test_glm4_megatron_output_loads_strict_into_gpt_model_and_matches_transforme
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_deepseek_v3_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch):
-    """DeepSeek-V3 in GPTModel (local spec, built on the CPU): MLA with q / kv LoRA ranks
-    (its rotary de-interleaves the rope dims itself, as HF's rope_interleave), one dense layer then MoE layers (sigmoid router with expert
-    bias, group-limited top-k, renormalised and scaled, a shared expert), and the MTP
-    layer, whose weights (mtp.layers.0.*) load strictly too. The logits are the main
-    model's, which transformers gives."""
+def deepseek_gpt_model(c: dict, padded_vocab: int, monkeypatch):
+    """DeepSeek-V3 of config `c` (transformers' keys) as megatron-core's GPTModel, local
+    spec, built on the CPU with its MTP layer (MLA's attention by CausalAttention)."""
     import megatron.core.transformer.moe.moe_utils as moe_utils
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
@@ -184,10 +181,6 @@ def test_deepseek_v3_megatron_output_loads_strict_into_gpt_model_and_matches_tra
 
     monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
     monkeypatch.setattr(mla, "HAVE_TE", False)  # its TELinear check runs whenever TE's name imports
-    c = FAMILIES["deepseek_v3"]
-    hf = make_hf(tmp_path / "hf", "deepseek_v3", dtype=torch.float32)
-    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
-    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     layers, dense = c["num_hidden_layers"], c["first_k_dense_replace"]
     cfg = MLATransformerConfig(
         num_layers=layers, hidden_size=c["hidden_size"], ffn_hidden_size=c["intermediate_size"],
@@ -207,15 +200,33 @@ def test_deepseek_v3_megatron_output_loads_strict_into_gpt_model_and_matches_tra
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
     for spec in block.layer_specs:  # megatron-core 0.16's local attention takes no k_channels (MLA's)
         spec.submodules.self_attention.submodules.core_attention = CausalAttention
-    model = GPTModel(cfg, block, vocab_size=doc["args"].padded_vocab_size, max_sequence_length=64, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False,
-                     mtp_block_spec=get_gpt_mtp_block_spec(cfg, block.layer_specs[-1], use_transformer_engine=False))
+    return GPTModel(cfg, block, vocab_size=padded_vocab, max_sequence_length=64, position_embedding_type="rope",
+                    share_embeddings_and_output_weights=False,
+                    mtp_block_spec=get_gpt_mtp_block_spec(cfg, block.layer_specs[-1], use_transformer_engine=False))
+
+
+def main_model_logits(model) -> torch.Tensor:
+    """The main model's logits (the MTP layer needs labels)."""
+    model.mtp_process, model.config.mtp_num_layers = False, None
+    return forward(model)
+
+
+def test_deepseek_v3_megatron_output_loads_strict_into_gpt_model_and_matches_transformers(tmp_path, mcore_cpu, monkeypatch):
+    """DeepSeek-V3 in GPTModel (local spec, built on the CPU): MLA with q / kv LoRA ranks
+    (its rotary de-interleaves the rope dims itself, as HF's rope_interleave), one dense layer then MoE layers (sigmoid router with expert
+    bias, group-limited top-k, renormalised and scaled, a shared expert), and the MTP
+    layer, whose weights (mtp.layers.0.*) load strictly too. The logits are the main
+    model's, which transformers gives."""
+    c = FAMILIES["deepseek_v3"]
+    hf = make_hf(tmp_path / "hf", "deepseek_v3", dtype=torch.float32)
+    assert run(load_checkpoint=str(hf), output_format="megatron", transformer_impl="local", output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    model = deepseek_gpt_model(c, doc["args"].padded_vocab_size, monkeypatch)
     assert sorted(doc["model"]) == sorted(model.state_dict())
     result = model.load_state_dict(doc["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    model.mtp_process, cfg.mtp_num_layers = False, None  # the main model's logits (MTP needs labels)
     want = logits(hf, "deepseek_v3", torch.tensor(IDS))
-    got = forward(model)[..., : c["vocab_size"]]
+    got = main_model_logits(model)[..., : c["vocab_size"]]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

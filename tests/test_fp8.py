@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.convert_util import hf_tensors, make_hf, run
+from tests.test_convert_mcore import mcore_cpu  # noqa: F401  (a fixture)
 
 BLOCK = 128
 # the projections DeepSeek-V3's released checkpoints store in FP8; norms, embeddings, the
@@ -203,3 +204,37 @@ def test_fp8_to_megatron_tp2_with_dtype_bf16_holds_the_dequantized_weights(fp8_h
     want = {n: (dequantize(t, src[n + "_scale_inv"]) if quantized(n) else t) for n, t in src.items() if not n.endswith("_scale_inv")}
     assert set(back) == set(want) and all(same(back[n], want[n]) for n in want)
     assert "quantization_config" not in json.loads((tmp_path / "h" / "transformed_checkpoint" / "config.json").read_text())
+
+
+def test_fp8_to_megatron_dequantized_loads_into_gpt_model_with_the_logits_of_the_dequantized_weights(fp8_hf, tmp_path, mcore_cpu,
+                                                                                                      monkeypatch):
+    """dtype: fp32 dequantizes into a float32 Megatron checkpoint (local spec) that
+    megatron-core's GPTModel loads strictly; its logits are transformers' from this file's
+    own dequantized state dict."""
+    import transformers
+
+    from tests.convert_util import FAMILIES
+    from tests.test_convert_mcore import IDS
+    from tests.test_families import deepseek_gpt_model, main_model_logits
+
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), output_format="megatron", transformer_impl="local", dtype="fp32",
+               output_dir=str(tmp_path / "m")) == 0
+    doc = torch.load(tmp_path / "m" / "transformed_checkpoint" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    c = {**FAMILIES["deepseek_v3"], **SIZES}
+    model = deepseek_gpt_model(c, doc["args"].padded_vocab_size, monkeypatch)
+    result = model.load_state_dict(doc["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    want = {n: (dequantize(t, src[n + "_scale_inv"], torch.float32) if quantized(n) else t.float())
+            for n, t in src.items() if not n.endswith("_scale_inv")}
+    save_file(want, str(mine / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((fp8_hf / "config.json").read_text())
+    del cfg["quantization_config"]
+    (mine / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32", "dtype": "float32"}))
+    reference = transformers.DeepseekV3ForCausalLM.from_pretrained(mine, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor(IDS)).logits
+    got = main_model_logits(model)[..., : c["vocab_size"]]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
