@@ -32,18 +32,18 @@ def quantized(name: str) -> bool:
     return name.endswith(".weight") and name.split(".")[-2] in QUANTIZED
 
 
-def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8_e4m3fn per 128 x 128 block, and each block's scale (its max magnitude / 448)."""
+def quantize(w: torch.Tensor, size: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn per size x size block, and each block's scale (its max magnitude / 448)."""
     rows, cols = w.shape
-    grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+    grid = (math.ceil(rows / size), math.ceil(cols / size))
     scale = torch.empty(grid, dtype=torch.float32)
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     for i in range(grid[0]):
         for j in range(grid[1]):
-            block = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
+            block = w[i * size:(i + 1) * size, j * size:(j + 1) * size].float()
             s = block.abs().max().clamp(min=1e-12) / 448.0
             scale[i, j] = s
-            q[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (block / s).to(torch.float8_e4m3fn)
+            q[i * size:(i + 1) * size, j * size:(j + 1) * size] = (block / s).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -238,3 +238,69 @@ def test_fp8_to_megatron_dequantized_loads_into_gpt_model_with_the_logits_of_the
         expected = reference(torch.tensor(IDS)).logits
     got = main_model_logits(model)[..., : c["vocab_size"]]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def fp8_llama(root: Path, size: int) -> tuple[Path, Path]:
+    """A tiny Llama (hidden 72, 2 query groups of 2 heads of 18: partial blocks) whose
+    projections are FP8 per size x size block, and a template of its own: the shipped
+    llama template with those projections (and MindSpore Transformers' fused w_qkv and
+    w_gate_hidden) marked block_scale."""
+    import yaml
+
+    from runner.templates import TEMPLATE_DIR
+
+    doc = yaml.safe_load((TEMPLATE_DIR / "llama.yaml").read_text())
+    for role in ("q", "k", "v", "w_qkv", "attention_out", "gate", "up", "w_gate_hidden", "down"):
+        doc["weights"][role]["block_scale"] = "_scale_inv"
+    doc["name"] = "llama_fp8"
+    template = root / "llama_fp8.yaml"
+    template.write_text(yaml.safe_dump(doc))
+    hf = make_hf(root / "hf", "llama", hidden_size=72, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
+    out = {}
+    for name, t in hf_tensors(hf).items():
+        if quantized(name) or name.endswith(("k_proj.weight", "v_proj.weight")):
+            out[name], out[name + "_scale_inv"] = quantize(t, size)
+        else:
+            out[name] = t
+    save_file(out, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [size, size]}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    return hf, template
+
+
+def test_mindformers_names_keep_fp8_and_scales_both_ways(tmp_path):
+    """Renamed weights keep their scales under the other scheme's names (a template's
+    block_scale, nothing else), and come back bit for bit."""
+    hf, template = fp8_llama(tmp_path, 16)
+    src = hf_tensors(hf)
+    model = {"arch": str(template)}
+    assert run(load_checkpoint=str(hf), model=model, output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf")) == 0
+    mf_file = tmp_path / "mf" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
+    mf = load_file(mf_file)
+    assert len(mf) == len(src)
+    for hf_name, mf_name in (("model.layers.1.self_attn.k_proj.weight", "model.layers.1.attention.wk.weight"),
+                             ("model.layers.0.mlp.down_proj.weight", "model.layers.0.feed_forward.w2.weight")):
+        assert same(mf[mf_name], src[hf_name]) and same(mf[mf_name + "_scale_inv"], src[hf_name + "_scale_inv"])
+    assert run(load_checkpoint=str(mf_file), model=model, output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "h")) == 0
+    back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
+    assert set(back) == set(src) and all(same(back[n], src[n]) for n in src)
+    assert run(load_checkpoint=str(mf_file), model=model, output_format="hf", reference_hf_dir=str(hf), dtype="bf16",
+               output_dir=str(tmp_path / "d")) == 0  # dequantized from MindFormers names
+    got = hf_tensors(tmp_path / "d" / "transformed_checkpoint")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert name + "_scale_inv" not in got
+    rows, cols = src[name].shape
+    scale = src[name + "_scale_inv"].repeat_interleave(16, 0)[:rows].repeat_interleave(16, 1)[:, :cols]
+    assert same(got[name], (src[name].float() * scale).to(torch.bfloat16))
+
+
+def test_a_mindformers_fuse_that_cuts_blocks_is_refused(tmp_path):
+    """qkv_concat's w_gate_hidden interleaves gate and up rows one by one (and w_qkv holds
+    each query group's 36 q rows, then k and v): 16-row blocks would be cut."""
+    from runner.errors import LayoutError
+
+    hf, template = fp8_llama(tmp_path, 16)
+    model = {"arch": str(template), "model_config": {"qkv_concat": True}}
+    with pytest.raises(LayoutError, match=r"(w_qkv|w_gate_hidden).*cut its 16-row FP8 blocks apart; set dtype: bf16"):
+        run(load_checkpoint=str(hf), model=model, output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf"))

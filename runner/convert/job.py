@@ -22,7 +22,7 @@ from runner.convert.megatron_dir import (CHECKPOINT_VERSION, CKPT, ITER_FILE, Me
                                          write_rank)
 from runner.convert.megatron_layout import MegatronLayout, detect, megatron_map, scheme_of
 from runner.convert.model import Model, candidates, hf_config, megatron_config, read_hf_config
-from runner.convert.names import NameMap, hf_tensors, linked_dtype, scheme_map, scheme_tensors, with_copies
+from runner.convert.names import NameMap, hf_tensors, linked_dtype, row_dims, scale_links, scheme_map, scheme_tensors, whole_map, with_copies
 from runner.errors import ConfigError, FormatError, name_list
 from runner.execute import LocalPool, SlicePool, WrittenFile, tensor_bits, write_file
 from runner.formats import torch_dist
@@ -36,7 +36,7 @@ from runner.outputs import file_crc32
 from runner.plan import FilePlan, ReadItem
 from runner.source import Source, SourceFiles, discover
 from runner.strategy import Strategy
-from runner.templates import block_scaled, config_json_names, format_name, kept_dtypes, weight_block
+from runner.templates import BLOCK, block_scaled, config_json_names, format_name, hf_config as hf_config_of, kept_dtypes, weight_block
 from runner.units import Compiled, Unit, protected_paths
 
 # HF tensors a conversion may leave behind: rotary tables that models recompute.
@@ -62,6 +62,7 @@ class HFInput:
     shard_of: dict[str, int] = field(default_factory=dict)  # tensor name -> the source rank (file) holding it
     scales: dict[str, str] = field(default_factory=dict)  # FP8 weight -> its block scale, passed through
     dequant: fp8.Dequant | None = None  # FP8 weights a cast dequantizes as they are read
+    block: tuple[int, int] = BLOCK  # of the FP8 block scales
 
     @staticmethod
     def open(cfg: JobConfig, files: SourceFiles) -> "HFInput":
@@ -106,16 +107,25 @@ class HFInput:
             if spec.tied:  # the output layer's tied copy some trainers save (torchtitan's output.weight)
                 copies = {format_name(w.names[scheme], spec.env()) for w in spec.template.weights_of(scheme) if w.tie}
                 held = {n: t for n, t in held.items() if n not in copies}
-            infos, built = hf_tensors(spec, scheme, held, str(source.root))
-            return HFInput(source, spec, infos, held, built, Path(cfg.reference_hf_dir))
+            block = weight_block(hf_config_of(Path(cfg.reference_hf_dir)))
+            held, dequant, mf_scales = _fp8(cfg, held, block_scaled(spec.template, spec.env(), scheme), block)
+            weights = {n: t for n, t in held.items() if n not in set(mf_scales.values())}
+            infos, built = hf_tensors(spec, scheme, weights, str(source.root))
+            scales = {}
+            if mf_scales:  # the HF weights' scales from the MindFormers ones
+                marked = block_scaled(spec.template, spec.env(), "hf")
+                links, a_shapes, b_shapes = scale_links(whole_map(spec, scheme), marked, mf_scales, False, block)
+                scale_infos = {lk.a: TensorInfo(held[lk.b].dtype, a_shapes[lk.a]) for lk in links}
+                built.update(rows.backward(links, scale_infos, {n: held[n] for n in b_shapes}, {n: 1 for n in a_shapes}))
+                scales = {w: marked[w] for w in infos if marked.get(w) in scale_infos}
+                infos = {k: v for n, t in infos.items() for k, v in ((n, t), *(((scales[n], scale_infos[scales[n]]),) if n in scales else ()))}
+            return HFInput(source, spec, infos, held, built, Path(cfg.reference_hf_dir), scales=scales, dequant=dequant, block=block)
         doc, spec = read_hf_config(source.root, arch)
         config_json_names(doc, (cfg.model or {}).get("model_config") or {}, source.root / "config.json")  # they must agree
         reference = Path(cfg.reference_hf_dir) if cfg.reference_hf_dir else source.root
-        scales, dequant = fp8.pairs(block_scaled(spec.template, spec.env(), "hf"), held), None
-        if cfg.dtype and any(t.dtype in fp8.FP8 for t in held.values()):
-            dequant, _, seen = fp8.dequantize(Strategy.full(held), {0: held}, scales, weight_block(doc), dtypes.CAST_NAMES[cfg.dtype])
-            held, scales = seen[0], {}
-        return HFInput(source, spec, held, held, {}, reference, scales=scales, dequant=dequant)
+        block = weight_block(doc)
+        held, dequant, scales = _fp8(cfg, held, block_scaled(spec.template, spec.env(), "hf"), block)
+        return HFInput(source, spec, held, held, {}, reference, scales=scales, dequant=dequant, block=block)
 
     @staticmethod
     def _open_dcp(cfg: JobConfig, source: Source, held: dict[str, TensorInfo]) -> "HFInput":
@@ -157,6 +167,17 @@ class HFInput:
         doc.update({"dequant": self.dequant.describe()} if self.dequant else {})
         return {**doc, "lora": self.lora.describe()} if self.lora else doc
 
+
+
+def _fp8(cfg: JobConfig, held: dict[str, TensorInfo], marked: dict[str, str],
+         block: tuple[int, int]) -> tuple[dict[str, TensorInfo], fp8.Dequant | None, dict[str, str]]:
+    """The tensors as the conversion reads them, the dequantization when the job casts
+    FP8 weights, and otherwise the FP8 weights with their scales (of the `marked` names)."""
+    scales = fp8.pairs(marked, held)
+    if not cfg.dtype or not any(t.dtype in fp8.FP8 for t in held.values()):
+        return held, None, scales
+    dequant, _, seen = fp8.dequantize(Strategy.full(held), {0: held}, scales, block, dtypes.CAST_NAMES[cfg.dtype])
+    return seen[0], dequant, {}
 
 
 class ByName:
@@ -528,10 +549,10 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 
 def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dict[str, TensorInfo],
                         recipes: dict[str, rows.Recipe], cast_to: str | None) -> Target:
+    spec = src.spec.with_job(cfg.model)
+    mf, to_mf = scheme_tensors(spec, "mindformers", infos)
     if isinstance(src, HFInput) and src.scales:
-        raise ConfigError(f"{src.source.root} holds FP8 block-scaled weights ({next(iter(src.scales.values()))}, ...): "
-                          "MindFormers names for their scales are not modelled; set dtype: bf16 to dequantize them")
-    mf, to_mf = scheme_tensors(src.spec.with_job(cfg.model), "mindformers", infos)
+        mf, to_mf = _with_scales(spec, infos, mf, to_mf, src.scales, src.block)
     mf_recipes = rows.compose(to_mf, recipes)
     full = Strategy.full(mf)
     dst, full = destination_strategy(cfg, full)
@@ -543,6 +564,23 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
     units = tuple(Unit(r, f"rank_{r}/{cfg.prefix}{r}.safetensors", dst.rank_bytes(r), dst.stage_of(r)) for r in dst.ranks)
     return Target(dst, units, lambda u: planner.plan_rank(full, dst, u.key), write,
                   lambda base: src.pool(mf_recipes, base), {"to": "mindformers", "dst": dst.to_json()})
+
+
+def _with_scales(spec: Model, hf: dict[str, TensorInfo], mf: dict[str, TensorInfo], to_mf: dict[str, rows.Recipe],
+                 scales: dict[str, str], block: tuple[int, int]) -> tuple[dict[str, TensorInfo], dict[str, rows.Recipe]]:
+    """MindFormers tensors with the FP8 block scales of those built from scaled HF
+    weights (each after its weight), and their recipes."""
+    marked = block_scaled(spec.template, spec.env(), "mindformers")
+    links, a_shapes, b_shapes = scale_links(whole_map(spec, "mindformers"), scales, marked, True, block)
+    dtype_of = {lk.b: hf[lk.a].dtype for lk in links}
+    out = {n: TensorInfo(dtype_of[n], shape) for n, shape in b_shapes.items()}
+    recipes = rows.forward(links, [], {n: hf[n] for n in a_shapes}, out, {n: row_dims(shape) for n, shape in b_shapes.items()})
+    ordered = {}
+    for n, t in mf.items():
+        ordered[n] = t
+        if marked.get(n) in out:
+            ordered[marked[n]] = out[marked[n]]
+    return ordered, {**to_mf, **recipes}
 
 
 # -- compiling ------------------------------------------------------------------------------

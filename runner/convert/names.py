@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
 from runner.convert.model import Model
 from runner.convert.rows import Link, Pad, Recipe, backward, forward
 from runner.errors import ConfigError, FormatError, LayoutError
+from runner.layout import block_grid
 from runner.formats.base import TensorInfo
 from runner.templates import Env, Template, Weight, evaluate, format_name, instances
 
@@ -316,6 +318,41 @@ def whole_map(model: Model, scheme: str) -> NameMap:
             m.shapes[name] = t.stored
             m.row_dims[name] = row_dims(t.stored)
     return m
+
+
+def scale_links(m: NameMap, a_scales: Mapping[str, str], b_scales: Mapping[str, str], present_in_a: bool,
+                block: tuple[int, int]) -> tuple[list[Link], dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Links between the FP8 block scales of the HF (A) and the other scheme's (B) tensors,
+    from the links between the tensors, and the scales' shapes on each side. The source's
+    side (A when `present_in_a`) gives the weights it holds with a scale; the other side's
+    names are those its template marks `block_scale`. A row block that does not start
+    and end on block boundaries (or at the tensors' ends) would cut a scale apart: refused."""
+    br = block[0]
+    links = [lk for lk in m.links if present_in_a or lk.primary]
+    sa = set(a_scales) if present_in_a else {lk.a for lk in links if lk.b in b_scales}
+    sb = {lk.b for lk in links if lk.a in a_scales} if present_in_a else set(b_scales)
+    for lk in links:
+        if (lk.a in sa) != (lk.b in sb):
+            raise FormatError(f"{lk.b} and {lk.a}: one is FP8 with a block scale, the other is not; set dtype: bf16 to dequantize")
+    unmarked = sorted((sa - set(a_scales)) | (sb - set(b_scales)))
+    if unmarked:
+        raise ConfigError(f"{unmarked[0]} would hold FP8 block-scaled rows, but template {m.template.name} does not mark it "
+                          "block_scale; set dtype: bf16 to dequantize")
+    out, a_shapes, b_shapes = [], {}, {}
+    for lk in links:
+        if lk.a not in sa:
+            continue
+        a, b = m.hf_shapes[lk.a], m.shapes[lk.b]
+        ends = lk.times == 1 and lk.a_row + lk.count == a[0] and (lk.b_row + lk.count) % b[-2] == 0
+        if lk.transpose or len(a) != 2 or (len(b) > 2 and b[-2] % br) or any(x % br for x in (lk.a_row, lk.b_row, lk.a_step, lk.b_step)) \
+                or (lk.count % br and not ends):
+            raise LayoutError(f"{lk.b}: its rows from {lk.a} ({lk.count} from row {lk.a_row}) cut its {br}-row FP8 blocks "
+                              "apart; set dtype: bf16 to dequantize")
+        a_shapes[a_scales[lk.a]] = block_grid(a, block)
+        b_shapes[b_scales[lk.b]] = (*b[:-2], *block_grid(b[-2:], block))
+        out.append(Link(a_scales[lk.a], lk.a_row // br, b_scales[lk.b], lk.b_row // br, -(-lk.count // br), lk.primary,
+                        False, lk.times, lk.a_step // br, lk.b_step // br))
+    return out, a_shapes, b_shapes
 
 
 def scheme_tensors(model: Model, scheme: str, hf: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], dict[str, Recipe]]:
