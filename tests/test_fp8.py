@@ -304,3 +304,15 @@ def test_a_mindformers_fuse_that_cuts_blocks_is_refused(tmp_path):
     model = {"arch": str(template), "model_config": {"qkv_concat": True}}
     with pytest.raises(LayoutError, match=r"(w_qkv|w_gate_hidden).*cut its 16-row FP8 blocks apart; set dtype: bf16"):
         run(load_checkpoint=str(hf), model=model, output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf"))
+
+
+def test_a_cast_of_fp8_weights_with_no_known_scale_is_refused_not_cast(fp8_hf, tmp_path):
+    """The safetensors file alone (no config.json, so no template): its FP8 weights are not
+    cast plainly, which would drop their scales."""
+    from runner.errors import ConfigError
+
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((fp8_hf / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="no block scale the model's template names.*set model.arch"):
+        run(load_checkpoint=str(lone), use_parallel=False, dtype="bf16", output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "transformed_checkpoint").exists()
