@@ -4,8 +4,9 @@ one value per block (config.json's quantization_config.weight_block_size, 128 x 
 a partial last block where a dim is not a multiple of it. Templates mark the weights
 that may carry one (`block_scale`).
 
-Without a cast they are tensors like any other (a split cuts the scale at block
-granularity: runner.layout.block_layout). A `dtype:` cast dequantizes instead: element
+Without a cast they are tensors like any other: a split cuts the scale at block
+granularity (runner.layout.block_layout), a rename or fuse moves its rows with the
+weight's (runner.convert.names.scale_links). A `dtype:` cast dequantizes instead: element
 (i, j) becomes round_once(fp32(w[i, j]) * scale[i // block_rows, j // block_cols]) in the
 cast's dtype, as DeepSeek's weight_dequant and transformers' FP8 dequantization compute
 it; the scales are dropped. The planner then sees each weight in that dtype, with no
