@@ -25,6 +25,7 @@ import numpy as np
 from runner import dtypes, plan as planner
 from runner.errors import ConfigError, FormatError, PlanError, name_list, shown
 from runner.execute import LocalPool
+from runner.fp8 import FP8
 from runner.formats.base import TensorInfo
 from runner.formats.registry import CHECKPOINT_SUFFIXES
 from runner.layout import Box, ParamLayout
@@ -272,6 +273,8 @@ def _pairs(found: dict[str, tuple[str, ParamLayout]], src: Strategy, section: Ma
         for n, p in ((base, w), (ab["A"], a), (ab["B"], b)):
             if not dtypes.is_float(p.dtype):
                 raise PlanError(f"LoRA merge: {n} has dtype {p.dtype}; LoRA merges floating point weights only")
+            if p.dtype in FP8:  # its values mean nothing without its block scale
+                raise PlanError(f"LoRA merge: {n} is {p.dtype}; dequantize the checkpoint first (a job with dtype: bf16), then merge")
         if base in pairs:
             raise FormatError(f"base weight {base} has two LoRA pairs ({pairs[base].a}, {ab['A']}); merge one adapter at a time")
         scaling = _scaling(section, model, config, base.removesuffix(".weight"), a.shape[0])

@@ -316,3 +316,16 @@ def test_a_cast_of_fp8_weights_with_no_known_scale_is_refused_not_cast(fp8_hf, t
     with pytest.raises(ConfigError, match="no block scale the model's template names.*set model.arch"):
         run(load_checkpoint=str(lone), use_parallel=False, dtype="bf16", output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out" / "transformed_checkpoint").exists()
+
+
+def test_a_lora_merge_into_fp8_weights_is_refused(fp8_hf, tmp_path):
+    from runner.errors import PlanError
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    module = "base_model.model.model.layers.0.self_attn.q_a_proj"
+    save_file({f"{module}.lora_A.weight": torch.zeros(2, 200, dtype=torch.bfloat16),
+               f"{module}.lora_B.weight": torch.zeros(96, 2, dtype=torch.bfloat16)}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(PlanError, match="q_a_proj.weight is F8_E4M3; dequantize the checkpoint first"):
+        run(load_checkpoint=str(fp8_hf), lora={"adapter": str(adapter)}, output_format="hf", output_dir=str(tmp_path / "out"))
