@@ -57,7 +57,8 @@ def from_job(job: Job) -> Compiled:
                   for r in job.dst.ranks)
     changes = tuple(needs_change(job)) if job.source is not None else ()
 
-    nbytes = sum(t.numel * dtypes.itemsize(t.dtype) for h in job.headers.values() for t in h.values())
+    nbytes = sum(t.numel * dtypes.itemsize(t.dtype) for h in job.headers.values() for t in h.values()) \
+        if job.dequant is None else job.dequant.source_bytes(job.headers)
     return Compiled(
         cfg, "reshard", job.source, job.dst, units, job.describe(),
         plan=lambda unit, prefer: job.plan(unit.key, prefer=prefer),

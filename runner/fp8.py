@@ -24,7 +24,7 @@ from runner import dtypes, plan as planner
 from runner.errors import ConfigError, FormatError, name_list
 from runner.formats.base import TensorInfo
 from runner.layout import Box, block_grid
-from runner.plan import ReadItem
+from runner.plan import ReadItem, TensorPlan
 from runner.strategy import Strategy
 
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -46,6 +46,26 @@ class Dequant:
 
     def describe(self) -> dict:
         return {"block": list(self.block), "weights": sorted(self.scale_of.items()), "out": sorted(self.out.items())}
+
+    def read_bytes(self, t: TensorPlan) -> int:
+        """Source bytes a planned tensor reads: of a dequantized weight, its FP8 elements
+        and the scale blocks they need, not the dequantized bytes the plan counts."""
+        if t.name not in self.scale_of:
+            return t.read_bytes
+        scale = dtypes.itemsize(self.layouts.params[self.scale_of[t.name]].dtype)
+        return sum(r.region.numel * dtypes.itemsize(self.fp8[t.name]) + blocks(r.region, self.block).numel * scale for r in t.reads)
+
+    def source_bytes(self, headers: Headers) -> int:
+        """The source's tensor bytes, given its headers as the planner sees them."""
+        held = sum(t.numel * dtypes.itemsize(self.fp8.get(n, t.dtype)) for h in headers.values() for n, t in h.items())
+        return held + sum(self.layouts.rank_bytes(r) for r in self.layouts.ranks)
+
+
+def blocks(region: Box, block: tuple[int, int]) -> Box:
+    """The blocks a 2-D region of a weight touches, as a box of its scale."""
+    (r0, c0), (nr, nc) = region.offsets, region.sizes
+    first = (r0 // block[0], c0 // block[1])
+    return Box(first, ((r0 + nr - 1) // block[0] - first[0] + 1, (c0 + nc - 1) // block[1] - first[1] + 1))
 
 
 def pairs(candidates: Mapping[str, str], held: Mapping[str, TensorInfo]) -> dict[str, str]:
@@ -109,11 +129,10 @@ class DequantPool:
         if not out.size:
             return out
         br, bc = self.d.block
-        first = (r0 // br, c0 // bc)
-        box = Box(first, ((r0 + nr - 1) // br - first[0] + 1, (c0 + nc - 1) // bc - first[1] + 1))
+        box = blocks(read.region, self.d.block)
         s = self._scale(scale, box, read.src_rank)
-        rows = np.arange(r0, r0 + nr) // br - first[0]
-        cols = np.arange(c0, c0 + nc) // bc - first[1]
+        rows = np.arange(r0, r0 + nr) // br - box.offsets[0]
+        cols = np.arange(c0, c0 + nc) // bc - box.offsets[1]
         step = max(1, ROW_BLOCK // max(nc, 1))
         for i in range(0, nr, step):
             product = to_f32(np.ascontiguousarray(w[i:i + step]), fp8) * s[rows[i:i + step]][:, cols]

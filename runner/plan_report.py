@@ -64,7 +64,7 @@ def rank_rows(job: Compiled) -> tuple[list[dict], set[int]]:
         fp = job.plan(unit, None)
         src_ranks = set(job.source.ranks) if job.whole_source else fp.src_ranks
         touched |= src_ranks
-        read, write = fp.read_bytes, fp.write_bytes
+        read, write = job.read_bytes(fp), fp.write_bytes
         rows.append({"rank": unit.key, "stage": unit.stage, "file": str(job.out_dir / unit.path), "files": 1,
                      "tensors": len(fp.tensors), "read_bytes": read, "write_bytes": write,
                      "src_ranks": len(src_ranks), "src_files": _file_count(job, src_ranks),

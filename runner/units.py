@@ -69,6 +69,11 @@ class Compiled:
     job: object = field(default=None, compare=False)  # runner.job.Job of a reshard
     dequant: Dequant | None = None  # FP8 weights a conversion's cast dequantizes
 
+    def read_bytes(self, fp: FilePlan) -> int:
+        """Source bytes a unit's plan reads (a reshard's dequantized weights at their FP8 size)."""
+        d = self.job.dequant if self.kind == "reshard" and self.job is not None else None
+        return fp.read_bytes if d is None else sum(d.read_bytes(t) for t in fp.tensors)
+
     @property
     def out_dir(self) -> Path:
         return self.cfg.output_path / TRANSFORMED

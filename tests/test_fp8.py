@@ -329,3 +329,20 @@ def test_a_lora_merge_into_fp8_weights_is_refused(fp8_hf, tmp_path):
                f"{module}.lora_B.weight": torch.zeros(96, 2, dtype=torch.bfloat16)}, str(adapter / "adapter_model.safetensors"))
     with pytest.raises(PlanError, match="q_a_proj.weight is F8_E4M3; dequantize the checkpoint first"):
         run(load_checkpoint=str(fp8_hf), lora={"adapter": str(adapter)}, output_format="hf", output_dir=str(tmp_path / "out"))
+
+
+def test_plan_counts_the_fp8_bytes_a_dequantizing_job_reads(fp8_hf, tmp_path, capsys):
+    """`autotrans plan`: the source's bytes and a merge's reads are the FP8 weights and
+    their scales as stored (each read once), the writes the dequantized bf16 tensors."""
+    from runner.cli import main
+
+    src = hf_tensors(fp8_hf)
+    stored = sum(t.numel() * t.element_size() for t in src.values())
+    written = sum(t.numel() * (2 if t.dtype == torch.float8_e4m3fn else t.element_size())
+                  for n, t in src.items() if not n.endswith("_scale_inv"))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"load_checkpoint: {fp8_hf}\nuse_parallel: false\ndtype: bf16\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["plan", str(job), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["source"]["bytes"] == stored
+    assert doc["total"]["read_bytes"] == stored and doc["total"]["write_bytes"] == written
