@@ -24,14 +24,14 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from runner import dtypes
 from runner.config import JobConfig
 from runner.errors import ConfigError, LayoutError
 from runner.layout import ParamLayout, block_layout
 from runner.strategy import Strategy
-from runner.templates import BLOCK, Env, Template, Weight, block_scaled, canonical_config, check_modelled, config_json_names, format_name, hf_config, instances, kept_dtypes, regroup, resolve, weight_block
+from runner.templates import BLOCK, Env, Template, Weight, block_scaled, canonical_config, check_modelled, config_json_names, find, format_name, hf_config, instances, kept_dtypes, regroup, resolve, weight_block
 
 # Optimizer states that MindSpore checkpoints keep beside each weight, with its layout.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moments.", "exp_avg.", "exp_avg_sq.")
@@ -162,8 +162,14 @@ def arch_of(cfg: JobConfig) -> Any:
 
 
 def kept_of(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
-    """The dtypes a cast keeps, by tensor name, when the job casts and knows its model's template."""
-    if not cfg.dtype or arch_of(cfg) is None:
+    """The dtypes a cast keeps, by tensor name, when the job casts and its model has a
+    template that keeps some (a merge or a given strategy needs no template otherwise)."""
+    arch = arch_of(cfg) if cfg.dtype else None
+    name = arch.get("type") if isinstance(arch, Mapping) else arch
+    if not isinstance(name, str) or not name:
+        return {}
+    template = resolve(name) if name.endswith((".yaml", ".yml")) else find(name)
+    if template is None or not any(w.keep_dtype for w in template.weights):
         return {}
     return kept_dtypes(*model_env(cfg))
 
