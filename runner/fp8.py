@@ -88,7 +88,8 @@ def refuse_plain_casts(src: Strategy, scale_of: Mapping[str, str]) -> None:
     lone = sorted(n for n, p in src.params.items() if p.dtype in FP8 and n not in scale_of)
     if lone:
         raise ConfigError(f"dtype: FP8 tensors {name_list(lone)} have no block scale the model's template names; a cast "
-                          "dequantizes FP8 weights with their scales: set model.arch to the model's template, or leave out dtype")
+                          "dequantizes FP8 weights with their scales: set pretrained_model_dir to the model's HF folder (or model.arch "
+                          "and model_config), or leave out dtype")
 
 
 def dequantize(src: Strategy, headers: Headers, scale_of: Mapping[str, str], block: tuple[int, int],

@@ -313,7 +313,7 @@ def test_a_cast_of_fp8_weights_with_no_known_scale_is_refused_not_cast(fp8_hf, t
 
     lone = tmp_path / "lone.safetensors"
     lone.write_bytes((fp8_hf / "model.safetensors").read_bytes())
-    with pytest.raises(ConfigError, match="no block scale the model's template names.*set model.arch"):
+    with pytest.raises(ConfigError, match="no block scale the model's template names.*set pretrained_model_dir"):
         run(load_checkpoint=str(lone), use_parallel=False, dtype="bf16", output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out" / "transformed_checkpoint").exists()
 
@@ -346,3 +346,15 @@ def test_plan_counts_the_fp8_bytes_a_dequantizing_job_reads(fp8_hf, tmp_path, ca
     doc = json.loads(capsys.readouterr().out)
     assert doc["source"]["bytes"] == stored
     assert doc["total"]["read_bytes"] == stored and doc["total"]["write_bytes"] == written
+
+
+def test_a_distributed_fp8_checkpoint_dequantizes_once_the_job_knows_its_model(fp8_hf, tmp_path):
+    """Tensor-parallel FP8 rank files (no config.json) merge dequantized when
+    pretrained_model_dir names the HF folder: each scale read from the rank holding it."""
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), parallel_config={"model_parallel": 2}, output_dir=str(tmp_path / "tp2")) == 0
+    assert run(load_checkpoint=str(tmp_path / "tp2" / "transformed_checkpoint"), src_strategy_path_or_dir=str(tmp_path / "tp2" / "strategy"),
+               use_parallel=False, dtype="bf16", pretrained_model_dir=str(fp8_hf), output_dir=str(tmp_path / "one")) == 0
+    (merged,) = rank_files(tmp_path / "one")
+    want = {n: (dequantize(t, src[n + "_scale_inv"]) if quantized(n) else t) for n, t in src.items() if not n.endswith("_scale_inv")}
+    assert set(merged) == set(want) and all(same(merged[n], want[n]) for n in want)
