@@ -45,7 +45,7 @@ import numpy as np
 
 from runner import log
 from runner.durable import DurableFile, check_no_overlap
-from runner.errors import AutotransError, ConfigError, FormatError, shown
+from runner.errors import AutotransError, ConfigError, FormatError, cause, shown
 from runner.launch import launched_size
 
 
@@ -302,7 +302,7 @@ def _load_hf_tokenizer(path: Path) -> _Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises plain Exception for a bad file
-        raise FormatError(f"{path}: not a readable tokenizers tokenizer.json ({_first_line(e)})") from None
+        raise FormatError(f"{path}: not a readable tokenizers tokenizer.json ({cause(e)})") from None
     eos = _hf_eos_token(path)
     return _Tokenizer(
         path=path,
@@ -321,7 +321,7 @@ def _hf_eos_token(path: Path) -> str | None:
     try:
         eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
     except (OSError, ValueError, AttributeError) as e:
-        raise FormatError(f"{config_path}: not a readable tokenizer config ({_first_line(e)})") from None
+        raise FormatError(f"{config_path}: not a readable tokenizer config ({cause(e)})") from None
     if isinstance(eos, dict):  # an AddedToken written out
         eos = eos.get("content")
     return eos if isinstance(eos, str) else None
@@ -334,7 +334,7 @@ def _load_sentencepiece(path: Path) -> _Tokenizer:
     try:
         sp.Load(str(path))
     except (OSError, RuntimeError) as e:
-        raise FormatError(f"{path}: not a readable sentencepiece model ({_first_line(e)})") from None
+        raise FormatError(f"{path}: not a readable sentencepiece model ({cause(e)})") from None
 
     def token_id(token: str) -> int | None:
         i = sp.piece_to_id(token)
@@ -611,11 +611,6 @@ def _writers(cfg: PreprocessConfig, dtype: np.dtype, tag: str = "") -> Iterator[
 
 
 # ---------------------------------------------------------------------------- the job
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass(frozen=True)

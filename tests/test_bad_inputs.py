@@ -639,3 +639,50 @@ def test_running_out_of_memory_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "big.safetensors"
     path.write_bytes(raw_safetensors(header, bytes(n)))
     one_line(run_limited(["inspect", str(path)], 60 << 20), 1, "out of memory")
+
+
+_LONG = "x" * 10_000  # a 10 KB token in a hostile file
+
+
+def _hostile_yaml(tmp: Path, text: str, source: Path | None = None) -> list[str]:
+    (tmp / "job.yaml").write_text(f"load_checkpoint: {source or tmp}\noutput_dir: {tmp / 'out'}\n{text}\n")
+    return ["run", str(tmp / "job.yaml"), "--no-progress"]
+
+
+def _hostile_hf_config(tmp: Path) -> list[str]:
+    (tmp / "hf").mkdir()
+    (tmp / "hf" / "config.json").write_text(json.dumps({"model_type": _LONG}))
+    save_file({"w": torch.ones(2)}, str(tmp / "hf" / "model.safetensors"))
+    return _hostile_yaml(tmp, "use_parallel: false\noutput_format: megatron", source=tmp / "hf")
+
+
+def _hostile_pickle(tmp: Path) -> list[str]:
+    import zipfile
+
+    torch.save({"w": torch.ones(2)}, tmp / "good.pt")
+    with zipfile.ZipFile(tmp / "good.pt") as src, zipfile.ZipFile(tmp / "bad.pt", "w") as z:
+        for m in src.infolist():  # the pickle calls a global with a 10 KB module name
+            z.writestr(m, b"\x80\x02c" + _LONG.encode() + b"\nsystem\n)R." if m.filename.endswith("data.pkl") else src.read(m))
+    return ["inspect", str(tmp / "bad.pt")]
+
+
+def _hostile_safetensors(tmp: Path) -> list[str]:
+    entry = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    raw = f'{{"{_LONG}":{entry},"{_LONG}":{entry}}}'.encode()  # a 10 KB key, twice
+    (tmp / "dup.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    return ["inspect", str(tmp / "dup.safetensors")]
+
+
+@pytest.mark.parametrize("hostile,code", [
+    (lambda tmp: _hostile_yaml(tmp, f"prefix: ${{{_LONG}}}"), 2),  # OmegaConf quotes the interpolation key
+    (lambda tmp: _hostile_yaml(tmp, f"use_parallel: {_LONG}"), 2),  # a wrongly typed value
+    (lambda tmp: _hostile_yaml(tmp, "")[:2] + [f"dtype={_LONG}", "--no-progress"], 2),  # an override
+    (_hostile_hf_config, 1),  # config.json's model_type
+    (_hostile_pickle, 1),  # a pickle global's name
+    (_hostile_safetensors, 1),  # a duplicate header key
+], ids=["yaml-interpolation", "yaml-value", "override", "hf-config", "pickle-global", "safetensors-key"])
+def test_file_content_is_never_echoed_beyond_80_characters(tmp_path: Path, capsys, hostile, code: int) -> None:
+    """Parsers' messages and our own quote what a file holds; the printed line holds at
+    most 80 characters of it, and is one line with the exit code of a bad file or job."""
+    line = fails(capsys, hostile(tmp_path), code)
+    assert "x" * 81 not in line and "x" * 50 in line, line

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from runner import dtypes
-from runner.errors import FormatError
+from runner.errors import FormatError, cause, clipped
 from runner.formats.base import Entry, FileLayout, MappedFile, TensorInfo
 
 SUFFIX = ".safetensors"
@@ -60,7 +60,7 @@ def _object_hook(shared: dict[TensorInfo, TensorInfo]):
         if len(d) != len(pairs):
             seen: set[str] = set()
             dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-            raise _Refused(f"{dup!r} appears twice")
+            raise _Refused(f"{clipped(dup)!r} appears twice")
         if not (isinstance(d.get("dtype"), str) and "shape" in d and "data_offsets" in d):
             return d
         extra = {k: v for k, v in d.items() if k not in _INFO_KEYS}
@@ -159,7 +159,7 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, _Entr
         del raw  # not held while the text is parsed
         header = _parse(text)
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, absurd nesting
-        raise FormatError(f"{path}: corrupt safetensors header JSON ({e})") from None
+        raise FormatError(f"{path}: corrupt safetensors header JSON ({e if isinstance(e, _Refused) else cause(e)})") from None
     del text
     meta = header.pop("__metadata__")
     data_start = 8 + n
