@@ -105,7 +105,7 @@ def make_torch_dist(root: Path, hf: Path) -> Path:
 
 
 def main() -> None:
-    root, hf = work_folder(__doc__, "torch_dist_bench_")
+    root, hf, _ = work_folder(__doc__, "torch_dist_bench_")
     folder = make_torch_dist(root, hf)
     (root / "load.py").write_text(LOAD)
     to_hf = job(root / "to_hf.yaml", load_checkpoint=str(folder), output_format="hf", reference_hf_dir=str(hf), output_dir=str(root / "back"))

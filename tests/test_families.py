@@ -7,6 +7,7 @@ families' megatron-core oracle in test_convert_mcore)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,7 +48,50 @@ MF_NAMES = {
         "model.layers.1.post_attention_layernorm.weight": "decoder.layers.1.pre_mlp_layernorm.weight",
         "lm_head.weight": "output_layer.weight",
     },
+    # MindSpore Transformers 1.7's DeepseekV3 weight_mapping (mindformers/models/deepseek3/utils.py,
+    # v1.7.0, commit 8ccc49b) for the main model; the MTP layer as its training graph's
+    # MultiTokenPredictionBlock names it (mtp.layers.{i}.enorm / hnorm / eh_proj / final_layernorm /
+    # transformer_layer.*; its embedding and head are the main model's, so the HF copies are not stored)
+    "deepseek_v3": {
+        "model.embed_tokens.weight": "embedding.word_embeddings.weight",
+        "model.layers.0.input_layernorm.weight": "decoder.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_a_proj.weight": "decoder.layers.0.self_attention.linear_q_down_proj.weight",
+        "model.layers.0.self_attn.q_a_layernorm.weight": "decoder.layers.0.self_attention.q_layernorm.weight",
+        "model.layers.1.self_attn.q_b_proj.weight": "decoder.layers.1.self_attention.linear_q_up_proj.weight",
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight": "decoder.layers.1.self_attention.linear_kv_down_proj.weight",
+        "model.layers.2.self_attn.kv_a_layernorm.weight": "decoder.layers.2.self_attention.kv_layernorm.weight",
+        "model.layers.2.self_attn.kv_b_proj.weight": "decoder.layers.2.self_attention.linear_kv_up_proj.weight",
+        "model.layers.3.self_attn.o_proj.weight": "decoder.layers.3.self_attention.linear_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight": "decoder.layers.0.mlp.gating.weight",
+        "model.layers.0.mlp.up_proj.weight": "decoder.layers.0.mlp.hidden.weight",
+        "model.layers.0.mlp.down_proj.weight": "decoder.layers.0.mlp.linear_fc2.weight",
+        "model.layers.1.post_attention_layernorm.weight": "decoder.layers.1.pre_mlp_layernorm.weight",
+        "model.layers.1.mlp.gate.weight": "decoder.layers.1.mlp.router.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias": "decoder.layers.1.mlp.router.expert_bias",
+        "model.layers.2.mlp.experts.3.gate_proj.weight": "decoder.layers.2.mlp.experts.3.gating.weight",
+        "model.layers.2.mlp.experts.0.up_proj.weight": "decoder.layers.2.mlp.experts.0.hidden.weight",
+        "model.layers.3.mlp.experts.1.down_proj.weight": "decoder.layers.3.mlp.experts.1.linear_fc2.weight",
+        "model.layers.3.mlp.shared_experts.gate_proj.weight": "decoder.layers.3.mlp.shared_experts.gating.weight",
+        "model.layers.3.mlp.shared_experts.up_proj.weight": "decoder.layers.3.mlp.shared_experts.hidden.weight",
+        "model.layers.3.mlp.shared_experts.down_proj.weight": "decoder.layers.3.mlp.shared_experts.linear_fc2.weight",
+        "model.norm.weight": "decoder.final_layernorm.weight",
+        "lm_head.weight": "output_layer.weight",
+        "model.layers.4.enorm.weight": "mtp.layers.0.enorm.weight",
+        "model.layers.4.hnorm.weight": "mtp.layers.0.hnorm.weight",
+        "model.layers.4.eh_proj.weight": "mtp.layers.0.eh_proj.weight",
+        "model.layers.4.shared_head.norm.weight": "mtp.layers.0.final_layernorm.weight",
+        "model.layers.4.self_attn.q_a_proj.weight": "mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight",
+        "model.layers.4.mlp.gate.e_score_correction_bias": "mtp.layers.0.transformer_layer.mlp.router.expert_bias",
+        "model.layers.4.mlp.experts.2.gate_proj.weight": "mtp.layers.0.transformer_layer.mlp.experts.2.gating.weight",
+    },
+    # without q_lora_rank: MLASelfAttention's linear_q_proj
+    "deepseek_v3_q_proj": {
+        "model.layers.1.self_attn.q_proj.weight": "decoder.layers.1.self_attention.linear_q_proj.weight",
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight": "decoder.layers.1.self_attention.linear_kv_down_proj.weight",
+    },
 }
+# the MTP layers' copies of the embedding and the output head, which MindSpore Transformers shares
+MTP_COPY = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.")
 
 
 @pytest.mark.parametrize("family", sorted(MF_NAMES))
@@ -56,7 +100,7 @@ def test_hf_to_mindformers_names_and_back_is_bit_identical(tmp_path, family):
     assert run(load_checkpoint=str(hf), output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf")) == 0
     mf_file = tmp_path / "mf" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
     mf, src = load_file(mf_file), hf_tensors(hf)
-    assert len(mf) == len(src)
+    assert len(mf) == len([n for n in src if not MTP_COPY.match(n)])
     for hf_name, mf_name in MF_NAMES[family].items():
         assert torch.equal(mf[mf_name], src[hf_name]), mf_name
     assert run(load_checkpoint=str(mf_file), output_format="hf", reference_hf_dir=str(hf), output_dir=str(tmp_path / "h")) == 0
@@ -271,18 +315,19 @@ def test_expert_tensor_parallel_megatron_files_cannot_hold_is_refused(tmp_path):
             parallel_config={"model_parallel": 2, "expert_parallel": 1, "expert_tensor_parallel": 1})
 
 
-def test_qwen3_moe_mindspore_layout_is_refused_not_guessed():
-    """Qwen3-MoE's MindFormers names are its weight loader's (one tensor per expert); its
-    training graph groups the experts (experts.weight1 / weight2), which the template does
-    not model: a MindSpore strategy for it is refused rather than given other names."""
+@pytest.mark.parametrize("family,arch", [("qwen3_moe", "Qwen3MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM")])
+def test_moe_mindspore_layout_is_refused_not_guessed(family, arch):
+    """Qwen3-MoE's and DeepSeek-V3's MindFormers names are their weight loaders' (one tensor
+    per expert); the training graphs group the experts (experts.weight1 / weight2), which
+    the templates do not model: a MindSpore strategy is refused rather than given other names."""
     from runner import config
     from runner.errors import ConfigError
     from runner.generate import generate
 
-    c = FAMILIES["qwen3_moe"]
+    c = FAMILIES[family]
     cfg = config.from_mapping({"only_save_strategy": True, "output_format": "mindformers", "model": {
-        "arch": "Qwen3MoeForCausalLM", "model_config": {k: v for k, v in c.items() if k not in ("cls", "model")}}})
-    with pytest.raises(ConfigError, match="qwen3_moe names MindSpore Transformers' experts one tensor each"):
+        "arch": arch, "model_config": {k: v for k, v in c.items() if k not in ("cls", "model")}}})
+    with pytest.raises(ConfigError, match=f"{family} names MindSpore Transformers' experts one tensor each"):
         generate(cfg, None)
 
 

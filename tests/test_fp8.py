@@ -295,6 +295,24 @@ def test_mindformers_names_keep_fp8_and_scales_both_ways(tmp_path):
     assert same(got[name], (src[name].float() * scale).to(torch.bfloat16))
 
 
+def test_deepseek_v3_fp8_under_mindformers_names_keeps_the_scales_both_ways(fp8_hf, tmp_path):
+    """The released FP8 layout under MindSpore Transformers 1.7's DeepSeek-V3 names (MTP
+    layer included): each weight and its scale renamed, FP8 bytes untouched, and back."""
+    src = hf_tensors(fp8_hf)
+    assert run(load_checkpoint=str(fp8_hf), output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf")) == 0
+    mf_file = tmp_path / "mf" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
+    mf = load_file(mf_file)
+    for hf_name, mf_name in (("model.layers.1.mlp.experts.0.gate_proj.weight", "decoder.layers.1.mlp.experts.0.gating.weight"),
+                             ("model.layers.0.self_attn.q_a_proj.weight", "decoder.layers.0.self_attention.linear_q_down_proj.weight"),
+                             ("model.layers.2.self_attn.kv_b_proj.weight",
+                              "mtp.layers.0.transformer_layer.self_attention.linear_kv_up_proj.weight")):
+        assert same(mf[mf_name], src[hf_name]) and same(mf[mf_name + "_scale_inv"], src[hf_name + "_scale_inv"])
+    assert same(mf["decoder.layers.1.mlp.router.expert_bias"], src["model.layers.1.mlp.gate.e_score_correction_bias"])
+    assert run(load_checkpoint=str(mf_file), output_format="hf", reference_hf_dir=str(fp8_hf), output_dir=str(tmp_path / "h")) == 0
+    back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
+    assert set(back) == set(src) and all(same(back[n], src[n]) for n in src)
+
+
 def test_a_mindformers_fuse_that_cuts_blocks_is_refused(tmp_path):
     """qkv_concat's w_gate_hidden interleaves gate and up rows one by one (and w_qkv holds
     each query group's 36 q rows, then k and v): 16-row blocks would be cut."""

@@ -1,5 +1,5 @@
-"""MindSpore Transformers' own training YAMLs (tests/fixtures/ms_yaml, origin noted in each)
-give the layouts MindSpore Transformers would build for them.
+"""MindSpore Transformers' own training YAMLs (tests/fixtures/ms_yaml: verbatim copies,
+origin and commit noted in the first line of each) give the layouts MindSpore Transformers would build for them.
 
 Every expected name, shape, dtype and box is computed here from MindSpore Transformers'
 and MindSpore's rules, written out independently of the templates:
@@ -311,3 +311,17 @@ def test_qwen3_v1_7_yaml_mcore_names_sizes_and_layout():
         assert box(s, "embedding.word_embeddings.weight", t) == ms_box((vocab, h), t, dp=1, mp=mp, split_dim=0)
         assert box(s, "output_layer.weight", rank) == ms_box((vocab, h), t, dp=1, mp=mp, split_dim=0)
     assert s.params["adam_m." + p + "mlp.linear_fc1.weight"].dtype == DTYPE["float32"]
+
+
+# -- shipped YAMLs whose layout autotrans does not build: one line saying why ---------------------
+@pytest.mark.parametrize("name,reason", [
+    # MindSpore Transformers 1.7 trains Qwen3-MoE with grouped experts (weight1 / weight2 of all
+    # experts, laid out over its MoE device matrix); the template names them one tensor each
+    ("qwen3_30b_a3b_pretrain_v1_7", "not as its training graph stacks them"),
+    # GLM-4-9B in MindSpore Transformers is the ChatGLM2 architecture, which has no template
+    ("glm4_9b_finetune_v1_7", "no template for 'ChatGLM2ForConditionalGeneration'"),
+])
+def test_shipped_yamls_of_unbuilt_layouts_are_refused_in_one_line(name, reason):
+    with pytest.raises(ConfigError) as e:
+        generate(fixture(name), None)
+    assert reason in str(e.value) and "\n" not in str(e.value)
