@@ -843,6 +843,40 @@ def test_second_run_on_a_held_output_dir_is_refused(tmp_path: Path, capsys) -> N
     assert main(cfg) == 0  # the lock of the run before was released
 
 
+def blocked_on_a_lock(pid: int) -> bool:
+    """Whether process `pid` waits for a file lock (a "->" line of /proc/locks)."""
+    with open("/proc/locks") as f:
+        return any(len(parts) > 5 and parts[1] == "->" and parts[5] == str(pid) for parts in map(str.split, f))
+
+
+def test_checkpoint_for_rank_waits_while_output_dir_is_held(tmp_path: Path) -> None:
+    """checkpoint_for_rank takes the same lock: while another process holds output_dir it
+    waits on the lock (the kernel lists it as blocked) and changes nothing there; once the
+    holder is gone it transforms and returns its rank's file."""
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        caller = subprocess.Popen([sys.executable, "-c", "import sys; from runner.api import checkpoint_for_rank; "
+                                   "print(checkpoint_for_rank(sys.argv[1], 0, []))", str(job(tmp_path, out))],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not blocked_on_a_lock(caller.pid):
+            assert caller.poll() is None and time.monotonic() < deadline, caller.communicate()
+            time.sleep(0.05)
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    stdout, stderr = caller.communicate(timeout=120)
+    assert caller.returncode == 0, stderr
+    assert Path(stdout.strip().splitlines()[-1]) == out / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
+
+
 # -- signals ----------------------------------------------------------------------------------
 def signalled_run(args: list[str], err: Path, plant: Callable[[], None]) -> int:
     """The CLI's exit status in a forked child, after `plant()` set up the signal it
