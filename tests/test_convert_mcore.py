@@ -13,8 +13,6 @@ import torch
 
 from tests.convert_util import FAMILIES, logits, make_hf, run
 
-pytest.importorskip("megatron.core")
-
 
 @pytest.fixture
 def mcore_cpu(monkeypatch):

@@ -368,7 +368,6 @@ def test_ckpt_record_claiming_huge_length_allocates_nothing(scratch: Path) -> No
 
 
 def ms_strategy_seed(scratch: Path) -> bytes:
-    pytest.importorskip("google.protobuf")
     from runner.formats.mindspore_strategy import write_rank_file
 
     s = strat.parse_native(VALID, "valid")
@@ -397,7 +396,6 @@ def test_mindspore_strategy_reader_mutated_files(scratch: Path, data) -> None:
 @FUZZ
 @given(raw=st.binary(min_size=1, max_size=200))
 def test_mindspore_strategy_reader_random_bytes(scratch: Path, raw: bytes) -> None:
-    pytest.importorskip("google.protobuf")
     path = scratch / "r" / "ckpt_strategy_rank_0.ckpt"
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(raw)
@@ -455,7 +453,6 @@ def test_huge_numbers_in_json_are_format_errors(scratch: Path) -> None:
 @pytest.mark.parametrize("dev_matrix,stage", [((2**25, 2**25), 0), ((2,), 2**31 - 1), ((2**20, 2), 0)])
 def test_mindspore_strategy_huge_numbers(scratch: Path, dev_matrix, stage) -> None:
     """A device count or stage number no cluster has is refused, not enumerated."""
-    pytest.importorskip("google.protobuf")
     from runner.formats import mindspore_strategy
     from runner.formats.mindspore_proto import message
 

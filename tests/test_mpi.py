@@ -19,7 +19,6 @@ from safetensors.numpy import load_file, save_file
 
 from runner.cli import main as cli_main
 
-pytest.importorskip("mpi4py")
 # The test extra installs the mpich wheel: its mpiexec is on PATH or beside python; a
 # missing one fails the tests rather than skipping them.
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
@@ -501,7 +500,6 @@ def test_two_hosts_in_network_namespaces(world, two_hosts):
 def test_conversion_under_mpi_equals_one_process(tmp_path):
     """An HF -> Megatron conversion launched with mpiexec writes the same bytes as a
     single-process run (tests/test_one_engine.py: every rank writes its share)."""
-    pytest.importorskip("transformers")
     from tests.convert_util import make_hf
 
     hf = make_hf(tmp_path / "hf", "llama")

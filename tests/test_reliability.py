@@ -179,7 +179,6 @@ def test_sigkill_during_a_conversion_then_rerun(tmp_path: Path) -> None:
     """HF -> Megatron TP2 PP2 (staging files, torch.save, renames) killed at spread-out
     filesystem calls: nothing incomplete under a final name, and every rerun ends with
     the uninterrupted run's bytes."""
-    pytest.importorskip("transformers")
     from tests.convert_util import make_hf
 
     hf = make_hf(tmp_path / "hf", "llama")
