@@ -263,6 +263,32 @@ def test_bad_header_on_one_rank_fails_everywhere(world):
     assert not (root / "out/transformed_checkpoint").exists()
 
 
+def test_an_output_dir_in_use_refuses_the_mpi_job_on_every_rank(world, tmp_path):
+    """Under MPI the lock of output_dir is taken by the rank that claims it: while another
+    process holds it, the job ends on every rank with one line naming the holder, exit 1,
+    nothing written; once it is free, the job runs."""
+    from tests.test_reliability import HOLD
+
+    out = tmp_path / "out"
+    job = job_file(world["root"], "held", JOBS["reshard"][0] | {"output_dir": str(out)})
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in out.iterdir())
+        proc = mpirun(["-n", 2, *autotrans(job)])
+        assert proc.returncode == 1, proc.stderr
+        said = errors(proc.stderr)
+        assert len(said) == 1 and f"pid {holder.pid} " in said[0] and "in use by another autotrans run" in said[0], proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    again = mpirun(["-n", 2, *autotrans(job)])
+    assert again.returncode == 0, again.stderr
+    assert outputs(out) == reference(world, "reshard")
+
+
 HOOK = """
 import importlib, os, signal, sys, time
 from runner.errors import AutotransError
