@@ -157,7 +157,8 @@ LAYOUT_KEYS = {"qkv_concat": False, "qkv_has_bias": False, "attn_proj_has_bias":
                "use_allgather_dispatcher": False, "expert_model_parallel": None, "use_gmm": False,
                "enable_cold_hot_expert": False, "enable_deredundency": False,
                "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_grouped_gemm": False,
-               "use_contiguous_weight_layout_attention": False}
+               "use_contiguous_weight_layout_attention": False, "moe_router_enable_expert_bias": False,
+               "moe_shared_expert_intermediate_size": None, "moe_layer_freq": 1}
 
 @dataclass(frozen=True)
 class Part:

@@ -259,6 +259,8 @@ def test_parallel_optimizer_config_values_are_checked():
     ("qwen2_57b_finetune", "moe_config.balance_via_topk_bias=true", "moe_config.balance_via_topk_bias"),
     ("llama3_1_70b_finetune", "model.model_config.use_3d_tensor_parallel=true", "model.model_config.use_3d_tensor_parallel"),
     ("llama3_1_70b_finetune", "moe_config.shared_expert_num=2", "moe_config.shared_expert_num"),
+    # TopKRouter's expert_bias / expert_load, not in the Qwen3-MoE template
+    ("qwen3_30b_a3b_pretrain_v1_7", "model.model_config.moe_router_enable_expert_bias=true", "model.model_config.moe_router_enable_expert_bias"),
 ])
 def test_unmodelled_layout_keys_are_errors_naming_the_key(name, override, key):
     with pytest.raises(ConfigError) as e:
