@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     from runner import log
-    from runner.errors import AutotransError, Interrupted, one_line
+    from runner.errors import AutotransError, Interrupted, message_line
 
     log.configure(debug=bool(getattr(args, "debug", False)))
     log.hold()  # until the job gets going: a failure's line comes before the warnings leading to it
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         if not said_by_rank_0(e):
-            print(f"autotrans: error: {one_line(str(e))}", file=sys.stderr)
+            print(message_line(f"autotrans: error: {e}"), file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # the reader went away (`| head`): end quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.debug:
             traceback.print_exc()
-        print(f"autotrans: error: {one_line(str(disk_error(e, e.filename or 'a file', 'access')))}", file=sys.stderr)
+        print(message_line(f"autotrans: error: {disk_error(e, e.filename or 'a file', 'access')}"), file=sys.stderr)
         return 1
     except MemoryError:  # the machine's limit, not a bug: say so in one line
         print("autotrans: error: out of memory; give the job more memory (or fewer transform_process_num workers)", file=sys.stderr)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"autotrans: internal error: {type(e).__name__}: {one_line(str(e)[:200])} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(message_line(f"autotrans: internal error: {type(e).__name__}: {str(e)[:200]} (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
     finally:
         log.release()

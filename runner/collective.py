@@ -25,7 +25,7 @@ from mpi4py import MPI  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from runner.errors import AutotransError, one_line  # noqa: E402
+from runner.errors import AutotransError, message_line  # noqa: E402
 
 T = TypeVar("T")
 OUTCOME_BYTES = 2048  # one rank's step outcome, JSON, on the wire
@@ -152,7 +152,7 @@ class Link:
         return self.comm.allgather(obj)
 
     def abort(self, message: str) -> None:
-        print(one_line(f"autotrans: error: MPI rank {self.rank}: {message}; stopping every rank"), file=sys.stderr, flush=True)
+        print(message_line(f"autotrans: error: MPI rank {self.rank}: {message}; stopping every rank"), file=sys.stderr, flush=True)
         self._abort_quietly()
 
     def _abort_quietly(self) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from runner.errors import ConfigError, one_line, shown
+from runner.errors import ConfigError, cause, shown
 from runner.log import warn
 from runner.preprocess import PREPROCESS_KEYS, validate_section as check_preprocess
 
@@ -278,9 +278,9 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"job file {path}: cannot parse YAML ({where}{e.problem})") from None
+        raise ConfigError(f"job file {path}: cannot parse YAML ({where}{cause(e.problem or '')})") from None
     except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as e:  # YAMLError: a NUL byte, bad encoding
-        raise ConfigError(f"job file {path}: cannot parse YAML ({one_line(str(e).splitlines()[0])})") from None
+        raise ConfigError(f"job file {path}: cannot parse YAML ({cause(e)})") from None
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"job file {path}: expected a mapping of keys at the top level")
     for o in overrides:
@@ -290,9 +290,9 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"job file {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"job file {path}: {cause(e)}") from None
     except yaml.YAMLError as e:  # an override's value is YAML: `load_checkpoint=[1,2`
-        raise ConfigError(f"overrides {' '.join(overrides)!r}: cannot parse a value as YAML ({one_line(str(e).splitlines()[0])})") from None
+        raise ConfigError(f"overrides {' '.join(overrides)!r}: cannot parse a value as YAML ({cause(e)})") from None
     return from_mapping(raw, str(path or ""))
 
 

@@ -14,7 +14,7 @@ from runner.run import run
 def run_job(cfg: JobConfig, show_progress: bool = True) -> int:
     """Run the job a config describes; the process exit code."""
     if cfg.preprocess_data is not None:
-        done = run_preprocess(cfg.preprocess_data, show_progress=show_progress)
+        done = run_preprocess(cfg.preprocess_data, show_progress=show_progress, mpi_timeout=cfg.mpi_timeout)
         secs = max(done["seconds"], 1e-9)
         say(f"done: {count(done['documents'], 'document')}, {count(done['tokens'], 'token')}, {done['bytes_in'] / 1e6:.1f} MB in "
             f"{done['seconds']:.2f} s ({done['documents'] / secs:.0f} documents/s, {done['bytes_in'] / 1e6 / secs:.2f} MB/s)"

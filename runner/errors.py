@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 
 
 class AutotransError(Exception):
@@ -53,6 +54,40 @@ def one_line(msg: str) -> str:
     """`msg` with control characters escaped: names from hostile files may hold
     newlines or terminal escapes, and an error stays one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
+SHOWN = 80  # at most this many characters of a file's content appear in a message
+# A quoted run in a message: a name or value from a file, as repr() quotes it.
+_QUOTED = re.compile(r"""(?<!\w)(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")""")
+
+
+def message_line(msg: str) -> str:
+    """An error, warning or status line as printed: one line (one_line), and each quoted
+    name or value longer than SHOWN characters cut to its first and last characters,
+    so a file's content is never echoed at length (a 10 KB token, a key, a secret)."""
+    return _QUOTED.sub(_cut_quoted, one_line(msg))
+
+
+def _cut_quoted(m: re.Match) -> str:
+    text = m.group()
+    return f"{text[0]}{clipped(text[1:-1])}{text[0]}"
+
+
+def clipped(name: str) -> str:
+    """A name from a file for a message: whole up to SHOWN characters, else its first
+    and last characters (long parameter names differ at their ends)."""
+    return name if len(name) <= SHOWN else f"{name[:SHOWN - 30]}...{name[-27:]}"
+
+
+def cause(e: BaseException | str) -> str:
+    """A third-party parser's message (json, YAML, OmegaConf, torch, protobuf,
+    tokenizers) for our error line: its first line, at most SHOWN characters, since
+    such messages may quote the file's content."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__ if isinstance(e, BaseException) else ""
+    first = one_line(text.splitlines()[0])
+    return first if len(first) <= SHOWN else first[:SHOWN - 3] + "..."
 
 
 def excerpt(data: bytes | str, limit: int = 80) -> str:

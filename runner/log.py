@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from runner.errors import one_line
+from runner.errors import message_line
 
 _quiet = False
 _debug = False
@@ -24,9 +24,10 @@ def configure(*, quiet: bool | None = None, debug: bool | None = None) -> None:
 
 def _emit(line: str) -> None:
     """One line, whatever names from files or paths it holds (a newline or a terminal
-    escape in them is shown escaped: no fake line, no escape sequence)."""
+    escape in them is shown escaped: no fake line, no escape sequence; a long quoted
+    name or value is cut: message_line)."""
     if not _quiet:
-        print(one_line(line), file=sys.stderr, flush=True)
+        print(message_line(line), file=sys.stderr, flush=True)
 
 
 def hold() -> None:

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from runner import dtypes, plan as planner
-from runner.errors import ConfigError, FormatError, PlanError, name_list, shown
+from runner.errors import ConfigError, FormatError, PlanError, cause, name_list, shown
 from runner.execute import LocalPool
 from runner.fp8 import FP8
 from runner.formats.base import TensorInfo
@@ -185,7 +185,7 @@ def open_adapter(path: Path) -> tuple[Source, dict[str, TensorInfo], dict]:
         try:
             config = json.loads(config_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{config_path}: cannot read ({e})") from None
+            raise FormatError(f"{config_path}: cannot read ({cause(e)})") from None
         if not isinstance(config, dict):
             raise FormatError(f"{config_path}: expected a JSON object")
         _check_peft_config(config, config_path)

@@ -45,7 +45,7 @@ import numpy as np
 
 from runner import log
 from runner.durable import DurableFile, check_no_overlap
-from runner.errors import AutotransError, ConfigError, FormatError, shown
+from runner.errors import AutotransError, ConfigError, FormatError, cause, shown
 from runner.launch import launched_size
 
 
@@ -302,7 +302,7 @@ def _load_hf_tokenizer(path: Path) -> _Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises plain Exception for a bad file
-        raise FormatError(f"{path}: not a readable tokenizers tokenizer.json ({_first_line(e)})") from None
+        raise FormatError(f"{path}: not a readable tokenizers tokenizer.json ({cause(e)})") from None
     eos = _hf_eos_token(path)
     return _Tokenizer(
         path=path,
@@ -321,7 +321,7 @@ def _hf_eos_token(path: Path) -> str | None:
     try:
         eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
     except (OSError, ValueError, AttributeError) as e:
-        raise FormatError(f"{config_path}: not a readable tokenizer config ({_first_line(e)})") from None
+        raise FormatError(f"{config_path}: not a readable tokenizer config ({cause(e)})") from None
     if isinstance(eos, dict):  # an AddedToken written out
         eos = eos.get("content")
     return eos if isinstance(eos, str) else None
@@ -334,7 +334,7 @@ def _load_sentencepiece(path: Path) -> _Tokenizer:
     try:
         sp.Load(str(path))
     except (OSError, RuntimeError) as e:
-        raise FormatError(f"{path}: not a readable sentencepiece model ({_first_line(e)})") from None
+        raise FormatError(f"{path}: not a readable sentencepiece model ({cause(e)})") from None
 
     def token_id(token: str) -> int | None:
         i = sp.piece_to_id(token)
@@ -613,11 +613,6 @@ def _writers(cfg: PreprocessConfig, dtype: np.dtype, tag: str = "") -> Iterator[
 # ---------------------------------------------------------------------------- the job
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 @dataclass(frozen=True)
 class _Input:
     """The input files and the tokenizer, checked."""
@@ -655,9 +650,11 @@ class _Share:
     reported: list[tuple[str, int, str]] = field(default_factory=list)
 
 
-def _tokenize_share(writers: list[_DatasetWriter], inp: _Input, spans: list[_Span], cfg: PreprocessConfig, bar_desc: str | None) -> _Share:
+def _tokenize_share(writers: list[_DatasetWriter], inp: _Input, spans: list[_Span], cfg: PreprocessConfig, bar_desc: str | None,
+                    alive: Callable[[], object] = lambda: None) -> _Share:
     """Stream this process's spans through the tokenizer into the writers, in input order.
-    A bad line fails the job (on_bad_line=fail) or is counted, the first few kept to report."""
+    A bad line fails the job (on_bad_line=fail) or is counted, the first few kept to report.
+    `alive` is called after each block (under MPI: tell the other ranks this one progresses)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -687,6 +684,7 @@ def _tokenize_share(writers: list[_DatasetWriter], inp: _Input, spans: list[_Spa
             share.nbytes += enc.nbytes
             bar.update(enc.nbytes)
             bar.set_postfix_str(f"{share.documents} docs, {share.documents / (time.perf_counter() - start):,.0f} docs/s", refresh=False)
+            alive()
     return share
 
 
@@ -712,16 +710,17 @@ def _summary(start: float, share: _Share, tokens: int, writers: list[_DatasetWri
     }
 
 
-def run_preprocess(cfg: PreprocessConfig, *, show_progress: bool = True) -> dict:
+def run_preprocess(cfg: PreprocessConfig, *, show_progress: bool = True, mpi_timeout: float = 600) -> dict:
     """Tokenize `cfg.input` into one Megatron-Core indexed dataset per JSON key; under
     mpiexec every rank runs this, each tokenizing its share of the input (SPEC 9).
 
     Returns a summary: documents, tokens (all keys), bytes_in, seconds, skipped_lines and
     files (the outputs written). Raises ConfigError or FormatError with a one-line message
     for a missing input or tokenizer, an unreadable tokenizer, or (with on_bad_line=fail)
-    a bad line, named as file:line; AutotransError when an output cannot be written."""
+    a bad line, named as file:line; AutotransError when an output cannot be written.
+    Under MPI a rank that makes no progress for `mpi_timeout` seconds ends the job."""
     if launched_size() > 1:
-        return _run_mpi(cfg, show_progress)
+        return _run_mpi(cfg, show_progress, mpi_timeout)
     start = time.perf_counter()
     inp = _open_input(cfg)
     with _writers(cfg, inp.dtype) as writers:
@@ -737,15 +736,18 @@ def run_preprocess(cfg: PreprocessConfig, *, show_progress: bool = True) -> dict
 _TRANSFER_BYTES = 8 << 20  # a part travels to rank 0 in chunks of this size: memory stays bounded
 
 
-def _run_mpi(cfg: PreprocessConfig, show_progress: bool) -> dict:
+def _run_mpi(cfg: PreprocessConfig, show_progress: bool, mpi_timeout: float) -> dict:
     """This rank's part of the job. Rank r tokenizes share r of the input (cut at line
     starts, balanced by bytes) into temporary part files; rank 0 tokenizes its own share
     straight into the outputs, then appends every other rank's part in rank order, pulling
     it chunk by chunk; so the output is byte for byte what one process writes, and only
-    rank 0's node holds it. Any failure ends every rank with the same message."""
+    rank 0's node holds it. Any failure ends every rank with the same message, and a rank
+    silent for `mpi_timeout` seconds (stopped, hung) ends it naming that rank: every wait
+    goes through the link, which hears the others' beats."""
     from runner.collective import Link, StepError
 
     link = Link()
+    link.watch(mpi_timeout)
     log.configure(quiet=link.rank != 0)  # the job's summary is said once
     try:
         return _mpi_steps(link, cfg, show_progress)
@@ -768,7 +770,7 @@ def _mpi_steps(link, cfg: PreprocessConfig, show_progress: bool) -> dict:
                     raise AutotransError(f"{SECTION}.input: this rank sees {len(seen[link.rank])} file(s), {sum(n for _, n in seen[link.rank])} bytes, "
                                          f"and MPI rank 0 sees {len(seen[0])}, {sum(n for _, n in seen[0])} bytes; every rank must see the same input files (a shared disk)")
                 desc = f"preprocess (rank 0's share of {link.size})" if show_progress and link.rank == 0 else None
-                return _tokenize_share(writers, inp, _spans(inp.files, inp.sizes, link.rank, link.size), cfg, desc)
+                return _tokenize_share(writers, inp, _spans(inp.files, inp.sizes, link.rank, link.size), cfg, desc, link.poll)
 
             share = link.step("tokenize", tokenize)
             shares = link.exchange((share, [w.part_sizes() for w in writers]))
@@ -796,33 +798,45 @@ def _mpi_steps(link, cfg: PreprocessConfig, show_progress: bool) -> dict:
 def _pull_parts(link, writers: list[_DatasetWriter], sizes: list[list[tuple[int, int, int]]]) -> None:
     """Rank 0: append each other rank's part to the writers, asking for one chunk at a time;
     every rank is released at the end, whatever happens."""
-    comm, released = link.p2p, set()
+    released: set[int] = set()
     try:
         for rank in range(1, link.size):
             for k, writer in enumerate(writers):
                 for stream, size in enumerate(sizes[rank][k]):
                     for offset in range(0, size, _TRANSFER_BYTES):
-                        comm.send((k, stream, offset, min(_TRANSFER_BYTES, size - offset)), dest=rank)
-                        data = comm.recv(source=rank)
+                        _send(link, (k, stream, offset, min(_TRANSFER_BYTES, size - offset)), rank)
+                        data = _recv(link, rank)
                         if isinstance(data, str):
                             raise AutotransError(f"MPI rank {rank}: {data}")
                         writer.absorb(stream, data)
-            comm.send(None, dest=rank)
+            _send(link, None, rank)
             released.add(rank)
     finally:
         for rank in set(range(1, link.size)) - released:
-            comm.send(None, dest=rank)
+            _send(link, None, rank)
 
 
 def _serve_part(link, writers: list[_DatasetWriter]) -> None:
     """Ranks > 0: answer rank 0's requests for chunks of this rank's part until released."""
-    comm, failure = link.p2p, None
-    while (request := comm.recv(source=0)) is not None:
+    failure = None
+    while (request := _recv(link, 0)) is not None:
         k, stream, offset, size = request
         try:
-            comm.send(writers[k].read_part(stream, offset, size), dest=0)
+            part = writers[k].read_part(stream, offset, size)
         except OSError as e:
             failure = AutotransError(f"{writers[k].bin_path}: cannot read this rank's part: {e.strerror}")
-            comm.send(str(failure), dest=0)
+            part = str(failure)
+        _send(link, part, 0)
     if failure:
         raise failure
+
+
+def _send(link, obj: object, dest: int) -> None:
+    """Send `obj` to rank `dest`, waiting through the link (beats heard, silent ranks noticed)."""
+    link.wait([link.p2p.isend(obj, dest=dest)])
+
+
+def _recv(link, source: int) -> object:
+    """The next object from rank `source`, once it has arrived (waiting as _send does)."""
+    link.wait_until(lambda: link.p2p.iprobe(source=source))
+    return link.p2p.recv(source=source)

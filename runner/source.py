@@ -107,11 +107,14 @@ class RankReader:
         self._tensors: dict[str, TensorInfo] = {}
         try:
             for p in paths:
-                r = open_reader(p)
-                self._readers.append(r)
+                self._readers.append(open_reader(p))
+            if len(self._readers) == 1:  # the reader's own dict: a header may hold millions of names
+                self._tensors = self._readers[0].tensors()
+                return
+            for r in self._readers:
                 for name, info in r.tensors().items():
                     if name in self._owner:
-                        raise FormatError(f"tensor {name} appears in both {self._owner[name].path} and {p}: loose files "
+                        raise FormatError(f"tensor {name} appears in both {self._owner[name].path} and {r.path}: loose files "
                                           "are parts of one checkpoint; put per-rank files in rank_0/ ... rank_N/ folders")
                     self._owner[name] = r
                     self._tensors[name] = info
@@ -119,15 +122,18 @@ class RankReader:
             self.close()
             raise
 
+    def _reader(self, name: str) -> CheckpointReader:
+        return self._owner[name] if self._owner else self._readers[0]
+
     def tensors(self) -> dict[str, TensorInfo]:
         return self._tensors
 
     def array(self, name: str) -> np.ndarray:
-        return self._owner[name].array(name)
+        return self._reader(name).array(name)
 
     def locate(self, name: str, arr: np.ndarray) -> tuple[int, int] | None:
         """Where `arr`, a view of tensor `name`, starts in its file (MappedFile.locate)."""
-        locate = getattr(self._owner[name], "locate", None)
+        locate = getattr(self._reader(name), "locate", None)
         return locate(arr) if locate is not None else None
 
     def release(self) -> None:
@@ -140,12 +146,13 @@ class RankReader:
 
 
 def read_headers(source: Source) -> dict[int, dict[str, TensorInfo]]:
-    """Every source rank's tensor headers (and file sizes, checked by the readers)."""
+    """Every source rank's tensor headers (and file sizes, checked by the readers): the
+    readers' own dicts, not copies, since a header may hold millions of names."""
     out = {}
     for r in source.ranks:
         reader = source.open(r)
         try:
-            out[r] = dict(reader.tensors())
+            out[r] = reader.tensors()
         finally:
             reader.close()
     return out

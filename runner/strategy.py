@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from runner import dtypes, durable
-from runner.errors import FormatError, LayoutError, shown
+from runner.errors import FormatError, LayoutError, cause, shown
 from runner.formats.base import TensorInfo
 from runner.layout import Box, ParamLayout
 from runner.ranks import gaps
@@ -239,7 +239,7 @@ def load_native(files: list[Path], path: Path) -> Strategy:
         try:
             doc = json.loads(f.read_text())
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
-            raise FormatError(f"{f}: cannot read strategy JSON ({e})") from None
+            raise FormatError(f"{f}: cannot read strategy JSON ({cause(e)})") from None
         parts.append(parse_native(doc, str(f)))
     return merge(parts, str(path))
 

@@ -107,7 +107,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from runner import dtypes
-from runner.errors import ConfigError
+from runner.errors import ConfigError, cause
 
 
 def _template_dir() -> Path:
@@ -568,7 +568,7 @@ def hf_config(folder: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
+        raise ConfigError(f"{path}: cannot read ({cause(e)})") from None
     return doc if isinstance(doc, dict) else {}
 
 

@@ -265,8 +265,7 @@ def test_bad_header_on_one_rank_fails_everywhere(world):
 
 
 HOOK = """
-import os, signal, sys, time
-import runner.compile
+import importlib, os, signal, sys, time
 from runner.errors import AutotransError
 from runner.cli import main
 
@@ -283,9 +282,18 @@ def hook(*args, **kwargs):
         time.sleep(30)
     raise AutotransError("injected failure while writing")
 
-runner.compile.write_file = hook
-sys.exit(main(sys.argv[2:]))
+module, name = sys.argv[2].split(":")  # the function whose call is the moment to act
+setattr(importlib.import_module(module), name, hook)
+sys.exit(main(sys.argv[3:]))
 """
+
+
+def hooked(tmp_path: Path, what: str, target: str, job: Path) -> list:
+    """The command of a rank that runs `job` and dies, stops, is interrupted or fails (`what`)
+    when it calls `target` ("module:function")."""
+    hook = tmp_path / "hook.py"
+    hook.write_text(HOOK)
+    return [sys.executable, hook, what, target, *autotrans(job)[3:]]
 
 
 def hooked_run(world, tmp_path: Path, what: str, **keys) -> tuple[subprocess.CompletedProcess, Path, float]:
@@ -294,14 +302,12 @@ def hooked_run(world, tmp_path: Path, what: str, **keys) -> tuple[subprocess.Com
     root = tmp_path / what
     for mpi_rank, ranks in ((0, [0]), (1, [1, 2]), (2, [3])):
         write_distributed(root / f"r{mpi_rank}", world["full"], 2, 2, ranks)
-    hook = tmp_path / "hook.py"
-    hook.write_text(HOOK)
     out = root / "out"
     job = job_file(root, "job", {"load_checkpoint": str(root / "r${oc.env:PMI_RANK}"), "output_dir": str(out),
                                  "src_strategy_path_or_dir": str(world["root"] / "s_tp2pp2"),
                                  "dst_strategy_path_or_dir": str(world["root"] / "s_tp4pp1"), **keys})
     start = time.monotonic()
-    proc = mpirun(["-n", 1, *autotrans(job), ":", "-n", 1, sys.executable, hook, what, *autotrans(job)[3:], ":",
+    proc = mpirun(["-n", 1, *autotrans(job), ":", "-n", 1, *hooked(tmp_path, what, "runner.compile:write_file", job), ":",
                    "-n", 1, *autotrans(job)], timeout=60)
     return proc, out, time.monotonic() - start
 

@@ -459,6 +459,22 @@ def test_launch_splits_the_input_over_ranks_with_the_bytes_of_one_process(tmp_pa
     assert titles == [bpe.encode(t[:12]) + [bpe.eos] for t in texts[:900]] + [bpe.encode(t[-7:]) + [bpe.eos] for t in texts[900:]]
 
 
+def test_a_stopped_rank_ends_preprocessing_after_mpi_timeout(tmp_path, bpe):
+    """Rank 1 is stopped (SIGSTOP) when it starts tokenizing its share: after mpi_timeout
+    seconds the job ends on every rank (the run's timeout: 60 s), exit 1, one line naming
+    it, and no output file under its final name."""
+    from tests.test_mpi import autotrans, errors, hooked, mpirun
+
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _corpus(400, seed=7)])
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"mpi_timeout": 5, "preprocess_data": {
+        "input": str(path), "tokenizer": str(bpe.path), "output_prefix": str(tmp_path / "out" / "ds")}}))
+    proc = mpirun(["-n", 1, *autotrans(job), ":", "-n", 1, *hooked(tmp_path, "stop", "runner.preprocess:_tokenize_share", job)])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert errors(proc.stderr) == ["MPI rank 1 of 2 made no progress for 5 s (mpi_timeout); ending the job on every rank"], proc.stderr
+    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix in (".bin", ".idx")]  # temporaries only, as after any kill
+
+
 def test_bad_lines_under_mpi_are_named_by_their_line_in_the_file(tmp_path, bpe):
     """A bad line in rank 1's share is named with its line number in the whole file, once."""
     lines = [json.dumps({"text": t}) for t in _corpus(400, seed=6)]

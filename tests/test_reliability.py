@@ -843,6 +843,83 @@ def test_second_run_on_a_held_output_dir_is_refused(tmp_path: Path, capsys) -> N
     assert main(cfg) == 0  # the lock of the run before was released
 
 
+def blocked_on_a_lock(pid: int) -> bool:
+    """Whether process `pid` waits for a file lock (a "->" line of /proc/locks)."""
+    with open("/proc/locks") as f:
+        return any(len(parts) > 5 and parts[1] == "->" and parts[5] == str(pid) for parts in map(str.split, f))
+
+
+def test_checkpoint_for_rank_waits_while_output_dir_is_held(tmp_path: Path) -> None:
+    """checkpoint_for_rank takes the same lock: while another process holds output_dir it
+    waits on the lock (the kernel lists it as blocked) and changes nothing there; once the
+    holder is gone it transforms and returns its rank's file."""
+    make_source(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        caller = subprocess.Popen([sys.executable, "-c", "import sys; from runner.api import checkpoint_for_rank; "
+                                   "print(checkpoint_for_rank(sys.argv[1], 0, []))", str(job(tmp_path, out))],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not blocked_on_a_lock(caller.pid):
+            assert caller.poll() is None and time.monotonic() < deadline, caller.communicate()
+            time.sleep(0.05)
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    stdout, stderr = caller.communicate(timeout=120)
+    assert caller.returncode == 0, stderr
+    assert Path(stdout.strip().splitlines()[-1]) == out / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors"
+
+
+# A job that stops once it has claimed its output folder (lock held, record written) and
+# goes on when the file named by argv[2] appears: a run caught in the middle, for certain.
+PAUSED_RUN = """
+import sys, time
+from pathlib import Path
+from runner import outputs
+from runner.cli import main
+claim = outputs.OutputFolder.claim
+def paused(self, *args, **kwargs):
+    claim(self, *args, **kwargs)
+    print("claimed", flush=True)
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.01)
+outputs.OutputFolder.claim = paused
+sys.exit(main(["run", sys.argv[1], "--no-progress"]))
+"""
+
+
+def test_a_different_job_on_an_output_dir_in_use_is_refused_and_the_running_job_completes(tmp_path: Path, capsys) -> None:
+    """Two different jobs (other dtype, so another job digest) on one output_dir at once:
+    the second is refused in one line naming the first's pid, touching nothing; the first
+    completes with exactly the files it writes alone."""
+    make_source(tmp_path)
+    out, alone, go = tmp_path / "out", tmp_path / "alone", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(job(tmp_path, out)), str(go)], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    try:
+        assert first.stdout.readline().strip() == "claimed"
+        before = snapshot(out)
+        capsys.readouterr()
+        assert main(["run", str(job(tmp_path, out, dtype="fp32")), "--no-progress"]) == 1
+        line = one_error_line(capsys)
+        assert f"pid {first.pid} " in line and "in use by another autotrans run" in line, line
+        assert snapshot(out) == before
+    finally:
+        go.touch()
+        assert first.wait(timeout=60) == 0
+    assert main(["run", str(job(tmp_path, alone)), "--no-progress"]) == 0
+    files = sorted(p.relative_to(alone) for p in (alone / "transformed_checkpoint").rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(out) for p in (out / "transformed_checkpoint").rglob("*.safetensors"))
+    assert all((alone / f).read_bytes() == (out / f).read_bytes() for f in files)
+
+
 # -- signals ----------------------------------------------------------------------------------
 def signalled_run(args: list[str], err: Path, plant: Callable[[], None]) -> int:
     """The CLI's exit status in a forked child, after `plant()` set up the signal it

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from runner.errors import ConfigError, FormatError
+from runner.errors import ConfigError, FormatError, cause
 from runner.templates import Env, Template, available, canonical_config, check_modelled, evaluate, find, resolve
 
 
@@ -95,7 +95,7 @@ def read_hf_config(folder: Path, arch: Any = None) -> tuple[dict, Model]:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise FormatError(f"{path}: cannot read HF config ({e})") from None
+        raise FormatError(f"{path}: cannot read HF config ({cause(e)})") from None
     return cfg, from_hf_config(cfg, str(path), arch)
 
 

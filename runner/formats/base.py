@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """A stored tensor as its file header describes it (no bytes read)."""
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from runner import dtypes
-from runner.errors import FormatError
+from runner.errors import FormatError, cause
 from runner.formats.base import MappedFile, TensorInfo
 from runner.layout import Box, intersect
 
@@ -285,7 +285,7 @@ class DcpReader:
             stored = _TensorUnpickler(io.BytesIO(z.read(pkl)), where).load()
             record = members.get(f"{prefix}data/{stored.key}") if isinstance(stored, _Stored) else None
         except zipfile.BadZipFile as e:
-            raise FormatError(f"{where}: not a torch.save archive ({e})") from None
+            raise FormatError(f"{where}: not a torch.save archive ({cause(e)})") from None
         if record is None or record.compress_type != zipfile.ZIP_STORED:
             raise FormatError(f"{where}: no uncompressed storage record for its tensor")
         if stored.dtype != self.index.tensors[name].dtype or stored.shape != c.box.sizes:

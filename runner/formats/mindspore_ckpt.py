@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from array import array
 from pathlib import Path
 from dataclasses import dataclass, field
 
@@ -50,25 +51,23 @@ _ENCRYPTED = (b"\xd8\x5e\x3a\x7f", b"\xd9\x5e\x3a\x7f", b"\xda\x5e\x3a\x7f")
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
 
 
-_INFO_BITS = 32  # an index entry packs (content offset << _INFO_BITS) | TensorInfo number
-
-
 @dataclass
 class Index:
-    """Where each tensor of a checkpoint lies, in about 130 bytes a tensor (a file of a
-    million one-byte records must not cost GBs): one int per name packing the content
-    offset and the number of its TensorInfo (tensors that share a dtype and shape share
-    one); the runs of a tensor MindSpore cut into several records apart."""
+    """Where each tensor of a checkpoint lies, in about 100 bytes a tensor (a file of a
+    million one-byte records must not cost GBs): its name -> TensorInfo (tensors that
+    share a dtype and shape share one), which is what `tensors()` hands out, and each
+    record's content offset in one array, in record order; the runs of a tensor
+    MindSpore cut into several records apart."""
 
-    packed: dict[str, int] = field(default_factory=dict)
-    infos: list[TensorInfo] = field(default_factory=list)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    offsets: array = field(default_factory=lambda: array("Q"))
     runs: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # (offset, length) of each record's content
-
-    def info(self, name: str) -> TensorInfo:
-        return self.infos[self.packed[name] & ((1 << _INFO_BITS) - 1)]
+    _position: dict[str, int] | None = None  # name -> record number, built when the first tensor is read
 
     def offset(self, name: str) -> int:
-        return self.packed[name] >> _INFO_BITS
+        if self._position is None:
+            self._position = {n: i for i, n in enumerate(self.tensors)}
+        return self.offsets[self._position[name]]
 
 
 class _Walker:
@@ -162,7 +161,7 @@ def scan(buf, size: int, path: Path) -> Index:
     Memory is a small multiple of the record headers' bytes (Index)."""
     w = _Walker(buf, path)
     index = Index()
-    numbers: dict[tuple, int] = {}  # (dtype, *dims) -> its TensorInfo's number
+    shared: dict[TensorInfo, TensorInfo] = {}  # one object per dtype and shape
     pending: tuple[str, list[int], str, list[tuple[int, int]]] | None = None  # a tensor whose chunks may follow
     for number, wire, span in w.fields(0, size):
         if number != 1 or wire != _LEN:
@@ -174,17 +173,17 @@ def scan(buf, size: int, path: Path) -> Index:
             pending[3].append(content)
             continue
         if pending is not None:
-            _add(index, path, *pending, numbers)
-        if tag in index.packed:
+            _add(index, path, *pending, shared)
+        if tag in index.tensors:
             raise FormatError(f"{path}: tensor {tag!r} appears twice (not in consecutive records); the file is corrupt")
         pending = (tag, dims, ttype, [content])
     if pending is not None:
-        _add(index, path, *pending, numbers)
+        _add(index, path, *pending, shared)
     return index
 
 
 def _add(index: Index, path: Path, tag: str, dims: list[int], ttype: str, spans: list[tuple[int, int]],
-         numbers: dict[tuple, int]) -> None:
+         shared: dict[TensorInfo, TensorInfo]) -> None:
     dtype = MS_TYPES.get(ttype)
     if dtype is None:
         raise FormatError(f"{path}: tensor {tag!r} has type {ttype!r}, which autotrans does not support (supported: {', '.join(MS_TYPES)})")
@@ -200,12 +199,9 @@ def _add(index: Index, path: Path, tag: str, dims: list[int], ttype: str, spans:
         dims = []
     if nbytes != math.prod(dims) * size:
         raise FormatError(f"{path}: tensor {tag!r} holds {nbytes} bytes but dims {dims} {ttype} need {math.prod(dims) * size}; the file is corrupt or truncated")
-    key = (dtype, *dims)
-    n = numbers.get(key)
-    if n is None:
-        n = numbers[key] = len(index.infos)
-        index.infos.append(TensorInfo(dtype, tuple(dims)))
-    index.packed[tag] = spans[0][0] << _INFO_BITS | n
+    info = TensorInfo(dtype, tuple(dims))
+    index.tensors[tag] = shared.setdefault(info, info)
+    index.offsets.append(spans[0][0])
     if len(spans) > 1:
         index.runs[tag] = tuple((a, b - a) for a, b in spans)
 
@@ -258,12 +254,11 @@ class CkptReader(MappedFile):
         return scan(mm, end, self.path)
 
     def tensors(self) -> dict[str, TensorInfo]:
-        infos, mask = self._tensors.infos, (1 << _INFO_BITS) - 1
-        return {name: infos[v & mask] for name, v in self._tensors.packed.items()}
+        return self._tensors.tensors
 
     def array(self, name: str) -> np.ndarray:
         index = self._tensors
-        info = index.info(name)
+        info = index.tensors[name]
         dt = dtypes.bits_dtype(info.dtype)
         if info.numel == 0:
             return np.empty(info.shape, dt)

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from runner.dtypes import cast_dtype
-from runner.errors import FormatError, LayoutError, name_list
+from runner.errors import FormatError, LayoutError, cause, name_list
 from runner.formats.base import TensorInfo
 from runner.formats.mindspore_proto import message
 from runner.layout import ParamLayout
@@ -52,7 +52,7 @@ def _parse(path: Path):
     try:
         doc.ParseFromString(raw)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise FormatError(f"{path}: not a MindSpore protobuf strategy file ({e})") from None
+        raise FormatError(f"{path}: not a MindSpore protobuf strategy file ({cause(e)})") from None
     return doc
 
 

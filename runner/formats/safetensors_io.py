@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from runner import dtypes
-from runner.errors import FormatError
+from runner.errors import FormatError, cause, clipped
 from runner.formats.base import Entry, FileLayout, MappedFile, TensorInfo
 
 SUFFIX = ".safetensors"
@@ -27,8 +27,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Spec(NamedTuple):
-    """One tensor's header entry as parsed: kept compact, since a header may hold
-    millions (extra keys the library ignores are kept only to check their nesting)."""
+    """A tensor's header entry as parsed, when it is not a plain valid one (extra keys
+    the library ignores are kept only to check their nesting; the rest is checked, and
+    refused naming the tensor, once its name is known)."""
 
     dtype: Any
     shape: Any
@@ -36,20 +37,55 @@ class _Spec(NamedTuple):
     extra: dict | None
 
 
+class _Entry(NamedTuple):
+    """A valid tensor entry, kept compact since a header may hold millions: its shared
+    TensorInfo and its byte range in the data."""
+
+    info: TensorInfo
+    begin: int
+    end: int
+
+
 class _Refused(ValueError):
     """JSON the safetensors library's parser refuses though Python's accepts it."""
 
 
-def _object(pairs: list[tuple[str, Any]]) -> Any:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Refused(f"{dup!r} appears twice")
-    if isinstance(d.get("dtype"), str) and "shape" in d and "data_offsets" in d:
+def _object_hook(shared: dict[TensorInfo, TensorInfo]):
+    """json's object_pairs_hook: refuses duplicate keys and turns each tensor entry into
+    an _Entry (one TensorInfo per dtype and shape, from `shared`) as soon as it is parsed,
+    so the parsed header costs about what its text does."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> Any:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen: set[str] = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise _Refused(f"{clipped(dup)!r} appears twice")
+        if not (isinstance(d.get("dtype"), str) and "shape" in d and "data_offsets" in d):
+            return d
         extra = {k: v for k, v in d.items() if k not in _INFO_KEYS}
-        return _Spec(d["dtype"], d["shape"], d["data_offsets"], extra or None)
-    return d
+        spec = _Spec(d["dtype"], d["shape"], d["data_offsets"], extra or None)
+        return spec if extra or _problem(spec) else _entry(spec, shared)
+
+    return hook
+
+
+def _problem(spec: _Spec) -> str | None:
+    """Why a tensor entry is not valid on its own (its range inside the data is checked later)."""
+    if not _uints(spec.shape) or not _uints(spec.offsets) or len(spec.offsets) != 2:
+        return "corrupt"
+    if spec.dtype not in dtypes.ITEMSIZE or spec.dtype == dtypes.STRING:
+        return "dtype"
+    if math.prod(d for d in spec.shape if d) * dtypes.itemsize(spec.dtype) >= 1 << 63:  # numpy's limit, even when empty
+        return "shape"
+    if spec.offsets[1] - spec.offsets[0] != math.prod(spec.shape) * dtypes.itemsize(spec.dtype):
+        return "size"
+    return None
+
+
+def _entry(spec: _Spec, shared: dict[TensorInfo, TensorInfo]) -> _Entry:
+    info = TensorInfo(spec.dtype, tuple(spec.shape))
+    return _Entry(shared.setdefault(info, info), *spec.offsets)
 
 
 def _constant(name: str) -> Any:
@@ -69,17 +105,20 @@ def _check_strings_and_depth(value: Any, depth: int, what: str) -> None:
         if isinstance(v, str):
             if _SURROGATE.search(v):
                 raise _Refused(f"{what} holds a lone surrogate ({ascii(v)[:60]})")
-        elif isinstance(v, (dict, list, _Spec)):
+        elif isinstance(v, (dict, list, _Spec, _Entry)):
             if d > _MAX_DEPTH:
                 raise _Refused(f"{what} is nested deeper than {_MAX_DEPTH} levels")
             items = [*v.keys(), *v.values()] if isinstance(v, dict) else list(v)
             stack += [(x, d + 1) for x in items]
+        elif isinstance(v, TensorInfo) and d > _MAX_DEPTH:  # stands for an _Entry's shape and offsets lists
+            raise _Refused(f"{what} is nested deeper than {_MAX_DEPTH} levels")
 
 
-def _parse(raw: bytes) -> dict:
-    """The header JSON, refusing what the library's parser refuses: not UTF-8, NaN,
-    duplicate keys, lone surrogates, deep nesting."""
-    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object, parse_constant=_constant, parse_int=_int)
+def _parse(text: str) -> dict:
+    """The header JSON, refusing what the library's parser refuses: NaN, duplicate keys,
+    lone surrogates, deep nesting."""
+    shared: dict[TensorInfo, TensorInfo] = {}
+    header = json.loads(text, object_pairs_hook=_object_hook(shared), parse_constant=_constant, parse_int=_int)
     if not isinstance(header, dict):
         raise _Refused("not a JSON object")
     meta = header.pop("__metadata__", None)
@@ -89,16 +128,19 @@ def _parse(raw: bytes) -> dict:
         raise _Refused("__metadata__ must map names to strings")
     _check_strings_and_depth(meta, 2, "__metadata__")
     for name, spec in header.items():
-        if isinstance(spec, _Spec) and spec.extra:
-            _check_strings_and_depth(spec.extra, 2, f"the entry of tensor {name!r}")  # the entry object is level 2
+        if isinstance(spec, _Spec):
+            if spec.extra:
+                _check_strings_and_depth(spec.extra, 2, f"the entry of tensor {name!r}")  # the entry object is level 2
+            if not _problem(spec):
+                header[name] = _entry(spec, shared)
     header["__metadata__"] = meta
     return header
 
 
-def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]], dict]:
-    """Parse and check a file's header: (data start, tensors, byte ranges, metadata).
-    Refuses every header the safetensors library refuses; memory is a small multiple
-    of the header's bytes on disk."""
+def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, _Entry], dict]:
+    """Parse and check a file's header: (data start, tensors, entries with their byte
+    ranges, metadata). Refuses every header the safetensors library refuses; memory is a
+    small multiple of the header's bytes on disk (the text, then compact entries)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -113,68 +155,83 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, tuple
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror}") from None
     try:
-        header = _parse(raw)
+        text = raw.decode("utf-8")
+        del raw  # not held while the text is parsed
+        header = _parse(text)
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, absurd nesting
-        raise FormatError(f"{path}: corrupt safetensors header JSON ({e})") from None
-    del raw
+        raise FormatError(f"{path}: corrupt safetensors header JSON ({e if isinstance(e, _Refused) else cause(e)})") from None
+    del text
     meta = header.pop("__metadata__")
     data_start = 8 + n
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
-    ranges: dict[str, tuple[int, int]] = {}
-    infos: dict[tuple, TensorInfo] = {}  # one object per (dtype, shape): a header may hold millions of tensors
-    for name, spec in header.items():
+    for name, entry in header.items():
         if _SURROGATE.search(name):
             raise FormatError(f"{path}: tensor name {ascii(name)[:80]} holds a lone surrogate; header corrupt")
-        if not isinstance(spec, _Spec) or not _uints(spec.shape) or not _uints(spec.offsets) or len(spec.offsets) != 2:
-            raise FormatError(f"{path}: corrupt header entry for tensor {name!r}")
-        if spec.dtype not in dtypes.ITEMSIZE or spec.dtype == dtypes.STRING:
-            raise FormatError(f"{path}: tensor {name!r} has unknown dtype {spec.dtype!r}")
-        key = (spec.dtype, *spec.shape)
-        info = infos.get(key) or infos.setdefault(key, TensorInfo(spec.dtype, tuple(spec.shape)))
-        begin, end = spec.offsets
-        if math.prod(d for d in info.shape if d) * dtypes.itemsize(info.dtype) >= 1 << 63:  # numpy's limit, even when empty
-            raise FormatError(f"{path}: tensor {name!r} has an impossible shape {list(info.shape)}; header corrupt")
-        if not 0 <= begin <= end <= data_len:
-            raise FormatError(f"{path}: tensor {name!r} bytes [{begin}, {end}) lie outside the data ({data_len} bytes); file truncated or header corrupt")
-        if end - begin != info.numel * dtypes.itemsize(info.dtype):
-            raise FormatError(f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(info.shape)} {info.dtype} needs {info.numel * dtypes.itemsize(info.dtype)}")
-        tensors[name] = info
-        ranges[name] = (begin, end)
-    del header
-    _check_coverage(path, ranges, data_len)
-    return data_start, tensors, ranges, meta
+        if not isinstance(entry, _Entry):
+            _refuse(path, name, entry, data_len)
+        if not 0 <= entry.begin <= entry.end <= data_len:
+            raise FormatError(f"{path}: tensor {name!r} bytes [{entry.begin}, {entry.end}) lie outside the data ({data_len} bytes); file truncated or header corrupt")
+        tensors[name] = entry.info
+    _check_coverage(path, header, data_len)
+    return data_start, tensors, header, meta
+
+
+def _refuse(path: Path, name: str, spec: Any, data_len: int) -> None:
+    """Raise the error for a tensor entry that is not valid."""
+    problem = _problem(spec) if isinstance(spec, _Spec) else "corrupt"
+    if problem == "corrupt":
+        raise FormatError(f"{path}: corrupt header entry for tensor {name!r}")
+    if problem == "dtype":
+        raise FormatError(f"{path}: tensor {name!r} has unknown dtype {spec.dtype!r}")
+    if problem == "shape":
+        raise FormatError(f"{path}: tensor {name!r} has an impossible shape {list(spec.shape)}; header corrupt")
+    begin, end = spec.offsets
+    if not 0 <= begin <= end <= data_len:
+        raise FormatError(f"{path}: tensor {name!r} bytes [{begin}, {end}) lie outside the data ({data_len} bytes); file truncated or header corrupt")
+    need = math.prod(spec.shape) * dtypes.itemsize(spec.dtype)
+    raise FormatError(f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(spec.shape)} {spec.dtype} needs {need}")
 
 
 def _uints(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
 
 
-def _check_coverage(path: Path, ranges: dict[str, tuple[int, int]], data_len: int) -> None:
+def _check_coverage(path: Path, entries: dict[str, _Entry], data_len: int) -> None:
     """Tensors tile the data exactly, in offset order, as the library requires: no gap,
-    no overlap, no trailing bytes."""
+    no overlap, no trailing bytes. Checked on arrays (a header may hold millions of
+    tensors); a fault is then named in (offset, name) order."""
+    n = len(entries)
+    if n:
+        begins = np.fromiter((e.begin for e in entries.values()), np.uint64, n)
+        ends = np.fromiter((e.end for e in entries.values()), np.uint64, n)
+        order = np.lexsort((ends, begins))
+        begins, ends = begins[order], ends[order]
+        tiled = begins[0] == 0 and np.array_equal(begins[1:], ends[:-1]) and ends[-1] == data_len
+    else:
+        tiled = data_len == 0
+    if tiled:
+        return
     pos, prev = 0, None
-    for (begin, end), name in sorted((r, k) for k, r in ranges.items()):
+    for (begin, end), name in sorted(((e.begin, e.end), k) for k, e in entries.items()):
         if begin < pos:
             raise FormatError(f"{path}: tensors {prev!r} and {name!r} overlap in the file; header corrupt")
         if begin > pos:
             raise FormatError(f"{path}: {begin - pos} bytes before tensor {name!r} belong to no tensor; header corrupt")
         pos, prev = end, name
-    if pos != data_len:
-        raise FormatError(f"{path}: the last {data_len - pos} bytes belong to no tensor; file corrupt or not safetensors")
+    raise FormatError(f"{path}: the last {data_len - pos} bytes belong to no tensor; file corrupt or not safetensors")
 
 
 class SafetensorsReader(MappedFile):
     def __init__(self, path: Path):
-        self._start, self._tensors, self._ranges, self.metadata = read_header(Path(path))
+        self._start, self._tensors, self._entries, self.metadata = read_header(Path(path))
         super().__init__(path)
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._tensors
 
     def array(self, name: str) -> np.ndarray:
-        info = self._tensors[name]
-        begin, _ = self._ranges[name]
+        info, begin, _ = self._entries[name]
         dt = dtypes.bits_dtype(info.dtype)
         if info.numel == 0:
             return np.empty(info.shape, dt)

@@ -30,7 +30,7 @@ import numpy as np
 
 from runner import dtypes
 from runner.durable import DurableFile, write_bytes
-from runner.errors import FormatError
+from runner.errors import FormatError, cause
 from runner.formats import torch_archive
 from runner.formats.base import TensorInfo
 from runner.formats.dcp import METADATA, DcpReader
@@ -101,7 +101,7 @@ def backend(folder: Path) -> str:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise FormatError(f"{path}: cannot read ({e})") from None
+        raise FormatError(f"{path}: cannot read ({cause(e)})") from None
     name = doc.get("sharded_backend") if isinstance(doc, dict) else None
     if name != "torch_dist":
         raise FormatError(f"{path}: sharded_backend {name!r}; only Megatron's torch_dist distributed checkpoints are read")

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from runner import dtypes
-from runner.errors import FormatError
+from runner.errors import FormatError, cause, clipped, name_list
 from runner.formats.base import TensorInfo
 
 # Modules whose classes and enums may appear inside Megatron's `args` and optimizer
@@ -95,17 +95,17 @@ def load(path: Path) -> Any:
     try:
         unknown = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in known]
     except Exception as e:  # a corrupt zip or pickle stream
-        raise FormatError(f"{path}: cannot read torch checkpoint ({e})") from None
+        raise FormatError(f"{path}: cannot read torch checkpoint ({cause(e)})") from None
     refused = sorted(g for g in unknown if not g.startswith(INERT_MODULES))
     if refused:
-        raise FormatError(f"{path}: refused to load: its pickle calls {', '.join(refused)}, which could run code; "
+        raise FormatError(f"{path}: refused to load: its pickle calls {name_list([clipped(g) for g in refused])}, which could run code; "
                           "only tensors, argparse.Namespace, numpy arrays and Megatron/TransformerEngine classes are accepted")
     allowed = real + [(_placeholder(g), g) for g in unknown]
     try:
         with _LOAD_LOCK, torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch.load of damaged bytes raises anything (TypeError, KeyError, ...)
-        raise FormatError(f"{path}: cannot load torch checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        raise FormatError(f"{path}: cannot load torch checkpoint ({type(e).__name__}: {cause(e)})") from None
 
 
 def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -128,7 +128,7 @@ def check_zip(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise FormatError(f"{path}: cannot read torch checkpoint ({e})") from None
+        raise FormatError(f"{path}: cannot read torch checkpoint ({cause(e)})") from None
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size or m.header_offset + m.file_size > size:
             raise FormatError(f"{path}: member {m.filename!r} is compressed or claims {m.file_size} bytes past the file's "
