@@ -5,7 +5,9 @@ parallel, then model (tensor) parallel fastest. Within a stage `dev_matrix` is
 [dp * cp, tp] (MindSpore Transformers shards weights ((dp * cp, 1), (mp, 1)): context
 parallel multiplies the replicas), so tensor_map axis 0 is tp and axis 1 is dp. Stacked
 expert weights use [dp * cp / ep, ep, tp] (expert parallel carved out of data parallel,
-as both do), with the expert dim on axis 1.
+as both do), with the expert dim on axis 1. MindSpore Transformers 1.7's grouped experts
+use its MoE device matrix [dp * cp * tp / ep, ep] (expert parallel carved out of data x
+tensor parallel, fastest), split on dim 0 over ep alone.
 
 With `optimizer_shard`, MindSpore's parallel optimizer splits dim 0 of each rank's
 slice further over its replicas (or optimizer_weight_shard_size of them), except for
@@ -49,7 +51,8 @@ KIND_DTYPE = {"norm": ("layernorm_compute_type", "float32"), "embedding": ("embe
               "router": ("router_dense_type", "float32")}
 # Kinds MindSpore Transformers declares parallel_optimizer=False (embeddings unless
 # model_config.parallel_optimizer asks).
-NO_OPT_SHARD = ("norm", "bias", "embedding")
+NO_OPT_SHARD = ("norm", "bias", "embedding", "state")
+STATE_DTYPE = "F32"  # MindSpore Transformers creates its training counters float32
 # Optimizer states a MindSpore Transformers training run holds beside every weight
 # (float32, with the weight's layout), by optimizer.type.
 OPTIMIZER_STATES = {"AdamW": ("adam_m", "adam_v"), "FusedAdamWeightDecay": ("adam_m", "adam_v"),
@@ -72,12 +75,14 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
     sides agree."""
     template, env = model_env(cfg)
     scheme = detect_scheme(template, env, src) if src is not None else default_scheme(cfg, template)
-    if scheme == "mindformers" and any(w.experts == "each" for w in template.weights_of(scheme)):
+    if scheme == "mindformers" and any(w.experts == "each" and instances(w, env, scheme) for w in template.weights_of(scheme)):
         # MindSpore Transformers' training graphs stack experts; per-expert names are only
         # those its weight loader takes from HF names
+        grouped = next((w.when[scheme] for w in template.weights_of(scheme) if w.experts == "grouped" and scheme in (w.when or {})), None)
         raise ConfigError(f"template {template.name} names MindSpore Transformers' experts one tensor each (its weight "
-                          "loader's names), not as its training graph stacks them: no MindSpore layout is generated for it")
-    check_sizes(template, env)
+                          "loader's names), not as its training graph stacks them: no MindSpore layout is generated for them"
+                          + (f"; it names them grouped, as the training graph does, where model_config sets {grouped}" if grouped else ""))
+    check_sizes(template, env, scheme)
     pc = cfg.parallel_config
     per_stage = pc.replicas * pc.model_parallel
     stages = tuple(tuple(range(s * per_stage, (s + 1) * per_stage)) for s in range(pc.pipeline_stage))
@@ -89,7 +94,10 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
 
     params: dict[str, ParamLayout] = {}
     flat: dict[str, ParamLayout] = {}  # source layouts re-expressed with their logical shape
+    counters: set[str] = set()  # training counters: no optimizer states
     for name, weight, stage_list in expand(template, env, scheme, layer_stage):
+        if weight.kind == "state":
+            counters.add(name)
         shape = env.shape(weight.shape)
         stored = env.shape(weight.stored) if weight.stored else None
         dtype = dtypes.cast_dtype(kind_dtype(env, weight.kind, mindformers), cast_to, weight.keep_dtype)
@@ -107,7 +115,7 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
         if flat:
             src = src.with_params({n: flat.get(n, p) for n, p in src.params.items()})
     elif scheme.startswith("mindformers"):
-        _add_optimizer_states(cfg, params, cast_to)
+        _add_optimizer_states(cfg, params, cast_to, counters)
     return Strategy(stages, params, "generated", [f"generated from template {template.name} ({scheme} names)"]), src
 
 
@@ -186,16 +194,22 @@ def scale_pairs(cfg: JobConfig, src: Strategy) -> tuple[dict[str, str], tuple[in
     return {w: s for w, s in block_scaled(template, env, scheme).items() if s in src.params and w in src.params}, weight_block(env.values)
 
 
-def check_sizes(template: Template, env: Env) -> None:
+def check_sizes(template: Template, env: Env, scheme: str) -> None:
     for key, by in template.divisible:
         n, d = env.int(key), env.int(by)
         if n % d:
             raise ConfigError(f"{env.names.get(key, f'model_config.{key}')} = {n} is not divisible by parallel_config.{by} = {d}; choose a {by} that divides it")
+    ep = env.int("expert_parallel")
     if any(w.experts == "stacked" for w in template.weights):
-        dp, ep = env.int("data_parallel") * env.int("context_parallel"), env.int("expert_parallel")
+        dp = env.int("data_parallel") * env.int("context_parallel")
         if dp % ep:
             raise ConfigError(f"parallel_config.expert_parallel = {ep} must divide data_parallel x context_parallel = {dp} "
                               "(experts are split within data parallel)")
+    if any(w.experts == "grouped" and instances(w, env, scheme) for w in template.weights_of(scheme)):
+        dp = env.int("data_parallel") * env.int("model_parallel")
+        if dp % ep:
+            raise ConfigError(f"parallel_config.expert_parallel = {ep} must divide data_parallel x model_parallel = {dp} "
+                              "(MindSpore Transformers' grouped experts are split within them)")
 
 
 def layer_stages(num_layers: int, pp: int, offset: Any = 0, interleave: Any = 1) -> list[int]:
@@ -292,7 +306,10 @@ def default_scheme(cfg: JobConfig, template: Template) -> str:
 
 def kind_dtype(env: Env, kind: str, mindformers: bool) -> str:
     """param_init_type; in MindSpore Transformers' models, norms take
-    layernorm_compute_type, embeddings embedding_init_type and routers router_dense_type."""
+    layernorm_compute_type, embeddings embedding_init_type and routers router_dense_type.
+    Training counters are float32 in every model."""
+    if kind == "state":
+        return STATE_DTYPE
     key, default = KIND_DTYPE.get(kind, ("param_init_type", None)) if mindformers else ("param_init_type", None)
     v = env.get(key, default)
     if v is None:
@@ -314,6 +331,9 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
     if w.experts == "stacked":
         dev_matrix: tuple[int, ...] = (dp // ep, ep, tp)
         tmap[0] = (1,)
+    elif w.experts == "grouped":  # MindSpore Transformers 1.7's MoE device matrix: [dp * tp * cp / ep, ep]
+        dev_matrix = (dp * tp // ep, ep)
+        tmap[0] = (0,)
     else:
         dev_matrix = (dp, tp)
     if w.experts == "each" and ep > 1:
@@ -332,6 +352,8 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
         tmap[w.dim] = (0,)
     if w.experts == "stacked" and shape[0] % ep:
         raise ConfigError(f"parameter {name}: {shape[0]} experts are not divisible by expert_parallel {ep}")
+    if w.experts == "grouped" and shape[0] % ep:
+        raise ConfigError(f"parameter {name}: its {shape[0]} rows of experts are not divisible by expert_parallel {ep}")
     p = ParamLayout(shape, dtype, stages, dev_matrix, tuple(tmap))
     opted_out = w.kind in NO_OPT_SHARD and not (w.kind == "embedding" and embedding_opt_shard)
     if pc.optimizer_shard and not opted_out:
@@ -355,10 +377,11 @@ def opt_shard(p: ParamLayout, pc) -> int:
     return n
 
 
-def _add_optimizer_states(cfg: JobConfig, params: dict[str, ParamLayout], cast_to: str | None) -> None:
-    """A training run's optimizer states, as the training YAML's optimizer holds them."""
+def _add_optimizer_states(cfg: JobConfig, params: dict[str, ParamLayout], cast_to: str | None, counters: set[str]) -> None:
+    """A training run's optimizer states, as the training YAML's optimizer holds them
+    (none for `counters`, which are not trained)."""
     prefixes = OPTIMIZER_STATES.get((cfg.optimizer or {}).get("type"), ())
-    for name, p in list(params.items()):
+    for name, p in [(n, p) for n, p in params.items() if n not in counters]:
         for prefix in prefixes:
             params[f"{prefix}.{name}"] = replace(p, dtype=dtypes.cast_dtype("F32", cast_to))
 

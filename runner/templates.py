@@ -44,11 +44,17 @@ A weight:
   when     expression: the weight exists only where it is true (q_lora_rank > 0); or
            {scheme: expression}: its name in that scheme exists only where it is true
            (MindSpore Transformers' qkv_concat stores w_qkv instead of wq, wk and wv)
-  kind     weight (default) | norm | embedding | bias | router: the dtype of a generated
-           parameter and whether MindSpore's parallel optimizer may shard it
+  kind     weight (default) | norm | embedding | bias | router | state: the dtype of a
+           generated parameter and whether MindSpore's parallel optimizer may shard it;
+           `state` is a training counter that is no trained weight (MindSpore
+           Transformers' router fi_accu): float32, never optimizer-sharded, no
+           optimizer states
   experts  each (one tensor per expert, `{expert}` in its names; Megatron stacks them
            into one logical tensor split over expert parallel) | stacked (dim 0 counts
-           experts)
+           experts) | grouped (dim 0 is the experts' rows one expert after another,
+           split over expert parallel carved out of all the ranks of a stage, expert
+           parallel fastest, and over nothing else: MindSpore Transformers 1.7's
+           grouped-GEMM weight1 / weight2)
   stored   the whole tensor's stored shape when `shape` is a finer view of it (SwiGLU fc1
            [2, ffn, h] stored [2*ffn, h], so that each tensor-parallel rank stores
            [gate_shard; up_shard])
@@ -119,7 +125,7 @@ TOP_KEYS = ("name", "extends", "architectures", "schemes", "switch", "unmodelled
             "extra_state", "megatron_args", "hf_config")
 WEIGHT_KEYS = ("names", "shape", "split", "dim", "place", "layers", "when", "experts", "stored", "tie", "pad", "fuse",
                "kind", "permute", "block_scale", "keep_dtype")
-KINDS = ("weight", "norm", "embedding", "bias", "router")
+KINDS = ("weight", "norm", "embedding", "bias", "router", "state")
 EXTRA_KEYS = ("names", "place", "layers", "when", "experts")
 
 # Canonical model_config names (MindSpore Transformers') and the names HF and
@@ -150,7 +156,9 @@ LAYOUT_KEYS = {"qkv_concat": False, "qkv_has_bias": False, "attn_proj_has_bias":
                "first_k_dense_replace": True, "moe_intermediate_size": 1407, "balance_via_topk_bias": False,
                "use_allgather_dispatcher": False, "expert_model_parallel": None, "use_gmm": False,
                "enable_cold_hot_expert": False, "enable_deredundency": False,
-               "decoder_sparse_step": 1, "mlp_only_layers": []}
+               "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_grouped_gemm": False,
+               "use_contiguous_weight_layout_attention": False, "moe_router_enable_expert_bias": False,
+               "moe_shared_expert_intermediate_size": None, "moe_layer_freq": 1}
 
 @dataclass(frozen=True)
 class Part:
@@ -367,9 +375,11 @@ def _weight(c: _Checker, key: str, role: str, w: Any, allowed: tuple[str, ...]) 
     c.keys(w, key, allowed, ("names", "shape") if "shape" in allowed else ("names",))
     split = c.choice(w.get("split", "replicate"), f"{key}.split", SPLITS)
     place = c.choice(w.get("place", "layer"), f"{key}.place", PLACES)
-    experts = c.choice(w.get("experts"), f"{key}.experts", (None, "each", "stacked"))
+    experts = c.choice(w.get("experts"), f"{key}.experts", (None, "each", "stacked", "grouped"))
     if split == "expert" and experts != "stacked":
         raise c.fail(f"{key}.experts", "split: expert needs experts: stacked")
+    if experts == "grouped" and split != "replicate":
+        raise c.fail(f"{key}.split", "experts: grouped is split over expert parallel only")
     dim = w.get("dim", DEFAULT_DIM.get(split))
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
         raise c.fail(f"{key}.dim", f"expected a tensor dim (0, 1, ...), got {dim!r}")

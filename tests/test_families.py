@@ -315,20 +315,48 @@ def test_expert_tensor_parallel_megatron_files_cannot_hold_is_refused(tmp_path):
             parallel_config={"model_parallel": 2, "expert_parallel": 1, "expert_tensor_parallel": 1})
 
 
-@pytest.mark.parametrize("family,arch", [("qwen3_moe", "Qwen3MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM")])
-def test_moe_mindspore_layout_is_refused_not_guessed(family, arch):
-    """Qwen3-MoE's and DeepSeek-V3's MindFormers names are their weight loaders' (one tensor
-    per expert); the training graphs group the experts (experts.weight1 / weight2), which
-    the templates do not model: a MindSpore strategy is refused rather than given other names."""
+def _mf_strategy_job(family: str, arch: str, **model_config):
     from runner import config
+
+    c = FAMILIES[family]
+    return config.from_mapping({"only_save_strategy": True, "output_format": "mindformers", "model": {
+        "arch": arch, "model_config": {**{k: v for k, v in c.items() if k not in ("cls", "model")}, **model_config}}})
+
+
+@pytest.mark.parametrize("family,arch,hint", [
+    ("qwen3_moe", "Qwen3MoeForCausalLM", "grouped, as the training graph does, where model_config sets moe_grouped_gemm"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", "no MindSpore layout is generated for them")])
+def test_moe_mindspore_layout_of_per_expert_names_is_refused_not_guessed(family, arch, hint):
+    """Qwen3-MoE's (without moe_grouped_gemm) and DeepSeek-V3's MindFormers names are their
+    weight loaders' (one tensor per expert); the training graphs group the experts
+    (experts.weight1 / weight2): a MindSpore strategy is refused rather than given other names."""
     from runner.errors import ConfigError
     from runner.generate import generate
 
-    c = FAMILIES[family]
-    cfg = config.from_mapping({"only_save_strategy": True, "output_format": "mindformers", "model": {
-        "arch": arch, "model_config": {k: v for k, v in c.items() if k not in ("cls", "model")}}})
-    with pytest.raises(ConfigError, match=f"{family} names MindSpore Transformers' experts one tensor each"):
-        generate(cfg, None)
+    with pytest.raises(ConfigError, match=f"{family} names MindSpore Transformers' experts one tensor each") as e:
+        generate(_mf_strategy_job(family, arch), None)
+    assert hint in str(e.value) and "\n" not in str(e.value)
+
+
+def test_qwen3_moe_grouped_experts_layout_and_conversions_refused(tmp_path):
+    """With moe_grouped_gemm (MindSpore Transformers 1.7's training graph) a strategy has the
+    grouped experts and no per-expert tensor (tests/test_mindformers_fidelity.py checks the
+    layout of a shipped YAML); a conversion to or from those names is refused in one line."""
+    from runner.errors import ConfigError
+    from runner.generate import generate
+
+    c = FAMILIES["qwen3_moe"]
+    e, h, f = c["num_experts"], c["hidden_size"], c["moe_intermediate_size"]
+    s = generate(_mf_strategy_job("qwen3_moe", "Qwen3MoeForCausalLM", moe_grouped_gemm=True), None)
+    p = "decoder.layers.1.mlp."
+    mlp = {n[len(p):] for n in s.params if n.startswith(p)}
+    assert mlp == {"router.weight", "router.fi_accu", "experts.weight1", "experts.weight2"}
+    assert s.params[p + "experts.weight2"].shape == (e * f, h)
+    hf = make_hf(tmp_path / "hf", "qwen3_moe")
+    with pytest.raises(ConfigError, match="mlp.router.fi_accu is a tensor of MindSpore Transformers' training graph") as err:
+        run(load_checkpoint=str(hf), output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf"),
+            model={"model_config": {"moe_grouped_gemm": True}})
+    assert "\n" not in str(err.value)
 
 
 def test_deepseek_v3_casts_keep_the_float32_router_bias(tmp_path):

@@ -17,6 +17,11 @@ and MindSpore's rules, written out independently of the templates:
   parallel_optimizer_threshold KB, or dim 0 does not divide.
 - Dtypes: norms layernorm_compute_type, embeddings embedding_init_type (GPT-2: float32),
   routers router_dense_type, the rest param_init_type; AdamW states float32.
+- MindSpore Transformers 1.7's MoE layer (FFNGroupedGEMM, TopKRouter): experts.weight1
+  [experts * hidden, 2 * ffn] and experts.weight2 [experts * ffn, hidden] in params_dtype,
+  sharded (ep, None) over its MoE device matrix (dp * tp * cp / ep, ep), ep the fastest
+  axis; router.weight [experts, hidden] in params_dtype, whole on every rank; router.fi_accu
+  [experts], float32, parallel_optimizer=False and not trained (no optimizer states).
 """
 
 from __future__ import annotations
@@ -254,6 +259,8 @@ def test_parallel_optimizer_config_values_are_checked():
     ("qwen2_57b_finetune", "moe_config.balance_via_topk_bias=true", "moe_config.balance_via_topk_bias"),
     ("llama3_1_70b_finetune", "model.model_config.use_3d_tensor_parallel=true", "model.model_config.use_3d_tensor_parallel"),
     ("llama3_1_70b_finetune", "moe_config.shared_expert_num=2", "moe_config.shared_expert_num"),
+    # TopKRouter's expert_bias / expert_load, not in the Qwen3-MoE template
+    ("qwen3_30b_a3b_pretrain_v1_7", "model.model_config.moe_router_enable_expert_bias=true", "model.model_config.moe_router_enable_expert_bias"),
 ])
 def test_unmodelled_layout_keys_are_errors_naming_the_key(name, override, key):
     with pytest.raises(ConfigError) as e:
@@ -313,11 +320,79 @@ def test_qwen3_v1_7_yaml_mcore_names_sizes_and_layout():
     assert s.params["adam_m." + p + "mlp.linear_fc1.weight"].dtype == DTYPE["float32"]
 
 
+def ms_moe_box(shape, rank, *, stage_size, ep, opt=False):
+    """(offsets, sizes) of a grouped expert weight on `rank` (its stage's position), from
+    MindSpore Transformers' MoE layout: device matrix (stage_size / ep, ep), dim 0 split over
+    ep (the fastest axis); the parallel optimizer over the ranks holding the same rows."""
+    e, replica = rank % ep, rank // ep
+    rows = shape[0] // ep
+    offsets, sizes = [e * rows, 0], [rows, shape[1]]
+    replicas = stage_size // ep
+    if opt and replicas > 1 and sizes[0] % replicas == 0:
+        sizes[0] //= replicas
+        offsets[0] += replica * sizes[0]
+    return tuple(offsets), tuple(sizes)
+
+
+def flat_box(s, name, rank):
+    """A rank's box of a parameter as its stored 2-D tensor: the strategy may view the
+    last dim as several (weight1's [.., 2, ffn]); those must be whole."""
+    b = s.box(name, rank)
+    assert all(o == 0 for o in b.offsets[1:]) and tuple(b.sizes[1:]) == s.params[name].shape[1:]
+    n = 1
+    for x in b.sizes[1:]:
+        n *= x
+    return (b.offsets[0], 0), (b.sizes[0], n)
+
+
+@pytest.mark.parametrize("dp,ep,opt,dtype", [(1, 4, False, "float32"), (2, 4, True, "bfloat16"), (2, 8, True, "float32")])
+def test_qwen3_moe_v1_7_yaml_grouped_experts_names_sizes_dtypes_and_layout(dp, ep, opt, dtype):
+    """The shipped pretrain YAML (dp 1, mp 4, pp 4, ep 4), and with data parallel, the
+    parallel optimizer and bfloat16 parameters."""
+    cfg = fixture("qwen3_30b_a3b_pretrain_v1_7", f"parallel_config.data_parallel={dp}", f"parallel_config.expert_parallel={ep}",
+                  f"parallel.enable_parallel_optimizer={str(opt).lower()}", f"model.model_config.params_dtype={dtype}")
+    s = generate(cfg, None)
+    h, heads, kv, hd, ffn, experts, mp, pp, vocab = 2048, 32, 4, 128, 768, 128, 4, 4, 151936
+    stage_size = dp * mp
+    assert s.world_size == stage_size * pp
+    p = "decoder.layers.47."
+    layer = {n[len(p):]: q for n, q in s.params.items() if n.startswith(p)}
+    stored = {n: (q.shape[0], q.shape[1] * (q.shape[2] if len(q.shape) > 2 else 1)) if len(q.shape) > 1 else q.shape
+              for n, q in layer.items()}
+    assert stored == {
+        "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
+        "self_attention.linear_qkv.weight": ((heads + 2 * kv) * hd, h),  # the training graph's, per query group
+        "self_attention.q_layernorm.weight": (hd,), "self_attention.k_layernorm.weight": (hd,),
+        "self_attention.linear_proj.weight": (h, heads * hd),
+        "mlp.router.weight": (experts, h), "mlp.router.fi_accu": (experts,),
+        "mlp.experts.weight1": (experts * h, 2 * ffn), "mlp.experts.weight2": (experts * ffn, h),
+    }
+    want_dtype = {n: DTYPE[dtype] for n in stored}
+    want_dtype["mlp.router.fi_accu"] = DTYPE["float32"]
+    assert {n: q.dtype for n, q in layer.items()} == want_dtype
+    # every weight has AdamW's states, float32; the router's load counter is not trained
+    assert "adam_m." + p + "mlp.router.fi_accu" not in s.params
+    assert s.params["adam_v." + p + "mlp.experts.weight1"].dtype == DTYPE["float32"]
+    last = 3 * stage_size  # layer 47 is on the last stage (48 layers, offset 0)
+    for pos in range(stage_size):
+        rank = last + pos
+        for w in ("weight1", "weight2"):
+            name = p + "mlp.experts." + w
+            assert flat_box(s, name, rank) == ms_moe_box(stored["mlp.experts." + w], pos, stage_size=stage_size, ep=ep, opt=opt)
+            assert s.params[name].stored() == flat_box(s, name, rank)[1]
+        assert box(s, p + "mlp.router.weight", rank) == ms_box((experts, h), pos, dp=dp, mp=mp, opt=opt)
+        assert box(s, p + "mlp.router.fi_accu", rank) == ((0,), (experts,))
+        assert box(s, p + "self_attention.linear_qkv.weight", rank) == ms_box(
+            ((heads + 2 * kv) * hd, h), pos, dp=dp, mp=mp, split_dim=0, opt=opt)
+
+
+def test_qwen3_moe_v1_7_expert_parallel_must_divide_data_times_model_parallel():
+    with pytest.raises(ConfigError, match="expert_parallel = 8 must divide data_parallel x model_parallel = 4"):
+        generate(fixture("qwen3_30b_a3b_pretrain_v1_7", "parallel_config.expert_parallel=8"), None)
+
+
 # -- shipped YAMLs whose layout autotrans does not build: one line saying why ---------------------
 @pytest.mark.parametrize("name,reason", [
-    # MindSpore Transformers 1.7 trains Qwen3-MoE with grouped experts (weight1 / weight2 of all
-    # experts, laid out over its MoE device matrix); the template names them one tensor each
-    ("qwen3_30b_a3b_pretrain_v1_7", "not as its training graph stacks them"),
     # GLM-4-9B in MindSpore Transformers is the ChatGLM2 architecture, which has no template
     ("glm4_9b_finetune_v1_7", "no template for 'ChatGLM2ForConditionalGeneration'"),
 ])

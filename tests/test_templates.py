@@ -163,6 +163,8 @@ def test_gpt2_conv1d_weights_become_megatron_rows(tmp_path):
     (("    shape: [head_dim]\n  k_norm", "    shape: head_dim\n  k_norm"), "weights.q_norm.shape"),
     (("    split: row\n  ffn_norm", "    split: row\n    permute: {hf: {view: [num_heads, 2], order: [0, 0]}}\n  ffn_norm"),
      "weights.attention_out.permute.hf.order"),
+    # grouped experts are split over expert parallel only
+    (("    split: row\n  ffn_norm", "    split: row\n    experts: grouped\n  ffn_norm"), "weights.attention_out.split"),
 ])
 def test_bad_template_is_one_line_naming_file_and_key(tmp_path, edit, key):
     path = tmp_path / "bad.yaml"

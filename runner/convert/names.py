@@ -83,6 +83,14 @@ def scheme_map(model: Model, src: str, dst: str, pp: int = 1, padded_vocab: int 
     for scheme in (src, dst):
         if scheme not in t.schemes:
             raise ConfigError(f"template {t.name} ({t.path}) has no {scheme!r} names (schemes: {', '.join(t.schemes)})")
+    for scheme in (src, dst):
+        built = [(w, layers) for w in t.weights_of(scheme) if w.experts == "grouped" or w.kind == "state"
+                 for layers in [instances(w, env, scheme)] if layers]
+        if built:
+            w, layers = built[0]
+            raise ConfigError(f"template {t.name}: {format_name(w.names[scheme], env, layers[0])} is a tensor of MindSpore Transformers' training "
+                              "graph (grouped experts, training counters), which conversions do not build or read; convert to or from "
+                              "the per-expert names its weight loader takes")
     m = NameMap(t, env, dst)
     tied = model.tied
     num_layers = env.int("num_layers")
