@@ -38,12 +38,12 @@ MF_NAMES = {
         "model.layers.2.post_mlp_layernorm.weight": "decoder.layers.2.post_mlp_layernorm.weight",
         "lm_head.weight": "output_layer.weight",
     },
-    "qwen3_moe": {  # its Qwen3-MoE weight loader's convert_name
+    "qwen3_moe": {  # its 1.7 Qwen3-MoE weight_mapping (mindformers/models/qwen3_moe/utils.py, v1.7.0)
         "model.layers.1.self_attn.q_norm.weight": "decoder.layers.1.self_attention.q_layernorm.weight",
         "model.layers.1.self_attn.v_proj.weight": "decoder.layers.1.self_attention.linear_v.weight",
-        "model.layers.0.mlp.gate.weight": "decoder.layers.0.mlp.router.weight.weight",
+        "model.layers.0.mlp.gate.weight": "decoder.layers.0.mlp.router.weight",
         "model.layers.0.mlp.experts.3.gate_proj.weight": "decoder.layers.0.mlp.experts.3.gating.weight",
-        "model.layers.1.mlp.experts.0.up_proj.weight": "decoder.layers.1.mlp.experts.0.linear_fc1.weight",
+        "model.layers.1.mlp.experts.0.up_proj.weight": "decoder.layers.1.mlp.experts.0.hidden.weight",
         "model.layers.1.mlp.experts.2.down_proj.weight": "decoder.layers.1.mlp.experts.2.linear_fc2.weight",
         "model.layers.1.post_attention_layernorm.weight": "decoder.layers.1.pre_mlp_layernorm.weight",
         "lm_head.weight": "output_layer.weight",
