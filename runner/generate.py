@@ -106,7 +106,8 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
                                                          weight.keep_dtype)
             if logical is not None:
                 flat[name] = logical
-        params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc, bool(env.get("parallel_optimizer", 0)))
+        params[name] = layout_of(name, weight, shape, stored, dtype, stage_list, pc, bool(env.get("parallel_optimizer", 0)),
+                                 whole_uneven_vocab=scheme == "mindformers" and not cfg.use_legacy)
         scale = name + weight.block_scale if weight.block_scale else None
         if src is not None and scale in src.params:  # an FP8 weight's block scale, split with it
             params[scale] = block_layout(name, params[name], weight_block(env.values), src.params[scale].dtype)
@@ -324,8 +325,10 @@ def kind_dtype(env: Env, kind: str, mindformers: bool) -> str:
 
 # -- layouts ------------------------------------------------------------------------------------
 def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[int, ...] | None, dtype: str,
-              stages: tuple[int, ...], pc, embedding_opt_shard: bool = False) -> ParamLayout:
-    """The ParamLayout of one weight under parallel_config `pc`."""
+              stages: tuple[int, ...], pc, embedding_opt_shard: bool = False, whole_uneven_vocab: bool = False) -> ParamLayout:
+    """The ParamLayout of one weight under parallel_config `pc`. `whole_uneven_vocab`: an
+    embedding whose vocabulary model_parallel does not divide stays whole (MindSpore
+    Transformers 1.7's VocabParallelEmbedding) instead of being an error."""
     dp, tp, ep = pc.replicas, pc.model_parallel, pc.expert_parallel
     tmap: list[tuple[int, ...]] = [()] * len(shape)
     if w.experts == "stacked":
@@ -340,8 +343,11 @@ def layout_of(name: str, w: Weight, shape: tuple[int, ...], stored_full: tuple[i
         raise ConfigError(
             f"parameter {name}: experts stored one tensor each cannot be split over expert_parallel {ep} "
             "(every rank of a stage holds every parameter of it); use expert_parallel: 1, or MindSpore Transformers' stacked expert names")
-    tp_split = w.split in ("column", "row") or (w.split == "vocab" and not pc.vocab_emb_dp)
-    if w.split == "vocab" and not pc.vocab_emb_dp and pc.context_parallel > 1:
+    vocab_split = w.split == "vocab" and not pc.vocab_emb_dp
+    if vocab_split and whole_uneven_vocab and w.kind == "embedding" and shape[w.dim] % tp:
+        vocab_split = False
+    tp_split = w.split in ("column", "row") or vocab_split
+    if vocab_split and pc.context_parallel > 1:
         raise LayoutError(f"parameter {name}: a vocab-parallel embedding with context_parallel > 1 is split over "
                           "model x context parallel, which autotrans does not lay out; set vocab_emb_dp: true")
     if tp_split and tp > 1:

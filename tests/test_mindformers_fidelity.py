@@ -400,3 +400,17 @@ def test_shipped_yamls_of_unbuilt_layouts_are_refused_in_one_line(name, reason):
     with pytest.raises(ConfigError) as e:
         generate(fixture(name), None)
     assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_v1_7_embedding_stays_whole_when_model_parallel_does_not_divide_the_vocabulary():
+    # MindSpore Transformers 1.7's VocabParallelEmbedding: split over tp when tp divides the
+    # vocabulary, else whole on every rank (tied embeddings: no output layer of its own)
+    cfg = fixture("qwen3_32b_pretrain_v1_7", "model.model_config.vocab_size=151937", "model.model_config.tie_word_embeddings=true")
+    s = generate(cfg, None)
+    assert "output_layer.weight" not in s.params
+    for rank in range(4):
+        assert box(s, "embedding.word_embeddings.weight", rank) == ((0, 0), (151937, 5120))
+    divisible = generate(fixture("qwen3_32b_pretrain_v1_7", "model.model_config.tie_word_embeddings=true"), None)
+    assert box(divisible, "embedding.word_embeddings.weight", 1) == ms_box((151936, 5120), 1, dp=1, mp=4, split_dim=0)
+    with pytest.raises(ConfigError, match="embedding_weight: the vocabulary .128257. is not divisible"):  # legacy models refuse it
+        generate(fixture("llama3_1_70b_finetune", "model.model_config.vocab_size=128257", "parallel_config.vocab_emb_dp=false"), None)
