@@ -90,7 +90,8 @@ def with_source(cfg: JobConfig, src: Strategy | None) -> tuple[Strategy, Strateg
     mtp = env.int("mtp_depth") if "mtp_depth" in template.defaults else 0
     layer_stage = layer_stages(env.int("num_layers") + mtp, pc.pipeline_stage, env.get("offset", 0), env.get("pp_interleave_num", 1))
     cast_to = dtypes.CAST_NAMES.get(cfg.dtype) if cfg.dtype else None
-    mindformers = scheme == "mindformers" and cfg.use_legacy  # MindSpore Transformers' legacy models
+    # MindSpore Transformers' legacy models (a template's mindformers_legacy names are always theirs)
+    mindformers = scheme == "mindformers_legacy" or (scheme == "mindformers" and cfg.use_legacy)
 
     params: dict[str, ParamLayout] = {}
     flat: dict[str, ParamLayout] = {}  # source layouts re-expressed with their logical shape

@@ -74,7 +74,10 @@ A weight:
            are taken per expert, experts outermost. A weight that has a name in a
            scheme and is fused from one whole role there is a copy of it (DeepSeek-V3's MTP
            embed_tokens): dropped going to a scheme that keeps only the original, written
-           back from the original.
+           back from the original. A scheme that names the parts and not the fused
+           weight, converted from one that names only the fused weight, cuts it into them
+           (DeepSeek-V3's q_b_proj, per head [q_nope; q_rope], is two tensors in MindSpore
+           Transformers 1.5).
   permute  {scheme: {view: [expression, ...], order: [dim, ...]}}: in that scheme the
            tensor's rows are stored reordered: the rows it has in every other scheme,
            viewed as `view` (whose product is the row count) and with the view's dims

@@ -550,9 +550,10 @@ def hf_target(cfg: JobConfig, src: HFInput | MegatronInput) -> Target:
 def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dict[str, TensorInfo],
                         recipes: dict[str, rows.Recipe], cast_to: str | None) -> Target:
     spec = src.spec.with_job(cfg.model)
-    mf, to_mf = scheme_tensors(spec, "mindformers", infos)
+    scheme = _mindformers_scheme(cfg, spec)
+    mf, to_mf = scheme_tensors(spec, scheme, infos)
     if isinstance(src, HFInput) and src.scales:
-        mf, to_mf = _with_scales(spec, infos, mf, to_mf, src.scales, src.block)
+        mf, to_mf = _with_scales(spec, scheme, infos, mf, to_mf, src.scales, src.block)
     mf_recipes = rows.compose(to_mf, recipes)
     full = Strategy.full(mf)
     dst, full = destination_strategy(cfg, full)
@@ -566,12 +567,23 @@ def _mindformers_target(cfg: JobConfig, src: HFInput | MegatronInput, infos: dic
                   lambda base: src.pool(mf_recipes, base), {"to": "mindformers", "dst": dst.to_json()})
 
 
-def _with_scales(spec: Model, hf: dict[str, TensorInfo], mf: dict[str, TensorInfo], to_mf: dict[str, rows.Recipe],
+def _mindformers_scheme(cfg: JobConfig, spec: Model) -> str:
+    """The MindFormers names written: model.naming (a template's other MindFormers names,
+    such as DeepSeek-V3's mindformers_legacy), else the template's `mindformers`."""
+    naming = (cfg.model or {}).get("naming") or "mindformers"
+    if not naming.startswith("mindformers") or naming not in spec.template.schemes:
+        schemes = [s for s in spec.template.schemes if s.startswith("mindformers")]
+        raise ConfigError(f"config key model.naming: output_format mindformers writes template {spec.family}'s "
+                          f"{' or '.join(schemes) or 'MindFormers'} names, not {naming!r}")
+    return naming
+
+
+def _with_scales(spec: Model, scheme: str, hf: dict[str, TensorInfo], mf: dict[str, TensorInfo], to_mf: dict[str, rows.Recipe],
                  scales: dict[str, str], block: tuple[int, int]) -> tuple[dict[str, TensorInfo], dict[str, rows.Recipe]]:
     """MindFormers tensors with the FP8 block scales of those built from scaled HF
     weights (each after its weight), and their recipes."""
-    marked = block_scaled(spec.template, spec.env(), "mindformers")
-    links, a_shapes, b_shapes = scale_links(whole_map(spec, "mindformers"), scales, marked, True, block)
+    marked = block_scaled(spec.template, spec.env(), scheme)
+    links, a_shapes, b_shapes = scale_links(whole_map(spec, scheme), scales, marked, True, block)
     dtype_of = {lk.b: hf[lk.a].dtype for lk in links}
     out = {n: TensorInfo(dtype_of[n], shape) for n, shape in b_shapes.items()}
     recipes = rows.forward(links, [], {n: hf[n] for n in a_shapes}, out, {n: row_dims(shape) for n, shape in b_shapes.items()})

@@ -240,6 +240,9 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
         name, start, block, total = _source(m, origin, layer, expert, src, None, False, 1)
         m.links.append(Link(name, start, dst, at, block, primary))
         return total
+    whole = next((f for f in t.weights_of(src) if f.fuse and any(p.role == origin.role for p in f.fuse.parts)), None)
+    if origin.fuse is None and whole is not None:
+        return _cut(m, whole, origin, layer, expert, src, dst, at, primary)
     if origin.fuse is None:
         raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {src!r} name and no fuse to build it from")
     groups = int(evaluate(origin.fuse.groups, env))
@@ -257,6 +260,30 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
         m.links.append(Link(name, start, dst, offset, block, primary, transpose, groups, block, period))
         offset += block
     return groups * period
+
+
+def _cut(m: NameMap, whole: Weight, part: Weight, layer: int | None, expert: int | None, src: str, dst: str, at: int,
+         primary: bool) -> int:
+    """Link the rows of `part` that `whole` (named in `src`) holds as a fuse part: block g
+    of the part is in group g of the whole, after the blocks of the parts before it (the
+    inverse of building a fused weight: DeepSeek-V3's q_b_proj cut into MindSpore
+    Transformers 1.5's nope and rope projections, per head)."""
+    env = m.env
+    groups = int(evaluate(whole.fuse.groups, env))
+    blocks = []
+    for p in whole.fuse.parts:
+        if p.rows or p.transpose:
+            raise ConfigError(f"template {m.template.name}: weight {whole.role} is cut into its parts, which must be whole roles")
+        rows = rows_of(env.shape(m.template.role(p.role).shape))
+        if rows % groups:
+            raise ConfigError(f"template {m.template.name}: {p.role}'s {rows} rows do not split into {groups} groups")
+        blocks.append(rows // groups)
+    name, _start, _block, total = _source(m, whole, layer, expert, src, None, False, 1)
+    if total != groups * sum(blocks):
+        raise ConfigError(f"template {m.template.name}: weight {whole.role} has {total} rows, its parts {groups * sum(blocks)}")
+    k = [p.role for p in whole.fuse.parts].index(part.role)
+    m.links.append(Link(name, sum(blocks[:k]), dst, at, blocks[k], primary, False, groups, sum(blocks), blocks[k]))
+    return groups * blocks[k]
 
 
 def _source(m: NameMap, part: Weight, layer: int | None, expert: int | None, src: str, rows: tuple[str, str] | None,
