@@ -170,6 +170,68 @@ def test_hf_to_mindformers_legacy_deepseek_v3_and_back_is_bit_identical(tmp_path
     assert all(back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]) for k in src)
 
 
+def test_deepseek_v3_without_q_lora_rank_has_no_legacy_names(tmp_path):
+    """MindSpore Transformers 1.5's DeepSeek-V3 always has q2l_proj (q_lora_rank): a model with
+    one q_proj is refused in one line rather than written without its query."""
+    from runner.errors import ConfigError
+
+    hf = make_hf(tmp_path / "hf", "deepseek_v3_q_proj")
+    with pytest.raises(ConfigError, match="weight q has no 'mindformers_legacy' name") as e:
+        run(load_checkpoint=str(hf), output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf"),
+            model={"naming": "mindformers_legacy"})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("naming", ["megatron", "mindformers_new"])
+def test_mindformers_output_naming_is_one_of_the_templates_mindformers_schemes(tmp_path, naming):
+    from runner.errors import ConfigError
+
+    hf = make_hf(tmp_path / "hf", "deepseek_v3_q_proj")
+    with pytest.raises(ConfigError, match=f"model.naming: output_format mindformers writes template deepseek_v3's "
+                                          f"mindformers or mindformers_legacy names, not '{naming}'"):
+        run(load_checkpoint=str(hf), output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf"),
+            model={"naming": naming})
+
+
+def test_a_part_that_does_not_fill_its_fused_weight_is_a_template_error(tmp_path):
+    """Cutting q_b_proj / kv_b_proj into the parts the legacy names store needs the parts to
+    be the whole weight: a template whose parts are short is refused in one line."""
+    from runner.errors import ConfigError
+    from runner.templates import TEMPLATE_DIR
+
+    text = (TEMPLATE_DIR / "deepseek_v3.yaml").read_text()
+    short = "shape: [num_heads * v_head_dim // 2, kv_lora_rank]"
+    (tmp_path / "ds.yaml").write_text(text.replace("shape: [num_heads * v_head_dim, kv_lora_rank]", short, 1))
+    hf = make_hf(tmp_path / "hf", "deepseek_v3")
+    with pytest.raises(ConfigError, match="weight kv_up .* is not 4 groups of whole blocks of its parts, so k_up cannot be cut") as e:
+        run(load_checkpoint=str(hf), output_format="mindformers", use_parallel=False, output_dir=str(tmp_path / "mf"),
+            model={"arch": str(tmp_path / "ds.yaml"), "naming": "mindformers_legacy"})
+    assert "\n" not in str(e.value)
+
+
+def test_mindformers_legacy_grouped_gemm_deepseek_v3_is_refused_in_one_line(tmp_path):
+    """MindSpore Transformers 1.5's converter with grouped GEMM stores each layer's routed
+    experts as ffn.w1 [experts, hidden, 2 * ffn] (gate and up transposed, side by side), which
+    no row mapping expresses: such a file is refused naming that tensor, nothing written."""
+    from runner.errors import FormatError
+    from safetensors.torch import save_file
+
+    hf = make_hf(tmp_path / "hf", "deepseek_v3")
+    legacy = legacy_deepseek_v3(hf_tensors(hf), FAMILIES["deepseek_v3"])
+    p = "model.layers.1.feed_forward.routed_experts."
+    w1, w3 = legacy.pop(p + "ffn.w1.weight"), legacy.pop(p + "ffn.w3.weight")
+    legacy[p + "ffn.w1"] = torch.cat([w1.transpose(1, 2), w3.transpose(1, 2)], -1).contiguous()
+    legacy[p + "ffn.w2"] = legacy.pop(p + "ffn.w2.weight").transpose(1, 2).contiguous()
+    legacy[p + "router_dense.weight"] = legacy.pop(p + "router.dense.weight")
+    legacy[p + "topk_bias"] = legacy.pop(p + "router.router.topk_bias")
+    save_file(legacy, str(tmp_path / "gmm.safetensors"))
+    with pytest.raises(FormatError, match=r"holds model\.layers\.1\.feed_forward\.routed_experts\.ffn\.w1, which is not a "
+                                          "mindformers_legacy name") as err:
+        run(load_checkpoint=str(tmp_path / "gmm.safetensors"), output_format="hf", reference_hf_dir=str(hf),
+            output_dir=str(tmp_path / "h"))
+    assert "\n" not in str(err.value) and not (tmp_path / "h" / "transformed_checkpoint").exists()
+
+
 class CausalAttention(torch.nn.Module):
     """Causal softmax attention for MLA on the CPU, where megatron-core's local
     DotProductAttention refuses MLA's separate key and value head sizes."""

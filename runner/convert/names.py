@@ -240,11 +240,11 @@ def _fill(m: NameMap, w: Weight, origin: Weight, layer: int | None, expert: int 
         name, start, block, total = _source(m, origin, layer, expert, src, None, False, 1)
         m.links.append(Link(name, start, dst, at, block, primary))
         return total
-    whole = next((f for f in t.weights_of(src) if f.fuse and any(p.role == origin.role for p in f.fuse.parts)), None)
-    if origin.fuse is None and whole is not None:
+    if origin.fuse is None:  # a part of a weight `src` names fused?
+        whole = next((f for f in t.weights_of(src) if f.fuse and any(p.role == origin.role for p in f.fuse.parts)), None)
+        if whole is None:
+            raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {src!r} name and no fuse to build it from")
         return _cut(m, whole, origin, layer, expert, src, dst, at, primary)
-    if origin.fuse is None:
-        raise ConfigError(f"template {t.name} ({t.path}): weight {w.role} has no {src!r} name and no fuse to build it from")
     groups = int(evaluate(origin.fuse.groups, env))
     spans = []
     for p in origin.fuse.parts:
@@ -270,17 +270,11 @@ def _cut(m: NameMap, whole: Weight, part: Weight, layer: int | None, expert: int
     Transformers 1.5's nope and rope projections, per head)."""
     env = m.env
     groups = int(evaluate(whole.fuse.groups, env))
-    blocks = []
-    for p in whole.fuse.parts:
-        if p.rows or p.transpose:
-            raise ConfigError(f"template {m.template.name}: weight {whole.role} is cut into its parts, which must be whole roles")
-        rows = rows_of(env.shape(m.template.role(p.role).shape))
-        if rows % groups:
-            raise ConfigError(f"template {m.template.name}: {p.role}'s {rows} rows do not split into {groups} groups")
-        blocks.append(rows // groups)
+    blocks = [rows_of(env.shape(m.template.role(p.role).shape)) // groups for p in whole.fuse.parts]
     name, _start, _block, total = _source(m, whole, layer, expert, src, None, False, 1)
-    if total != groups * sum(blocks):
-        raise ConfigError(f"template {m.template.name}: weight {whole.role} has {total} rows, its parts {groups * sum(blocks)}")
+    if total != groups * sum(blocks) or any(p.rows or p.transpose for p in whole.fuse.parts):
+        raise ConfigError(f"template {m.template.name}: weight {whole.role} ({total} rows) is not {groups} groups of "
+                          f"whole blocks of its parts, so {part.role} cannot be cut from it")
     k = [p.role for p in whole.fuse.parts].index(part.role)
     m.links.append(Link(name, sum(blocks[:k]), dst, at, blocks[k], primary, False, groups, sum(blocks), blocks[k]))
     return groups * blocks[k]
