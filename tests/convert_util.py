@@ -111,6 +111,48 @@ def _add_mtp_layers(folder: Path, cfg, model, dtype) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def legacy_deepseek_v3(src: dict[str, torch.Tensor], c: dict) -> dict[str, torch.Tensor]:
+    """MindSpore Transformers 1.5's DeepSeek-V3 (research/deepseek3) of an HF state dict, as
+    its convert_weight.py (v1.5.0) writes it without grouped GEMM: renamed, q_b_proj,
+    kv_a_proj_with_mqa and kv_b_proj cut into their parts, each head's rope rows
+    de-interleaved (even rows, then odd rows), routed experts stacked, the MTP layer's
+    fusion weights renamed and its embedding and head copies left out."""
+    heads, nope, rope, v_dim = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    layers, mtp, dense = c["num_hidden_layers"], c["num_nextn_predict_layers"], c["first_k_dense_replace"]
+    out = {"model.tok_embeddings.embedding_weight": src["model.embed_tokens.weight"],
+           "model.norm_out.weight": src["model.norm.weight"], "lm_head.weight": src["lm_head.weight"]}
+    for i in range(layers + mtp):
+        h, m = f"model.layers.{i}.", f"model.layers.{i}."
+        attn = {"q_a_proj": "q2l_proj", "q_a_layernorm": "lq_norm", "kv_a_layernorm": "lkv_norm", "o_proj": "wo"}
+        out.update({f"{m}attention.{b}.weight": src[f"{h}self_attn.{a}.weight"] for a, b in attn.items()})
+        out[m + "attention_norm.weight"] = src[h + "input_layernorm.weight"]
+        out[m + "ffn_norm.weight"] = src[h + "post_attention_layernorm.weight"]
+        q_nope, q_rope = src[h + "self_attn.q_b_proj.weight"].reshape(heads, nope + rope, -1).split([nope, rope], dim=1)
+        out[m + "attention.l2q_nope_proj.weight"] = q_nope.reshape(heads * nope, -1)
+        out[m + "attention.l2q_pe_proj.weight"] = q_rope.reshape(heads, rope // 2, 2, -1).permute(0, 2, 1, 3).reshape(heads * rope, -1)
+        latent, k_rope = src[h + "self_attn.kv_a_proj_with_mqa.weight"].split([c["kv_lora_rank"], rope], dim=0)
+        out[m + "attention.kv2l_latent_kv.weight"] = latent
+        out[m + "attention.kv2l_k_pe.weight"] = k_rope.reshape(rope // 2, 2, -1).permute(1, 0, 2).reshape(rope, -1)
+        k_nope, v = src[h + "self_attn.kv_b_proj.weight"].reshape(heads, nope + v_dim, -1).split([nope, v_dim], dim=1)
+        out[m + "attention.lkv2kv_k_nope.weight"] = k_nope.reshape(heads * nope, -1)
+        out[m + "attention.lkv2kv_v.weight"] = v.reshape(heads * v_dim, -1)
+        ffn = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+        if i < dense:
+            out.update({f"{m}feed_forward.{b}.weight": src[f"{h}mlp.{a}.weight"] for a, b in ffn.items()})
+            continue
+        out.update({f"{m}feed_forward.shared_experts.{b}.weight": src[f"{h}mlp.shared_experts.{a}.weight"] for a, b in ffn.items()})
+        out[m + "feed_forward.routed_experts.router.dense.weight"] = src[h + "mlp.gate.weight"]
+        out[m + "feed_forward.routed_experts.router.router.topk_bias"] = src[h + "mlp.gate.e_score_correction_bias"]
+        for a, b in ffn.items():
+            out[f"{m}feed_forward.routed_experts.ffn.{b}.weight"] = torch.stack(
+                [src[f"{h}mlp.experts.{e}.{a}.weight"] for e in range(c["n_routed_experts"])])
+        if i >= layers:
+            fusers = {"enorm": "norm_emb", "hnorm": "norm", "eh_proj": "dense"}
+            out.update({f"model.mtp_hidden_fusers.{i - layers}.{b}.weight": src[f"{h}{a}.weight"] for a, b in fusers.items()})
+            out[f"model.mtp_norms.{i - layers}.weight"] = src[h + "shared_head.norm.weight"]
+    return out
+
+
 def run(**keys) -> int:
     return run_job(config.from_mapping(keys), show_progress=False)
 

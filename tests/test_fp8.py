@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.convert_util import hf_tensors, make_hf, run
+from tests.convert_util import FAMILIES, hf_tensors, legacy_deepseek_v3, make_hf, run
 from tests.test_convert_mcore import mcore_cpu  # noqa: F401  (a fixture)
 
 BLOCK = 128
@@ -311,6 +311,24 @@ def test_deepseek_v3_fp8_under_mindformers_names_keeps_the_scales_both_ways(fp8_
     assert run(load_checkpoint=str(mf_file), output_format="hf", reference_hf_dir=str(fp8_hf), output_dir=str(tmp_path / "h")) == 0
     back = hf_tensors(tmp_path / "h" / "transformed_checkpoint")
     assert set(back) == set(src) and all(same(back[n], src[n]) for n in src)
+
+
+def test_deepseek_v3_fp8_to_mindformers_legacy_names_needs_dtype_bf16(fp8_hf, tmp_path):
+    """MindSpore Transformers 1.5's DeepSeek-V3 names cut q_b_proj, kv_a_proj_with_mqa and
+    kv_b_proj into parts no block scale follows (its converter dequantizes): without dtype the
+    job is refused in one line; with dtype: bf16 the legacy tensors hold the dequantized weights."""
+    from runner.errors import ConfigError
+
+    legacy = dict(output_format="mindformers", use_parallel=False, model={"naming": "mindformers_legacy"})
+    with pytest.raises(ConfigError, match=r"attention\.\w+\.weight would hold FP8 block-scaled rows, .*set dtype: bf16") as e:
+        run(load_checkpoint=str(fp8_hf), output_dir=str(tmp_path / "fp8"), **legacy)
+    assert "\n" not in str(e.value)
+    assert run(load_checkpoint=str(fp8_hf), output_dir=str(tmp_path / "mf"), dtype="bf16", **legacy) == 0
+    src = hf_tensors(fp8_hf)
+    plain = {n: dequantize(t, src[n + "_scale_inv"]) if quantized(n) else t for n, t in src.items() if not n.endswith("_scale_inv")}
+    want = legacy_deepseek_v3(plain, {**FAMILIES["deepseek_v3"], **SIZES})
+    got = load_file(tmp_path / "mf" / "transformed_checkpoint" / "rank_0" / "checkpoint_0.safetensors")
+    assert set(got) == set(want) and all(same(got[n], want[n]) for n in want)
 
 
 def test_a_mindformers_fuse_that_cuts_blocks_is_refused(tmp_path):
