@@ -419,6 +419,29 @@ def test_moe_mindspore_layout_of_per_expert_names_is_refused_not_guessed(family,
     assert hint in str(e.value) and "\n" not in str(e.value)
 
 
+def test_mindformers_legacy_deepseek_v3_strategy_splits_attention_as_its_model_shards_it():
+    """A strategy in MindSpore Transformers 1.5's DeepSeek-V3 names: the MLA projections split
+    as research/deepseek3's attention shards them (l2q_* and lkv2kv_* (mp, 1), wo (1, mp),
+    q2l_proj and kv2l_* whole), norms and the router in float32 as its model declares them."""
+    from runner import config
+    from runner.generate import generate
+
+    c = FAMILIES["deepseek_v3"]
+    mc = {**{k: v for k, v in c.items() if k not in ("cls", "model")}, "param_init_type": "bfloat16"}
+    s = generate(config.from_mapping({"only_save_strategy": True, "parallel_config": {"model_parallel": 2}, "model": {
+        "arch": "DeepseekV3ForCausalLM", "naming": "mindformers_legacy", "model_config": mc}}), None)
+    a = "model.layers.1.attention."
+    split = {a + n: ((0,), ()) for n in ("l2q_nope_proj.weight", "l2q_pe_proj.weight", "lkv2kv_k_nope.weight", "lkv2kv_v.weight")}
+    split.update({a + n: ((), ()) for n in ("q2l_proj.weight", "kv2l_latent_kv.weight", "kv2l_k_pe.weight")})
+    split[a + "wo.weight"] = ((), (0,))
+    assert {n: tuple(s.params[n].tensor_map) for n in split} == split  # per dim, the device axes (0: mp)
+    r = "model.layers.1.feed_forward.routed_experts.router."
+    dtypes = {n: s.params[n].dtype for n in (a + "wo.weight", a + "lq_norm.weight", "model.layers.1.ffn_norm.weight",
+                                             r + "dense.weight", r + "router.topk_bias")}
+    assert dtypes == {a + "wo.weight": "BF16", a + "lq_norm.weight": "F32", "model.layers.1.ffn_norm.weight": "F32",
+                      r + "dense.weight": "F32", r + "router.topk_bias": "F32"}
+
+
 def test_qwen3_moe_grouped_experts_layout_and_conversions_refused(tmp_path):
     """With moe_grouped_gemm (MindSpore Transformers 1.7's training graph) a strategy has the
     grouped experts and no per-expert tensor (tests/test_mindformers_fidelity.py checks the
