@@ -427,6 +427,18 @@ def test_torch_reader_mutated_files(scratch: Path, data) -> None:
     only_our_errors(read_torch, path)
 
 
+def test_torch_zip_of_a_version_zipfile_lacks_is_a_format_error(scratch: Path) -> None:
+    """A central-directory entry that needs zip version 6.4 (zipfile raises
+    NotImplementedError, found by the fuzz test above) is a corrupt file, not an internal error."""
+    raw = bytearray(torch_seed(scratch))
+    at = raw.find(b"PK\x01\x02")
+    raw[at + 6:at + 8] = struct.pack("<H", 64)  # version needed to extract
+    path = scratch / "v64.pt"
+    path.write_bytes(bytes(raw))
+    with no_hang(), pytest.raises(AutotransError, match="cannot read torch checkpoint .*zip file version 6.4"):
+        read_torch(path)
+
+
 # -- numbers a corrupt file can make huge ---------------------------------------------------
 @pytest.mark.parametrize("stages", [[[10**18]], [[0], [2**62]], [[-1, 0]]])
 def test_native_strategy_huge_rank_numbers(stages) -> None:

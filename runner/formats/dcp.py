@@ -284,7 +284,7 @@ class DcpReader:
                 raise FormatError(f"{where}: big-endian tensor data is not supported")
             stored = _TensorUnpickler(io.BytesIO(z.read(pkl)), where).load()
             record = members.get(f"{prefix}data/{stored.key}") if isinstance(stored, _Stored) else None
-        except zipfile.BadZipFile as e:
+        except (zipfile.BadZipFile, NotImplementedError) as e:  # NotImplementedError: a zip version or method it lacks
             raise FormatError(f"{where}: not a torch.save archive ({cause(e)})") from None
         if record is None or record.compress_type != zipfile.ZIP_STORED:
             raise FormatError(f"{where}: no uncompressed storage record for its tensor")

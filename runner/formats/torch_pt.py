@@ -127,7 +127,7 @@ def check_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # NotImplementedError: a zip version or method it lacks
         raise FormatError(f"{path}: cannot read torch checkpoint ({cause(e)})") from None
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size or m.header_offset + m.file_size > size:
