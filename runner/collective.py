@@ -12,9 +12,12 @@ Imported only under MPI: importing it initialises MPI."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import sys
+import termios
 import time
 from typing import Any, Callable, TypeVar
 
@@ -158,8 +161,25 @@ class Link:
     def _abort_quietly(self) -> None:
         """MPI_Abort, without the MPI library's own line about it: the job's line is said."""
         sys.stderr.flush()
+        _wait_until_read(2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         self.comm.Abort(1)
+
+
+def _wait_until_read(fd: int, timeout: float = 2.0) -> None:
+    """Wait (at most `timeout` s) until the reader of the pipe `fd` has taken what this
+    process wrote: mpiexec's proxy, ended by an abort right after the write, could drop
+    the job's line unread. Returns at once when `fd` is no pipe."""
+    unread = array.array("i", [0])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, unread)
+        except OSError:
+            return
+        if unread[0] == 0:
+            return
+        time.sleep(0.005)
 
 
 def _encode(outcome: dict) -> bytes:

@@ -517,7 +517,7 @@ preprocess._DatasetWriter._CHUNK = 1024
 preprocess._TRANSFER_BYTES = 16 << 10
 tracemalloc.start()
 run_preprocess(validate_section({"input": sys.argv[1], "tokenizer": sys.argv[2], "output_prefix": sys.argv[3]}), show_progress=False)
-print("peak", tracemalloc.get_traced_memory()[1])
+print("peak", tracemalloc.get_traced_memory()[1], flush=True)  # before mpi4py finalizes MPI at exit
 """
 
 
