@@ -237,7 +237,7 @@ def round_trip(tmp_path: Path, source: Path, model: dict, pc: dict, full_file: P
 
 
 def hf_model(kind: str, folder: Path) -> Path:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))

@@ -109,7 +109,7 @@ def test_scaling_override_and_random_values(tmp_path: Path, capsys) -> None:
 def peft_case(tmp: Path, model: torch.nn.Module, lora_config, retrain: str = "") -> dict[str, torch.Tensor]:
     """Save base and adapter the way users do; return PEFT's merged state dict.
     `retrain`: a base weight the adapter saves whole, changed after the base was saved."""
-    peft = pytest.importorskip("peft")
+    import peft
     base = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(base, str(tmp / "base.safetensors"))
     model.save_pretrained(str(tmp / "base_hf"))  # an HF folder: config.json + model.safetensors
@@ -141,7 +141,7 @@ def check_against_peft(tmp: Path, capsys, want: dict[str, torch.Tensor], base_pa
 
 
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
@@ -149,7 +149,7 @@ def tiny_llama():
 
 
 def test_peft_llama(tmp_path: Path, capsys) -> None:
-    peft = pytest.importorskip("peft")
+    import peft
     want = peft_case(tmp_path, tiny_llama(), peft.LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     check_against_peft(tmp_path, capsys, want, base_path="base_hf")
@@ -177,7 +177,7 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
 
 
 def test_peft_llama_rslora_patterns_and_embeddings(tmp_path: Path, capsys) -> None:
-    peft = pytest.importorskip("peft")
+    import peft
     want = peft_case(tmp_path, tiny_llama(), peft.LoraConfig(
         r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
         rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 5}),
@@ -189,8 +189,8 @@ def test_peft_llama_rslora_patterns_and_embeddings(tmp_path: Path, capsys) -> No
 
 
 def test_peft_gpt2_fan_in_fan_out(tmp_path: Path, capsys) -> None:
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import transformers
+    import peft
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64))
     want = peft_case(tmp_path, model, peft.LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj"]))

@@ -319,7 +319,7 @@ def test_needs_a_source(tmp_path, capsys) -> None:
 
 # -- MindSpore strategies: shapes come from the checkpoint headers ----------------------------
 def test_mindspore_strategy_reads_headers(tmp_path, capsys, no_weights) -> None:
-    ms = pytest.importorskip("runner.formats.mindspore_strategy")
+    import runner.formats.mindspore_strategy as ms
     from runner.strategy import parse_native
 
     ss, sp, ds, dp = tp2_to_tp4()
