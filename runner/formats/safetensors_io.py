@@ -170,8 +170,7 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, _Entr
             raise FormatError(f"{path}: tensor name {ascii(name)[:80]} holds a lone surrogate; header corrupt")
         if not isinstance(entry, _Entry):
             _refuse(path, name, entry, data_len)
-        if not 0 <= entry.begin <= entry.end <= data_len:
-            raise FormatError(f"{path}: tensor {name!r} bytes [{entry.begin}, {entry.end}) lie outside the data ({data_len} bytes); file truncated or header corrupt")
+        _check_inside(path, name, entry.begin, entry.end, data_len)
         tensors[name] = entry.info
     _check_coverage(path, header, data_len)
     return data_start, tensors, header, meta
@@ -187,10 +186,14 @@ def _refuse(path: Path, name: str, spec: Any, data_len: int) -> None:
     if problem == "shape":
         raise FormatError(f"{path}: tensor {name!r} has an impossible shape {list(spec.shape)}; header corrupt")
     begin, end = spec.offsets
-    if not 0 <= begin <= end <= data_len:
-        raise FormatError(f"{path}: tensor {name!r} bytes [{begin}, {end}) lie outside the data ({data_len} bytes); file truncated or header corrupt")
+    _check_inside(path, name, begin, end, data_len)
     need = math.prod(spec.shape) * dtypes.itemsize(spec.dtype)
     raise FormatError(f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(spec.shape)} {spec.dtype} needs {need}")
+
+
+def _check_inside(path: Path, name: str, begin: int, end: int, data_len: int) -> None:
+    if not 0 <= begin <= end <= data_len:
+        raise FormatError(f"{path}: tensor {name!r} bytes [{begin}, {end}) lie outside the data ({data_len} bytes); file truncated or header corrupt")
 
 
 def _uints(v: Any) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import math
-import pickle  # the format torch.load reads; only our own records are pickled here
+import pickle  # torch.load reads a pickle: the checkpoint's own objects go in it; the runner's records stay JSON
 import struct
 import zlib
 from collections import OrderedDict
